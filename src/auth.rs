@@ -1,0 +1,196 @@
+//! Who is calling: a verified JWT becomes a `CurrentUser`.
+use std::path::Path;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::error::TaskError;
+
+/// Longest `sub` accepted; it is stored with every task the user owns.
+const MAX_SUBJECT_LEN: usize = 255;
+
+/// The authenticated caller, taken from the request, never from an argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentUser {
+    pub id: String,
+    /// A worker: claims, heartbeats and updates any task, reads any task.
+    pub is_service: bool,
+}
+
+impl CurrentUser {
+    pub fn user(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            is_service: false,
+        }
+    }
+
+    pub fn service(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            is_service: true,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+/// Verifies bearer tokens. Built once from configuration and kept in app state.
+#[derive(Clone)]
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+    service_role: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum JwtKey {
+    Secret(String),
+    PublicKeyPem(Vec<u8>),
+}
+
+impl Authenticator {
+    pub fn new(
+        key: &JwtKey,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+        service_role: &str,
+    ) -> Result<Self, String> {
+        let (key, algorithms) = match key {
+            JwtKey::Secret(secret) => (
+                DecodingKey::from_secret(secret.as_bytes()),
+                vec![Algorithm::HS256],
+            ),
+            JwtKey::PublicKeyPem(pem) => {
+                if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+                    (key, vec![Algorithm::RS256])
+                } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+                    (key, vec![Algorithm::ES256])
+                } else {
+                    return Err("is not a PEM RSA or EC public key".into());
+                }
+            }
+        };
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 30;
+        match issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Self {
+            key,
+            validation,
+            service_role: service_role.to_owned(),
+        })
+    }
+
+    /// Verifies an `Authorization` header value (`Bearer <jwt>`).
+    pub fn authenticate_header(&self, header: &str) -> Result<CurrentUser, TaskError> {
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                TaskError::Unauthenticated(
+                    "the Authorization header must be 'Bearer <token>'".into(),
+                )
+            })?;
+        self.authenticate_token(token.trim())
+    }
+
+    pub fn authenticate_token(&self, token: &str) -> Result<CurrentUser, TaskError> {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|err| {
+                use jsonwebtoken::errors::ErrorKind;
+                let why = match err.kind() {
+                    ErrorKind::ExpiredSignature => "the token has expired",
+                    ErrorKind::InvalidSignature => "the token's signature does not verify",
+                    ErrorKind::InvalidAlgorithm => "the token's algorithm is not accepted",
+                    ErrorKind::InvalidIssuer => "the token's issuer is not accepted",
+                    ErrorKind::InvalidAudience => "the token's audience is not accepted",
+                    ErrorKind::MissingRequiredClaim(_) => "the token lacks a required claim",
+                    _ => "the token is malformed",
+                };
+                TaskError::Unauthenticated(why.into())
+            })?;
+        let claims = data.claims;
+        if claims.sub.is_empty() || claims.sub.len() > MAX_SUBJECT_LEN {
+            return Err(TaskError::Unauthenticated(
+                "the token's sub must be 1 to 255 bytes".into(),
+            ));
+        }
+        Ok(CurrentUser {
+            is_service: claims.role.as_deref() == Some(self.service_role.as_str()),
+            id: claims.sub,
+        })
+    }
+}
+
+/// Signs an HS256 token, for `taskql token` and tests.
+pub fn issue_token(
+    secret: &str,
+    user: &str,
+    role: Option<&str>,
+    ttl: std::time::Duration,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+) -> Result<String, String> {
+    let now = chrono::Utc::now().timestamp().max(0) as u64;
+    let claims = Claims {
+        sub: user.to_owned(),
+        exp: now + ttl.as_secs(),
+        role: Some(role.unwrap_or("authenticated").to_owned()),
+        iss: issuer.map(str::to_owned),
+        aud: audience.map(|a| serde_json::Value::String(a.to_owned())),
+        iat: Some(now),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|err| format!("cannot sign the token: {err}"))
+}
+
+/// Reads the local development secret beside the SQLite file, creating it
+/// (mode 0600) on first use.
+pub fn load_or_create_local_secret(path: &Path) -> std::io::Result<String> {
+    if let Ok(secret) = std::fs::read_to_string(path) {
+        let secret = secret.trim().to_owned();
+        if secret.len() >= 32 {
+            return Ok(secret);
+        }
+    }
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write;
+    let mut file = options.open(path)?;
+    file.write_all(secret.as_bytes())?;
+    Ok(secret)
+}

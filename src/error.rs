@@ -1,0 +1,58 @@
+//! One error type for the whole service, mapped once to GraphQL codes.
+use async_graphql::ErrorExtensions;
+
+/// Every way a taskql operation can fail. `Display` is what the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("task not found")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// The detail is logged, never shown: it may hold a database message.
+    #[error("internal server error")]
+    Internal(String),
+}
+
+pub type TaskResult<T> = Result<T, TaskError>;
+
+impl TaskError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidInput(message.into())
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::Conflict(message.into())
+    }
+
+    /// The stable `extensions.code` clients branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound => "NOT_FOUND",
+            Self::Conflict(_) => "CONFLICT",
+            Self::InvalidInput(_) => "BAD_USER_INPUT",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::Forbidden(_) => "FORBIDDEN",
+            Self::Internal(_) => "INTERNAL_SERVER_ERROR",
+        }
+    }
+}
+
+impl From<sea_orm::DbErr> for TaskError {
+    fn from(err: sea_orm::DbErr) -> Self {
+        let detail = err.to_string();
+        tracing::error!(error = %detail, "database error");
+        Self::Internal(detail)
+    }
+}
+
+impl ErrorExtensions for TaskError {
+    fn extend(&self) -> async_graphql::Error {
+        async_graphql::Error::new(self.to_string()).extend_with(|_, e| e.set("code", self.code()))
+    }
+}

@@ -1,0 +1,135 @@
+//! The `TaskService` trait: everything taskql does with tasks, typed.
+//! GraphQL resolvers and workers only call this.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use entity::{Task, TaskStatus};
+use uuid::Uuid;
+
+use crate::auth::CurrentUser;
+use crate::error::TaskResult;
+use crate::events::EventBus;
+
+mod sea;
+pub use sea::NOTIFY_CHANNEL;
+pub mod validate;
+
+pub use sea::SeaTaskService;
+
+/// Largest page `get_tasks_by_user` returns.
+pub const MAX_PAGE_SIZE: u64 = 100;
+/// Lease a claim gets when the worker does not ask for one.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+/// Longest lease a worker may ask for.
+pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Default)]
+pub struct NewTask {
+    pub task_type: String,
+    pub metadata: Option<serde_json::Value>,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatusUpdate {
+    pub task_id: Uuid,
+    pub status: TaskStatus,
+    pub result_id: Option<String>,
+    pub error_message: Option<String>,
+    pub progress: Option<i32>,
+    /// Fencing token: the update only applies while `attempts` equals it.
+    pub expected_attempt: Option<i32>,
+}
+
+impl StatusUpdate {
+    pub fn new(task_id: Uuid, status: TaskStatus) -> Self {
+        Self {
+            task_id,
+            status,
+            result_id: None,
+            error_message: None,
+            progress: None,
+            expected_attempt: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Empty means any status.
+    pub statuses: Vec<TaskStatus>,
+    pub task_type: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskPage {
+    /// Newest first, each with the cursor that pages after it.
+    pub edges: Vec<(String, Task)>,
+    pub has_next_page: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClaimRequest {
+    /// Empty means any type.
+    pub types: Vec<String>,
+    pub lease: Option<Duration>,
+    pub worker_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub task_id: Uuid,
+    pub progress: Option<i32>,
+    pub lease: Option<Duration>,
+    pub expected_attempt: Option<i32>,
+}
+
+/// What one pass of the lease reaper did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReapOutcome {
+    pub requeued: usize,
+    pub failed: usize,
+}
+
+#[async_trait]
+pub trait TaskService: Send + Sync {
+    async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task>;
+
+    /// Moves a task along the status machine; the caller must be a service.
+    async fn update_task_status(&self, update: StatusUpdate) -> TaskResult<Task>;
+
+    /// A user sees only their own tasks; a service sees every task.
+    async fn get_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
+
+    async fn get_tasks_by_user(
+        &self,
+        user: &CurrentUser,
+        filter: TaskFilter,
+        first: u64,
+        after: Option<&str>,
+    ) -> TaskResult<TaskPage>;
+
+    async fn get_task_by_result_id(
+        &self,
+        result_id: &str,
+        user: &CurrentUser,
+    ) -> TaskResult<Option<Task>>;
+
+    async fn delete_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<bool>;
+
+    async fn cancel_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
+
+    /// Takes the oldest pending task (of the given types) under a lease.
+    async fn claim_task(&self, request: ClaimRequest) -> TaskResult<Option<Task>>;
+
+    async fn heartbeat_task(&self, heartbeat: Heartbeat) -> TaskResult<Task>;
+
+    /// Returns expired leases to pending, or fails them after `max_attempts`.
+    async fn reap_expired_leases(&self, max_attempts: i32) -> TaskResult<ReapOutcome>;
+
+    /// Deletes terminal tasks finished before `older_than` ago, in batches.
+    async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize>;
+
+    /// The bus on which every committed change is published.
+    fn events(&self) -> &EventBus;
+}

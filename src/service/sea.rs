@@ -1,0 +1,639 @@
+//! The SeaORM implementation of `TaskService`, for SQLite and PostgreSQL.
+//!
+//! Every change is one conditional statement (`UPDATE … WHERE status IN
+//! (allowed) RETURNING *`), so two racing changes can never both win. It runs
+//! in a short transaction that, on PostgreSQL, also sends the NOTIFY that
+//! other instances listen for; the in-process event goes out after commit.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use entity::tasks::{ActiveModel, Column};
+use entity::{Task, TaskStatus, Tasks};
+use sea_orm::sea_query::{ExprTrait, LockBehavior, LockType, Order, Query};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
+    TransactionTrait, TryInsertResult, prelude::Expr, sea_query::UpdateStatement,
+};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{
+    ClaimRequest, DEFAULT_LEASE, Heartbeat, MAX_LEASE, MAX_PAGE_SIZE, NewTask, ReapOutcome,
+    StatusUpdate, TaskFilter, TaskPage, TaskService, validate,
+};
+use crate::auth::CurrentUser;
+use crate::error::{TaskError, TaskResult};
+use crate::events::{EventBus, TaskEvent, TaskEventKind};
+
+/// PostgreSQL channel every instance LISTENs on.
+pub const NOTIFY_CHANNEL: &str = "taskql_events";
+/// Rows a single retention pass deletes before it lets others write.
+const PRUNE_BATCH: u64 = 500;
+
+pub struct SeaTaskService {
+    db: DatabaseConnection,
+    events: EventBus,
+    /// Identifies this process in NOTIFY payloads, so it skips its own.
+    instance_id: Uuid,
+}
+
+/// Now, at the microsecond precision both databases store.
+pub(crate) fn now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+fn statuses(list: &[TaskStatus]) -> Vec<&'static str> {
+    list.iter().map(|s| s.as_str()).collect()
+}
+
+fn upper(status: TaskStatus) -> String {
+    status.as_str().to_uppercase()
+}
+
+fn encode_cursor(task: &Task) -> String {
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}:{}",
+        task.created_at.timestamp_micros(),
+        task.id
+    ))
+}
+
+fn decode_cursor(cursor: &str) -> TaskResult<(DateTime<Utc>, Uuid)> {
+    let bad = || TaskError::invalid("after is not a cursor returned by tasks");
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (micros, id) = text.split_once(':').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let created_at = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    let id = Uuid::parse_str(id).map_err(|_| bad())?;
+    Ok((created_at, id))
+}
+
+fn lease_of(requested: Option<Duration>) -> TaskResult<Duration> {
+    let lease = requested.unwrap_or(DEFAULT_LEASE);
+    if lease.is_zero() || lease > MAX_LEASE {
+        return Err(TaskError::invalid(format!(
+            "leaseSeconds must be between 1 and {}",
+            MAX_LEASE.as_secs()
+        )));
+    }
+    Ok(lease)
+}
+
+fn lease_deadline(from: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    from + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60))
+}
+
+/// `version + 1`, `updated_at = now`: part of every change.
+fn touched(update: &mut UpdateStatement, at: DateTime<Utc>) {
+    update
+        .value(Column::Version, Expr::col(Column::Version).add(1))
+        .value(Column::UpdatedAt, at);
+}
+
+impl SeaTaskService {
+    pub fn new(db: DatabaseConnection, events: EventBus) -> Self {
+        Self {
+            db,
+            events,
+            instance_id: Uuid::now_v7(),
+        }
+    }
+
+    pub fn instance_id(&self) -> Uuid {
+        self.instance_id
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    fn is_postgres(&self) -> bool {
+        self.db.get_database_backend() == DatabaseBackend::Postgres
+    }
+
+    /// Sends the cross-instance notice of a change inside its transaction.
+    /// The payload carries ids and versions only, far below NOTIFY's 8000 bytes;
+    /// a deletion also carries the last state (without metadata).
+    async fn notify(
+        &self,
+        txn: &DatabaseTransaction,
+        kind: TaskEventKind,
+        task: &Task,
+    ) -> TaskResult<()> {
+        if !self.is_postgres() {
+            return Ok(());
+        }
+        let payload = crate::pg_listener::encode_notice(self.instance_id, kind, task);
+        txn.execute_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [NOTIFY_CHANNEL.into(), payload.into()],
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// Runs one UPDATE … RETURNING in a transaction with its notices, then
+    /// publishes the changed rows once committed.
+    async fn apply_update(&self, update: UpdateStatement) -> TaskResult<Vec<Task>> {
+        let txn = self.db.begin().await?;
+        let mut update = update;
+        update.returning_all();
+        let rows = txn
+            .query_all(&update)
+            .await?
+            .iter()
+            .map(|row| {
+                <Task as sea_orm::FromQueryResult>::from_query_result(row, "")
+                    .map_err(TaskError::from)
+            })
+            .collect::<TaskResult<Vec<Task>>>()?;
+        for task in &rows {
+            self.notify(&txn, TaskEventKind::Updated, task).await?;
+        }
+        txn.commit().await?;
+        for task in &rows {
+            self.publish(TaskEventKind::Updated, task.clone());
+        }
+        Ok(rows)
+    }
+
+    fn publish(&self, kind: TaskEventKind, task: Task) {
+        self.events.publish(TaskEvent { kind, task });
+    }
+
+    async fn find(&self, task_id: Uuid) -> TaskResult<Option<Task>> {
+        Ok(Tasks::find_by_id(task_id).one(&self.db).await?)
+    }
+
+    /// The task if `user` may see it: their own, or any for a service.
+    async fn find_visible(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Option<Task>> {
+        Ok(self
+            .find(task_id)
+            .await?
+            .filter(|task| user.is_service || task.user_id == user.id))
+    }
+
+    fn update_of(&self, task_id: Uuid) -> UpdateStatement {
+        let mut update = Query::update();
+        update
+            .table(Tasks)
+            .and_where(Expr::col(Column::Id).eq(task_id));
+        update
+    }
+
+    async fn find_by_key(&self, user: &CurrentUser, key: &str) -> TaskResult<Option<Task>> {
+        Ok(Tasks::find()
+            .filter(Column::UserId.eq(&user.id))
+            .filter(Column::IdempotencyKey.eq(key))
+            .one(&self.db)
+            .await?)
+    }
+}
+
+#[async_trait]
+impl TaskService for SeaTaskService {
+    #[instrument(skip_all, fields(user = %user.id, task_type = %new.task_type))]
+    async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task> {
+        validate::task_type(&new.task_type)?;
+        let metadata = validate::metadata(new.metadata)?;
+        if let Some(key) = &new.idempotency_key {
+            validate::label("idempotencyKey", key, validate::MAX_KEY_LEN)?;
+        }
+        let at = now();
+        let model = ActiveModel {
+            id: Set(Uuid::now_v7()),
+            user_id: Set(user.id.clone()),
+            task_type: Set(new.task_type.clone()),
+            status: Set(TaskStatus::Pending),
+            result_id: Set(None),
+            error_message: Set(None),
+            metadata: Set(metadata.clone()),
+            progress: Set(None),
+            attempts: Set(0),
+            idempotency_key: Set(new.idempotency_key.clone()),
+            worker_id: Set(None),
+            lease_expires_at: Set(None),
+            created_at: Set(at),
+            updated_at: Set(at),
+            started_at: Set(None),
+            completed_at: Set(None),
+            version: Set(1),
+        };
+        let txn = self.db.begin().await?;
+        // With a key, the unique index decides who wins; the loser reads the winner.
+        let inserted = match &new.idempotency_key {
+            None => Some(Tasks::insert(model).exec_with_returning(&txn).await?),
+            Some(_) => match Tasks::insert(model)
+                .on_conflict_do_nothing_on([Column::UserId, Column::IdempotencyKey])
+                .exec_with_returning(&txn)
+                .await?
+            {
+                TryInsertResult::Inserted(task) => Some(task),
+                TryInsertResult::Conflicted | TryInsertResult::Empty => None,
+            },
+        };
+        if let Some(task) = &inserted {
+            self.notify(&txn, TaskEventKind::Created, task).await?;
+        }
+        txn.commit().await?;
+        if let Some(task) = inserted {
+            self.publish(TaskEventKind::Created, task.clone());
+            return Ok(task);
+        }
+        let key = new.idempotency_key.as_deref().unwrap_or_default();
+        let existing = self.find_by_key(user, key).await?.ok_or_else(|| {
+            TaskError::Internal("idempotency key conflicted but no task holds it".into())
+        })?;
+        if existing.task_type != new.task_type || existing.metadata != metadata {
+            return Err(TaskError::conflict(
+                "idempotencyKey was already used for a task with a different type or metadata",
+            ));
+        }
+        Ok(existing)
+    }
+
+    #[instrument(skip_all, fields(task_id = %update.task_id, status = update.status.as_str()))]
+    async fn update_task_status(&self, update: StatusUpdate) -> TaskResult<Task> {
+        let to = update.status;
+        validate::progress(update.progress)?;
+        if let Some(result_id) = &update.result_id {
+            validate::result_id(result_id)?;
+        }
+        let error_message = update
+            .error_message
+            .as_deref()
+            .map(validate::clean_error_message);
+        if to == TaskStatus::Pending {
+            return Err(TaskError::conflict(
+                "a task cannot be set back to PENDING; only an expired lease returns it there",
+            ));
+        }
+        let at = now();
+        let mut stmt = self.update_of(update.task_id);
+        stmt.value(Column::Status, to.as_str());
+        stmt.and_where(
+            Expr::col(Column::Status)
+                .is_in(statuses(&[TaskStatus::Pending, TaskStatus::Processing])),
+        );
+        if let Some(expected) = update.expected_attempt {
+            stmt.and_where(Expr::col(Column::Attempts).eq(expected));
+        }
+        if let Some(result_id) = &update.result_id {
+            stmt.value(Column::ResultId, result_id.as_str());
+        }
+        if let Some(message) = &error_message {
+            stmt.value(Column::ErrorMessage, message.as_str());
+        }
+        match (update.progress, to) {
+            (Some(p), _) => {
+                stmt.value(Column::Progress, p);
+            }
+            (None, TaskStatus::Completed) => {
+                stmt.value(Column::Progress, 100);
+            }
+            _ => {}
+        }
+        if to == TaskStatus::Processing {
+            stmt.value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at));
+        } else {
+            stmt.value(Column::CompletedAt, at)
+                .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
+        }
+        touched(&mut stmt, at);
+        if let Some(task) = self.apply_update(stmt).await?.pop() {
+            return Ok(task);
+        }
+
+        // Nothing changed: say why, or accept an exact repeat of a terminal update.
+        let task = self
+            .find(update.task_id)
+            .await?
+            .ok_or(TaskError::NotFound)?;
+        if let Some(expected) = update.expected_attempt
+            && task.attempts != expected
+        {
+            return Err(TaskError::conflict(format!(
+                "expectedAttempt {expected} is stale: the task is on attempt {}",
+                task.attempts
+            )));
+        }
+        let same_result = update.result_id.is_none() || update.result_id == task.result_id;
+        let same_error = error_message.is_none() || error_message == task.error_message;
+        if task.status == to && to.is_terminal() && same_result && same_error {
+            return Ok(task);
+        }
+        Err(TaskError::conflict(format!(
+            "task is {}; it cannot change to {}",
+            upper(task.status),
+            upper(to)
+        )))
+    }
+
+    #[instrument(skip_all, fields(%task_id, user = %user.id))]
+    async fn get_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
+        self.find_visible(task_id, user)
+            .await?
+            .ok_or(TaskError::NotFound)
+    }
+
+    #[instrument(skip_all, fields(user = %user.id, first))]
+    async fn get_tasks_by_user(
+        &self,
+        user: &CurrentUser,
+        filter: TaskFilter,
+        first: u64,
+        after: Option<&str>,
+    ) -> TaskResult<TaskPage> {
+        if first == 0 || first > MAX_PAGE_SIZE {
+            return Err(TaskError::invalid(format!(
+                "first must be between 1 and {MAX_PAGE_SIZE}, got {first}"
+            )));
+        }
+        let mut query = Tasks::find().filter(Column::UserId.eq(&user.id));
+        if !filter.statuses.is_empty() {
+            query = query.filter(Column::Status.is_in(statuses(&filter.statuses)));
+        }
+        if let Some(task_type) = &filter.task_type {
+            query = query.filter(Column::TaskType.eq(task_type.as_str()));
+        }
+        if let Some(cursor) = after {
+            let (created_at, id) = decode_cursor(cursor)?;
+            query = query.filter(
+                Condition::any().add(Column::CreatedAt.lt(created_at)).add(
+                    Condition::all()
+                        .add(Column::CreatedAt.eq(created_at))
+                        .add(Column::Id.lt(id)),
+                ),
+            );
+        }
+        let mut tasks = query
+            .order_by(Column::CreatedAt, Order::Desc)
+            .order_by(Column::Id, Order::Desc)
+            .limit(first + 1)
+            .all(&self.db)
+            .await?;
+        let has_next_page = tasks.len() as u64 > first;
+        tasks.truncate(first as usize);
+        let edges = tasks
+            .into_iter()
+            .map(|task| (encode_cursor(&task), task))
+            .collect();
+        Ok(TaskPage {
+            edges,
+            has_next_page,
+        })
+    }
+
+    #[instrument(skip_all, fields(user = %user.id))]
+    async fn get_task_by_result_id(
+        &self,
+        result_id: &str,
+        user: &CurrentUser,
+    ) -> TaskResult<Option<Task>> {
+        validate::result_id(result_id)?;
+        Ok(Tasks::find()
+            .filter(Column::UserId.eq(&user.id))
+            .filter(Column::ResultId.eq(result_id))
+            .order_by(Column::CreatedAt, Order::Desc)
+            .order_by(Column::Id, Order::Desc)
+            .one(&self.db)
+            .await?)
+    }
+
+    #[instrument(skip_all, fields(%task_id, user = %user.id))]
+    async fn delete_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<bool> {
+        let mut delete = Tasks::delete_many().filter(Column::Id.eq(task_id));
+        if !user.is_service {
+            delete = delete.filter(Column::UserId.eq(&user.id));
+        }
+        let txn = self.db.begin().await?;
+        let deleted = delete.exec_with_returning(&txn).await?;
+        for task in &deleted {
+            self.notify(&txn, TaskEventKind::Deleted, task).await?;
+        }
+        txn.commit().await?;
+        let found = !deleted.is_empty();
+        for task in deleted {
+            self.publish(TaskEventKind::Deleted, task);
+        }
+        if found {
+            Ok(true)
+        } else {
+            Err(TaskError::NotFound)
+        }
+    }
+
+    #[instrument(skip_all, fields(%task_id, user = %user.id))]
+    async fn cancel_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
+        let at = now();
+        let mut stmt = self.update_of(task_id);
+        stmt.value(Column::Status, TaskStatus::Cancelled.as_str())
+            .value(Column::CompletedAt, at)
+            .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None)
+            .and_where(
+                Expr::col(Column::Status)
+                    .is_in(statuses(&[TaskStatus::Pending, TaskStatus::Processing])),
+            );
+        if !user.is_service {
+            stmt.and_where(Expr::col(Column::UserId).eq(user.id.as_str()));
+        }
+        touched(&mut stmt, at);
+        if let Some(task) = self.apply_update(stmt).await?.pop() {
+            return Ok(task);
+        }
+        let task = self
+            .find_visible(task_id, user)
+            .await?
+            .ok_or(TaskError::NotFound)?;
+        match task.status {
+            // Cancelling twice is the same as once.
+            TaskStatus::Cancelled => Ok(task),
+            status => Err(TaskError::conflict(format!(
+                "task is already {}; only PENDING or PROCESSING tasks can be cancelled",
+                upper(status)
+            ))),
+        }
+    }
+
+    #[instrument(skip_all, fields(worker = request.worker_id.as_deref().unwrap_or("")))]
+    async fn claim_task(&self, request: ClaimRequest) -> TaskResult<Option<Task>> {
+        for task_type in &request.types {
+            validate::task_type(task_type)?;
+        }
+        if let Some(worker) = &request.worker_id {
+            validate::label("workerId", worker, 255)?;
+        }
+        let lease = lease_of(request.lease)?;
+        let at = now();
+        // Oldest pending first; on PostgreSQL, SKIP LOCKED lets concurrent
+        // claimers pass each other instead of queueing on one row.
+        let mut oldest = Query::select();
+        oldest
+            .column(Column::Id)
+            .from(Tasks)
+            .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
+            .order_by(Column::CreatedAt, Order::Asc)
+            .order_by(Column::Id, Order::Asc)
+            .limit(1)
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+        if !request.types.is_empty() {
+            oldest.and_where(Expr::col(Column::TaskType).is_in(request.types.clone()));
+        }
+        let mut stmt = Query::update();
+        stmt.table(Tasks)
+            .and_where(Expr::col(Column::Id).in_subquery(oldest))
+            .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
+            .value(Column::Status, TaskStatus::Processing.as_str())
+            .value(Column::Attempts, Expr::col(Column::Attempts).add(1))
+            .value(Column::WorkerId, request.worker_id.clone())
+            .value(Column::LeaseExpiresAt, lease_deadline(at, lease))
+            .value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at));
+        touched(&mut stmt, at);
+        Ok(self.apply_update(stmt).await?.pop())
+    }
+
+    #[instrument(skip_all, fields(task_id = %heartbeat.task_id))]
+    async fn heartbeat_task(&self, heartbeat: Heartbeat) -> TaskResult<Task> {
+        validate::progress(heartbeat.progress)?;
+        let lease = lease_of(heartbeat.lease)?;
+        let at = now();
+        let mut stmt = self.update_of(heartbeat.task_id);
+        stmt.value(Column::LeaseExpiresAt, lease_deadline(at, lease))
+            .and_where(Expr::col(Column::Status).eq(TaskStatus::Processing.as_str()));
+        if let Some(progress) = heartbeat.progress {
+            stmt.value(Column::Progress, progress);
+        }
+        if let Some(expected) = heartbeat.expected_attempt {
+            stmt.and_where(Expr::col(Column::Attempts).eq(expected));
+        }
+        touched(&mut stmt, at);
+        if let Some(task) = self.apply_update(stmt).await?.pop() {
+            return Ok(task);
+        }
+        let task = self
+            .find(heartbeat.task_id)
+            .await?
+            .ok_or(TaskError::NotFound)?;
+        if task.status == TaskStatus::Processing {
+            return Err(TaskError::conflict(format!(
+                "the task was claimed again (attempt {}); stop working on it",
+                task.attempts
+            )));
+        }
+        Err(TaskError::conflict(format!(
+            "task is {}; stop working on it",
+            upper(task.status)
+        )))
+    }
+
+    #[instrument(skip_all)]
+    async fn reap_expired_leases(&self, max_attempts: i32) -> TaskResult<ReapOutcome> {
+        let at = now();
+        let expired = |stmt: &mut UpdateStatement| {
+            stmt.table(Tasks)
+                .and_where(Expr::col(Column::Status).eq(TaskStatus::Processing.as_str()))
+                .and_where(Expr::col(Column::LeaseExpiresAt).lt(at));
+        };
+        let mut requeue = Query::update();
+        expired(&mut requeue);
+        requeue
+            .and_where(Expr::col(Column::Attempts).lt(max_attempts))
+            .value(Column::Status, TaskStatus::Pending.as_str())
+            .value(Column::WorkerId, Option::<String>::None)
+            .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
+        touched(&mut requeue, at);
+        let requeued = self.apply_update(requeue).await?.len();
+
+        let mut fail = Query::update();
+        expired(&mut fail);
+        fail.and_where(Expr::col(Column::Attempts).gte(max_attempts))
+            .value(Column::Status, TaskStatus::Failed.as_str())
+            .value(
+                Column::ErrorMessage,
+                Expr::cust("'lease expired after ' || attempts || ' attempt(s); the worker stopped sending heartbeats'"),
+            )
+            .value(Column::CompletedAt, at)
+            .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
+        touched(&mut fail, at);
+        let failed = self.apply_update(fail).await?.len();
+        if requeued + failed > 0 {
+            tracing::info!(requeued, failed, "reaped expired leases");
+        }
+        Ok(ReapOutcome { requeued, failed })
+    }
+
+    #[instrument(skip_all)]
+    async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize> {
+        let cutoff = now()
+            - chrono::Duration::from_std(older_than)
+                .map_err(|_| TaskError::invalid("retention is too long"))?;
+        let terminal = statuses(&[
+            TaskStatus::Completed,
+            TaskStatus::Failed,
+            TaskStatus::Cancelled,
+        ]);
+        let mut total = 0;
+        loop {
+            let mut batch = Query::select();
+            batch
+                .column(Column::Id)
+                .from(Tasks)
+                .and_where(Expr::col(Column::Status).is_in(terminal.clone()))
+                .and_where(Expr::col(Column::CompletedAt).lt(cutoff))
+                .limit(PRUNE_BATCH);
+            let txn = self.db.begin().await?;
+            let deleted = Tasks::delete_many()
+                .filter(Expr::col(Column::Id).in_subquery(batch))
+                .exec_with_returning(&txn)
+                .await?;
+            for task in &deleted {
+                self.notify(&txn, TaskEventKind::Deleted, task).await?;
+            }
+            txn.commit().await?;
+            let count = deleted.len();
+            total += count;
+            for task in deleted {
+                self.publish(TaskEventKind::Deleted, task);
+            }
+            if (count as u64) < PRUNE_BATCH {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    fn events(&self) -> &EventBus {
+        &self.events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let at = now();
+        let id = Uuid::now_v7();
+        let encoded = URL_SAFE_NO_PAD.encode(format!("{}:{}", at.timestamp_micros(), id));
+        assert_eq!(decode_cursor(&encoded).unwrap(), (at, id));
+        for bad in [
+            "",
+            "!!!",
+            "bm90IGEgY3Vyc29y",
+            &URL_SAFE_NO_PAD.encode("1:nope"),
+        ] {
+            assert!(matches!(
+                decode_cursor(bad),
+                Err(TaskError::InvalidInput(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Input rules, each with a message a person can act on.
+use crate::error::{TaskError, TaskResult};
+
+pub const MAX_TYPE_LEN: usize = 64;
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+pub const MAX_RESULT_ID_LEN: usize = 255;
+pub const MAX_ERROR_MESSAGE_LEN: usize = 1000;
+pub const MAX_KEY_LEN: usize = 255;
+
+pub fn task_type(value: &str) -> TaskResult<()> {
+    let len = value.chars().count();
+    if len == 0 || len > MAX_TYPE_LEN {
+        return Err(TaskError::invalid(format!(
+            "type must be 1 to {MAX_TYPE_LEN} characters long, got {len}"
+        )));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+    {
+        return Err(TaskError::invalid(
+            "type may contain only lower-case letters, digits, '_', '.' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// Metadata is a JSON object (absent means `{}`) of at most 64 KiB serialized.
+pub fn metadata(value: Option<serde_json::Value>) -> TaskResult<serde_json::Value> {
+    let value = match value {
+        None | Some(serde_json::Value::Null) => return Ok(serde_json::json!({})),
+        Some(v) => v,
+    };
+    if !value.is_object() {
+        return Err(TaskError::invalid("metadata must be a JSON object"));
+    }
+    let size = serde_json::to_vec(&value)
+        .map_err(|_| TaskError::invalid("metadata is not serializable JSON"))?
+        .len();
+    if size > MAX_METADATA_BYTES {
+        return Err(TaskError::invalid(format!(
+            "metadata is {size} bytes serialized; the limit is {MAX_METADATA_BYTES}"
+        )));
+    }
+    Ok(value)
+}
+
+/// A short identifier-like text: 1..=max characters, no control characters.
+pub fn label(field: &str, value: &str, max: usize) -> TaskResult<()> {
+    let len = value.chars().count();
+    if len == 0 || len > max {
+        return Err(TaskError::invalid(format!(
+            "{field} must be 1 to {max} characters long, got {len}"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(TaskError::invalid(format!(
+            "{field} must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+pub fn result_id(value: &str) -> TaskResult<()> {
+    label("resultId", value, MAX_RESULT_ID_LEN)
+}
+
+pub fn progress(value: Option<i32>) -> TaskResult<()> {
+    match value {
+        Some(p) if !(0..=100).contains(&p) => Err(TaskError::invalid(format!(
+            "progress must be between 0 and 100, got {p}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Control characters become spaces (newlines and tabs stay) and the text is
+/// cut to 1000 characters: an error message is shown to people as it is.
+pub fn clean_error_message(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .take(MAX_ERROR_MESSAGE_LEN)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_types() {
+        for ok in ["a", "image.generate", "x-1_2", &"a".repeat(64)] {
+            assert!(task_type(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Image", "a b", "é", "a/b", &"a".repeat(65)] {
+            assert!(task_type(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_messages_are_cleaned_and_cut() {
+        assert_eq!(clean_error_message("a\u{0}b\nc\u{1b}"), "a b\nc ");
+        assert_eq!(clean_error_message(&"é".repeat(1500)).chars().count(), 1000);
+    }
+
+    #[test]
+    fn metadata_rules() {
+        assert_eq!(metadata(None).unwrap(), serde_json::json!({}));
+        assert!(metadata(Some(serde_json::json!([1]))).is_err());
+        let big = serde_json::json!({ "x": "a".repeat(MAX_METADATA_BYTES) });
+        assert!(metadata(Some(big)).is_err());
+    }
+}
