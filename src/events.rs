@@ -1,11 +1,16 @@
 //! The task event bus: every committed change of a task, in process.
 //!
-//! On PostgreSQL, changes also travel between instances through
-//! LISTEN/NOTIFY (see `crate::pg_listener`).
-use std::sync::Arc;
+//! Subscribers listen on a topic (one task, or one user's tasks), so a change
+//! wakes only those who watch it: 10k watchers of 10k tasks cost one wake-up
+//! per change, not 10k. On PostgreSQL, changes also travel between instances
+//! through LISTEN/NOTIFY (see `crate::pg_listener`).
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use entity::Task;
 use tokio::sync::{broadcast, watch};
+use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TaskEventKind {
@@ -40,47 +45,133 @@ pub struct TaskEvent {
     pub task: Task,
 }
 
-/// Broadcast of task events. Receivers that fall behind get `Lagged` and
-/// re-read state instead of making the bus buffer without bound.
-#[derive(Clone)]
-pub struct EventBus {
-    sender: broadcast::Sender<Arc<TaskEvent>>,
-    /// Bumped when events may have been missed (the PostgreSQL listener
-    /// reconnected): live streams re-read their state.
-    resync: Arc<watch::Sender<u64>>,
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Changes of one task.
+    Task(Uuid),
+    /// Changes of every task one user owns.
+    User(String),
 }
 
-impl EventBus {
-    pub fn new(capacity: usize) -> Self {
-        let (sender, _) = broadcast::channel(capacity);
-        let (resync, _) = watch::channel(0);
-        Self {
-            sender,
-            resync: Arc::new(resync),
-        }
-    }
+/// Events a slow task watcher may fall behind by before it re-reads instead.
+const TASK_TOPIC_CAPACITY: usize = 32;
+/// Events a slow `taskEvents` subscriber may fall behind by.
+const USER_TOPIC_CAPACITY: usize = 1024;
 
-    pub fn publish(&self, event: TaskEvent) {
-        // No receivers is fine: nobody is watching.
-        let _ = self.sender.send(Arc::new(event));
-    }
+struct Inner {
+    topics: Mutex<HashMap<Topic, broadcast::Sender<Arc<TaskEvent>>>>,
+    /// Bumped when events may have been missed (the PostgreSQL listener
+    /// reconnected): live streams re-read their state.
+    resync: watch::Sender<u64>,
+    published: AtomicU64,
+}
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
-        self.sender.subscribe()
-    }
-
-    /// Tells every live stream that events may have been lost.
-    pub fn request_resync(&self) {
-        self.resync.send_modify(|epoch| *epoch += 1);
-    }
-
-    pub fn resyncs(&self) -> watch::Receiver<u64> {
-        self.resync.subscribe()
-    }
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
 }
 
 impl Default for EventBus {
     fn default() -> Self {
-        Self::new(4096)
+        Self::new()
+    }
+}
+
+impl EventBus {
+    pub fn new() -> Self {
+        let (resync, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                topics: Mutex::new(HashMap::new()),
+                resync,
+                published: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn topics(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Topic, broadcast::Sender<Arc<TaskEvent>>>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn publish(&self, event: TaskEvent) {
+        self.inner.published.fetch_add(1, Ordering::Relaxed);
+        let task_topic = Topic::Task(event.task.id);
+        let user_topic = Topic::User(event.task.user_id.clone());
+        let event = Arc::new(event);
+        let topics = self.topics();
+        for topic in [task_topic, user_topic] {
+            if let Some(sender) = topics.get(&topic) {
+                // Nobody left listening is fine.
+                let _ = sender.send(event.clone());
+            }
+        }
+    }
+
+    pub fn subscribe(&self, topic: Topic) -> TopicReceiver {
+        let mut topics = self.topics();
+        let capacity = match topic {
+            Topic::Task(_) => TASK_TOPIC_CAPACITY,
+            Topic::User(_) => USER_TOPIC_CAPACITY,
+        };
+        let receiver = topics
+            .entry(topic.clone())
+            .or_insert_with(|| broadcast::channel(capacity).0)
+            .subscribe();
+        TopicReceiver {
+            receiver,
+            topic,
+            bus: self.clone(),
+        }
+    }
+
+    /// Tells every live stream that events may have been lost.
+    pub fn request_resync(&self) {
+        self.inner.resync.send_modify(|epoch| *epoch += 1);
+    }
+
+    pub fn resyncs(&self) -> watch::Receiver<u64> {
+        self.inner.resync.subscribe()
+    }
+
+    /// Events published since start (for /metrics).
+    pub fn published_count(&self) -> u64 {
+        self.inner.published.load(Ordering::Relaxed)
+    }
+
+    /// Topics with at least one listener (for /metrics).
+    pub fn topic_count(&self) -> usize {
+        self.topics().len()
+    }
+}
+
+/// A listener on one topic; the topic goes away with its last listener.
+pub struct TopicReceiver {
+    receiver: broadcast::Receiver<Arc<TaskEvent>>,
+    topic: Topic,
+    bus: EventBus,
+}
+
+impl TopicReceiver {
+    pub async fn recv(&mut self) -> Result<Arc<TaskEvent>, broadcast::error::RecvError> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for TopicReceiver {
+    fn drop(&mut self) {
+        let mut topics = self.bus.topics();
+        // Our own receiver is still alive here, hence `<= 1`.
+        if topics
+            .get(&self.topic)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            topics.remove(&self.topic);
+        }
     }
 }

@@ -1,7 +1,189 @@
 //! taskql: a GraphQL server that tracks users' background tasks.
+//!
+//! `App::build` wires a configuration into the router the binary serves and
+//! the tests drive; `serve` runs it until a shutdown signal.
 pub mod auth;
+pub mod config;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod graphql;
+pub mod http;
 pub mod pg_listener;
 pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use sea_orm::DatabaseConnection;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::events::EventBus;
+use crate::graphql::LiveSubscriptions;
+use crate::http::{HttpState, Metrics};
+use crate::service::{SeaTaskService, TaskService};
+
+/// How often each instance returns expired leases to PENDING.
+pub const REAPER_INTERVAL: Duration = Duration::from_millis(500);
+/// How often retention runs, when configured.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("DATABASE_URL: cannot open the database: {0}")]
+    Database(String),
+    #[error("DATABASE_URL: migrations failed: {0}")]
+    Migration(String),
+}
+
+/// A running taskql: its router, its service and its background work.
+pub struct App {
+    pub router: Router,
+    pub service: Arc<SeaTaskService>,
+    pub db: DatabaseConnection,
+    shutdown: watch::Sender<bool>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl App {
+    /// Connects, migrates, and starts the reaper, retention and (on
+    /// PostgreSQL) the cross-instance event listener.
+    pub async fn build(config: &Config) -> Result<Self, StartError> {
+        let db = db::connect(&config.database_url, config.db_max_connections)
+            .await
+            .map_err(|e| StartError::Database(e.to_string()))?;
+        db::migrate(&db)
+            .await
+            .map_err(|e| StartError::Migration(e.to_string()))?;
+        let events = EventBus::new();
+        let service = Arc::new(SeaTaskService::new(db.clone(), events.clone()));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let mut background = Vec::new();
+        background.push(tokio::spawn(reap_forever(
+            service.clone(),
+            config.max_attempts,
+        )));
+        if let Some(retention) = config.retention {
+            background.push(tokio::spawn(prune_forever(service.clone(), retention)));
+        }
+        if config.is_postgres() {
+            background.push(tokio::spawn(pg_listener::run(
+                config.database_url.clone(),
+                db.clone(),
+                events.clone(),
+                service.instance_id(),
+            )));
+        }
+
+        let live_subscriptions = LiveSubscriptions::default();
+        let schema_service: Arc<dyn TaskService> = service.clone();
+        let schema = graphql::build_schema(
+            schema_service,
+            shutdown_rx.clone(),
+            live_subscriptions.clone(),
+        );
+        let state = Arc::new(HttpState {
+            schema,
+            auth: config.authenticator()?,
+            db: db.clone(),
+            live_subscriptions,
+            max_subscriptions_per_connection: config.max_subscriptions_per_connection,
+            shutdown: shutdown_rx,
+            metrics: Arc::new(Metrics::default()),
+            events,
+        });
+        Ok(Self {
+            router: http::router(state),
+            service,
+            db,
+            shutdown,
+            background,
+        })
+    }
+
+    /// Ends live subscriptions and closes websockets.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Serves until `signal` resolves; in-flight requests finish first.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let shutdown = self.shutdown.clone();
+        let router = self.router.clone();
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                signal.await;
+                tracing::info!("shutting down: finishing in-flight requests");
+                let _ = shutdown.send(true);
+            })
+            .await;
+        drop(self);
+        result
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+async fn reap_forever(service: Arc<SeaTaskService>, max_attempts: i32) {
+    let mut ticker = tokio::time::interval(REAPER_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(err) = service.reap_expired_leases(max_attempts).await {
+            tracing::warn!(error = %err, "lease reaper pass failed; retrying");
+        }
+    }
+}
+
+async fn prune_forever(service: Arc<SeaTaskService>, retention: Duration) {
+    let mut ticker = tokio::time::interval(RETENTION_INTERVAL);
+    loop {
+        ticker.tick().await;
+        match service.prune_finished(retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "retention pruned finished tasks"),
+            Err(err) => tracing::warn!(error = %err, "retention pass failed; retrying"),
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

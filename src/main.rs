@@ -1,1 +1,112 @@
-fn main() {}
+//! The `taskql` binary: parses the command line and calls into the library.
+use std::process::ExitCode;
+
+use clap::Parser;
+use taskql::config::{Cli, Command, Config, parse_duration};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.settings.log);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.settings).await,
+        Command::Migrate => migrate(&cli.settings).await,
+        Command::Token { user, role, ttl } => token(&cli.settings, &user, role.as_deref(), &ttl),
+        Command::Schema => {
+            print!("{}", taskql::graphql::sdl());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("taskql: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| {
+        eprintln!("taskql: RUST_LOG: '{filter}' is not a log filter; using 'info'");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
+    let config = Config::from_settings(settings).map_err(|e| e.to_string())?;
+    let app = taskql::App::build(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("TASKQL_LISTEN: cannot listen on {}: {e}", config.listen))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%address, "taskql is serving");
+    if let (Some(path), taskql::auth::JwtKey::Secret(secret)) =
+        (&config.local_secret_file, &config.jwt_key)
+    {
+        let token = taskql::auth::issue_token(
+            secret,
+            "demo",
+            None,
+            std::time::Duration::from_secs(7 * 86_400),
+            config.jwt_issuer.as_deref(),
+            config.jwt_audience.as_deref(),
+        )?;
+        println!("taskql is serving on http://{address}");
+        println!(
+            "No JWT settings: signing tokens with the local secret in {}",
+            path.display()
+        );
+        println!("GraphiQL, signed in as user 'demo' for 7 days:");
+        println!("  http://{address}/graphql#token={token}");
+        println!("Token (for the Authorization: Bearer header):");
+        println!("  {token}");
+    }
+    app.serve(listener, taskql::shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))
+}
+
+async fn migrate(settings: &taskql::config::Settings) -> Result<(), String> {
+    let db = taskql::db::connect(&settings.database_url, 2)
+        .await
+        .map_err(|e| format!("DATABASE_URL: cannot open the database: {e}"))?;
+    taskql::db::migrate(&db)
+        .await
+        .map_err(|e| format!("migrations failed: {e}"))?;
+    println!("migrations are up to date");
+    Ok(())
+}
+
+fn token(
+    settings: &taskql::config::Settings,
+    user: &str,
+    role: Option<&str>,
+    ttl: &str,
+) -> Result<(), String> {
+    let ttl = parse_duration(ttl)
+        .ok_or_else(|| format!("--ttl: '{ttl}' is not a duration like 30m, 12h or 7d"))?;
+    if user.is_empty() || user.len() > 255 {
+        return Err("--user: must be 1 to 255 bytes".into());
+    }
+    let config = Config::from_settings(settings).map_err(|e| e.to_string())?;
+    let taskql::auth::JwtKey::Secret(secret) = &config.jwt_key else {
+        return Err("TASKQL_JWT_PUBLIC_KEY_FILE is set: taskql token signs HS256 only; set TASKQL_JWT_SECRET, or sign tokens with your identity provider".into());
+    };
+    let token = taskql::auth::issue_token(
+        secret,
+        user,
+        role,
+        ttl,
+        config.jwt_issuer.as_deref(),
+        config.jwt_audience.as_deref(),
+    )?;
+    println!("{token}");
+    Ok(())
+}

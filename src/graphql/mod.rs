@@ -1,0 +1,116 @@
+//! The GraphQL API. Resolvers only translate: they take the caller from the
+//! request (or connection) data and call `TaskService`.
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_graphql::{Context, ErrorExtensions, ID, Schema};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::auth::CurrentUser;
+use crate::error::TaskError;
+use crate::service::TaskService;
+
+mod mutation;
+mod query;
+mod subscription;
+pub mod types;
+
+pub use mutation::MutationRoot;
+pub use query::QueryRoot;
+pub use subscription::{LiveSubscriptions, SubscriptionCounter, SubscriptionRoot};
+
+pub type TaskSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
+
+/// Deepest query accepted; GraphiQL's introspection query needs about 13.
+pub const MAX_DEPTH: usize = 20;
+/// Most expensive query accepted; one `tasks(first: 100)` page with every
+/// field of edges and nodes costs about 3000.
+pub const MAX_COMPLEXITY: usize = 5000;
+
+/// Who sent a request, as the transport found it. Put in request data by the
+/// HTTP handler and in connection data by the websocket handler.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Anonymous,
+    /// A token was sent but did not verify: never treated as anonymous.
+    Rejected(String),
+    Authenticated(CurrentUser),
+}
+
+/// Flips to `true` when the server shuts down; live subscriptions end.
+#[derive(Clone)]
+pub struct Shutdown(pub watch::Receiver<bool>);
+
+pub fn build_schema(
+    service: Arc<dyn TaskService>,
+    shutdown: watch::Receiver<bool>,
+    live: LiveSubscriptions,
+) -> TaskSchema {
+    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .data(service)
+        .data(Shutdown(shutdown))
+        .data(live)
+        .limit_depth(MAX_DEPTH)
+        .limit_complexity(MAX_COMPLEXITY)
+        .limit_recursive_depth(32)
+        .limit_directives(16)
+        .finish()
+}
+
+/// The SDL the server exports, as kept in `schema.graphql`.
+pub fn sdl() -> String {
+    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .finish()
+        .sdl()
+}
+
+pub(crate) fn gql(err: TaskError) -> async_graphql::Error {
+    err.extend()
+}
+
+pub(crate) fn service<'a>(ctx: &Context<'a>) -> &'a Arc<dyn TaskService> {
+    ctx.data_unchecked::<Arc<dyn TaskService>>()
+}
+
+/// The authenticated caller, or UNAUTHENTICATED.
+pub(crate) fn caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a CurrentUser> {
+    match ctx.data_opt::<Caller>() {
+        Some(Caller::Authenticated(user)) => Ok(user),
+        Some(Caller::Rejected(why)) => Err(gql(TaskError::Unauthenticated(why.clone()))),
+        Some(Caller::Anonymous) | None => Err(gql(TaskError::Unauthenticated(
+            "sign in: send 'Authorization: Bearer <token>'".into(),
+        ))),
+    }
+}
+
+/// The caller if it is a worker (service role), else FORBIDDEN.
+pub(crate) fn worker<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a CurrentUser> {
+    let user = caller(ctx)?;
+    if user.is_service {
+        Ok(user)
+    } else {
+        Err(gql(TaskError::Forbidden(
+            "only workers (a token with the service role) may do this".into(),
+        )))
+    }
+}
+
+pub(crate) fn task_id(id: &ID) -> async_graphql::Result<Uuid> {
+    Uuid::parse_str(id.as_str()).map_err(|_| {
+        gql(TaskError::invalid(format!(
+            "'{}' is not a task id",
+            id.as_str()
+        )))
+    })
+}
+
+pub(crate) fn lease(seconds: Option<i32>) -> async_graphql::Result<Option<Duration>> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s >= 1 => Ok(Some(Duration::from_secs(s as u64))),
+        Some(s) => Err(gql(TaskError::invalid(format!(
+            "leaseSeconds must be between 1 and 3600, got {s}"
+        )))),
+    }
+}

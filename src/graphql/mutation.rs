@@ -1,0 +1,98 @@
+use async_graphql::{Context, ID, Object, Result};
+
+use super::types::{CreateTaskInput, Task, UpdateTaskStatusInput};
+use super::{caller, gql, lease, service, task_id, worker};
+use crate::service::{ClaimRequest, Heartbeat, NewTask, StatusUpdate};
+
+pub struct MutationRoot;
+
+#[Object]
+impl MutationRoot {
+    /// Starts tracking a task for you; it begins PENDING.
+    async fn create_task(&self, ctx: &Context<'_>, input: CreateTaskInput) -> Result<Task> {
+        let user = caller(ctx)?;
+        let new = NewTask {
+            task_type: input.task_type,
+            metadata: input.metadata.map(|m| m.0),
+            idempotency_key: input.idempotency_key,
+        };
+        let task = service(ctx).create_task(user, new).await.map_err(gql)?;
+        Ok(task.into())
+    }
+
+    /// Cancels your PENDING or PROCESSING task; its worker learns at its next heartbeat.
+    async fn cancel_task(&self, ctx: &Context<'_>, id: ID) -> Result<Task> {
+        let user = caller(ctx)?;
+        let id = task_id(&id)?;
+        let task = service(ctx).cancel_task(id, user).await.map_err(gql)?;
+        Ok(task.into())
+    }
+
+    /// Deletes your task, whatever its status.
+    async fn delete_task(&self, ctx: &Context<'_>, id: ID) -> Result<bool> {
+        let user = caller(ctx)?;
+        let id = task_id(&id)?;
+        service(ctx).delete_task(id, user).await.map_err(gql)
+    }
+
+    /// Moves a task along its status machine. Workers only.
+    async fn update_task_status(
+        &self,
+        ctx: &Context<'_>,
+        input: UpdateTaskStatusInput,
+    ) -> Result<Task> {
+        worker(ctx)?;
+        let update = StatusUpdate {
+            task_id: task_id(&input.id)?,
+            status: input.status.into(),
+            result_id: input.result_id,
+            error_message: input.error_message,
+            progress: input.progress,
+            expected_attempt: input.expected_attempt,
+        };
+        let task = service(ctx).update_task_status(update).await.map_err(gql)?;
+        Ok(task.into())
+    }
+
+    /// Takes the oldest PENDING task (of these types) under a lease, or null
+    /// when none is waiting. Workers only.
+    async fn claim_task(
+        &self,
+        ctx: &Context<'_>,
+        types: Option<Vec<String>>,
+        lease_seconds: Option<i32>,
+        worker_id: Option<String>,
+    ) -> Result<Option<Task>> {
+        let user = worker(ctx)?;
+        let request = ClaimRequest {
+            types: types.unwrap_or_default(),
+            lease: lease(lease_seconds)?,
+            worker_id: worker_id.or_else(|| Some(user.id.clone())),
+        };
+        let task = service(ctx).claim_task(request).await.map_err(gql)?;
+        Ok(task.map(Into::into))
+    }
+
+    /// Extends the lease of a PROCESSING task and records progress. CONFLICT
+    /// means stop: the task was cancelled, finished, or claimed again.
+    /// `expectedAttempt` (the attempts the claim returned) detects a re-claim.
+    /// Workers only.
+    async fn heartbeat_task(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        progress: Option<i32>,
+        lease_seconds: Option<i32>,
+        expected_attempt: Option<i32>,
+    ) -> Result<Task> {
+        worker(ctx)?;
+        let heartbeat = Heartbeat {
+            task_id: task_id(&id)?,
+            progress,
+            lease: lease(lease_seconds)?,
+            expected_attempt,
+        };
+        let task = service(ctx).heartbeat_task(heartbeat).await.map_err(gql)?;
+        Ok(task.into())
+    }
+}

@@ -1,0 +1,158 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_graphql::{Context, ID, Result, Subscription};
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::types::{Task, TaskEvent};
+use super::{Shutdown, caller, gql, service, task_id};
+use crate::error::TaskError;
+use crate::events::{TaskEventKind, Topic};
+
+pub struct SubscriptionRoot;
+
+/// Live subscriptions: one per websocket connection (with its limit), and
+/// one for the whole server (for /metrics).
+#[derive(Clone, Default)]
+pub struct SubscriptionCounter {
+    pub active: Arc<AtomicUsize>,
+    pub limit: usize,
+}
+
+/// Holds one place in each counter for as long as a stream lives.
+struct Slot(Vec<Arc<AtomicUsize>>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        for counter in &self.0 {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Server-wide gauge of live subscriptions, kept in schema data.
+#[derive(Clone, Default)]
+pub struct LiveSubscriptions(pub Arc<AtomicUsize>);
+
+fn take_slot(ctx: &Context<'_>) -> Result<Slot> {
+    let mut slot = Slot(Vec::new());
+    if let Some(connection) = ctx.data_opt::<SubscriptionCounter>() {
+        let now = connection.active.fetch_add(1, Ordering::Relaxed) + 1;
+        slot.0.push(connection.active.clone());
+        if now > connection.limit {
+            return Err(gql(TaskError::invalid(format!(
+                "this connection already runs {} subscriptions, the most allowed; \
+                 open another connection or stop some",
+                connection.limit
+            ))));
+        }
+    }
+    if let Some(server) = ctx.data_opt::<LiveSubscriptions>() {
+        server.0.fetch_add(1, Ordering::Relaxed);
+        slot.0.push(server.0.clone());
+    }
+    Ok(slot)
+}
+
+enum Step {
+    Event(Arc<crate::events::TaskEvent>),
+    Reread,
+    Stop,
+}
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// The task's current state, then every change in order; completes after
+    /// a terminal state or a deletion.
+    async fn task_updated(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> Result<impl Stream<Item = Result<Task>> + use<>> {
+        let user = caller(ctx)?.clone();
+        let task_id = task_id(&id)?;
+        let service = service(ctx).clone();
+        let mut shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
+        let slot = take_slot(ctx)?;
+        // Listen before reading, so a change committed in between is not lost;
+        // events at or below the version read are dropped as duplicates.
+        let mut events = service.events().subscribe(Topic::Task(task_id));
+        let mut resyncs = service.events().resyncs();
+        let current = service.get_task(task_id, &user).await.map_err(gql)?;
+        Ok(async_stream::stream! {
+            let _slot = slot;
+            let mut last = current.version;
+            let finished = current.status.is_terminal();
+            yield Ok(Task::from(current));
+            if finished {
+                return;
+            }
+            loop {
+                let step = tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(event) => Step::Event(event),
+                        // Fell behind: the current state is what matters.
+                        Err(RecvError::Lagged(_)) => Step::Reread,
+                        Err(RecvError::Closed) => Step::Stop,
+                    },
+                    changed = resyncs.changed() => match changed {
+                        Ok(()) => Step::Reread,
+                        Err(_) => Step::Stop,
+                    },
+                    _ = shutdown.wait_for(|down| *down) => Step::Stop,
+                };
+                let task = match step {
+                    Step::Stop => return,
+                    Step::Event(event) if event.kind == TaskEventKind::Deleted => return,
+                    Step::Event(event) => event.task.clone(),
+                    Step::Reread => match service.get_task(task_id, &user).await {
+                        Ok(task) => task,
+                        Err(TaskError::NotFound) => return,
+                        Err(err) => {
+                            yield Err(gql(err));
+                            return;
+                        }
+                    },
+                };
+                if task.version <= last {
+                    continue;
+                }
+                last = task.version;
+                let finished = task.status.is_terminal();
+                yield Ok(Task::from(task));
+                if finished {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Every create, update and delete of the caller's tasks.
+    async fn task_events(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<impl Stream<Item = TaskEvent> + use<>> {
+        let user = caller(ctx)?.clone();
+        let service = service(ctx).clone();
+        let mut shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
+        let slot = take_slot(ctx)?;
+        let mut events = service.events().subscribe(Topic::User(user.id.clone()));
+        Ok(async_stream::stream! {
+            let _slot = slot;
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    _ = shutdown.wait_for(|down| *down) => return,
+                };
+                match event {
+                    Ok(event) => yield TaskEvent::from(event.as_ref()),
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(user = %user.id, missed, "a taskEvents subscriber fell behind");
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+}
