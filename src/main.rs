@@ -47,6 +47,7 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
         .map_err(|e| format!("TASKQL_LISTEN: cannot listen on {}: {e}", config.listen))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%address, "taskql is serving");
+    println!("taskql is serving on http://{address}");
     if let (Some(path), taskql::auth::JwtKey::Secret(secret)) =
         (&config.local_secret_file, &config.jwt_key)
     {
@@ -58,7 +59,6 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
             config.jwt_issuer.as_deref(),
             config.jwt_audience.as_deref(),
         )?;
-        println!("taskql is serving on http://{address}");
         println!(
             "No JWT settings: signing tokens with the local secret in {}",
             path.display()

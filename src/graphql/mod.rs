@@ -11,6 +11,7 @@ use crate::auth::CurrentUser;
 use crate::error::TaskError;
 use crate::service::TaskService;
 
+mod error_codes;
 mod mutation;
 mod query;
 mod subscription;
@@ -55,6 +56,7 @@ pub fn build_schema(
         .limit_complexity(MAX_COMPLEXITY)
         .limit_recursive_depth(32)
         .limit_directives(16)
+        .extension(error_codes::ErrorCodes)
         .finish()
 }
 

@@ -6,7 +6,7 @@ use crate::service::{ClaimRequest, Heartbeat, NewTask, StatusUpdate};
 
 pub struct MutationRoot;
 
-#[Object]
+#[Object(name = "Mutation")]
 impl MutationRoot {
     /// Starts tracking a task for you; it begins PENDING.
     async fn create_task(&self, ctx: &Context<'_>, input: CreateTaskInput) -> Result<Task> {

@@ -7,7 +7,7 @@ use crate::service::{MAX_PAGE_SIZE, TaskFilter};
 
 pub struct QueryRoot;
 
-#[Object]
+#[Object(name = "Query")]
 impl QueryRoot {
     /// One of your tasks; NOT_FOUND if it does not exist or is not yours.
     async fn task(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Task>> {
@@ -18,16 +18,17 @@ impl QueryRoot {
     }
 
     /// Your tasks, newest first.
-    #[graphql(complexity = "(first.clamp(1, 100) as usize) * child_complexity")]
+    #[graphql(complexity = "(first.unwrap_or(10).clamp(1, 100) as usize) * child_complexity")]
     async fn tasks(
         &self,
         ctx: &Context<'_>,
         status: Option<Vec<TaskStatus>>,
         #[graphql(name = "type")] task_type: Option<String>,
-        #[graphql(default = 10)] first: i32,
+        #[graphql(default = 10)] first: Option<i32>,
         after: Option<String>,
     ) -> Result<TaskConnection> {
         let user = caller(ctx)?;
+        let first = first.unwrap_or(10);
         if first < 1 || first as u64 > MAX_PAGE_SIZE {
             return Err(gql(TaskError::invalid(format!(
                 "first must be between 1 and {MAX_PAGE_SIZE}, got {first}"

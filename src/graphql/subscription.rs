@@ -61,7 +61,7 @@ enum Step {
     Stop,
 }
 
-#[Subscription]
+#[Subscription(name = "Subscription")]
 impl SubscriptionRoot {
     /// The task's current state, then every change in order; completes after
     /// a terminal state or a deletion.

@@ -120,3 +120,126 @@ pub async fn new_task(
         .await
         .expect("create task")
 }
+
+pub const TEST_SECRET: &str = "taskql-test-secret-0123456789abcdef";
+
+/// A real taskql serving on a free port, on its own fresh database.
+pub struct TestApp {
+    pub base: String,
+    pub ws_url: String,
+    pub http: reqwest::Client,
+    pub service: Arc<SeaTaskService>,
+    pub db: DatabaseConnection,
+    pub database: Arc<TestDb>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    pub server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+pub fn settings_for(url: &str) -> taskql::config::Settings {
+    taskql::config::Settings {
+        database_url: url.to_owned(),
+        jwt_secret: Some(TEST_SECRET.into()),
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let database = Arc::new(TestDb::new().await);
+    spawn_app_with(database, |_| {}).await
+}
+
+/// Serves on `database` (shared by several instances when they share it),
+/// with settings adjusted by `tweak`.
+pub async fn spawn_app_with(
+    database: Arc<TestDb>,
+    tweak: impl FnOnce(&mut taskql::config::Settings),
+) -> TestApp {
+    let mut settings = settings_for(&database.url);
+    tweak(&mut settings);
+    let config = taskql::config::Config::from_settings(&settings).expect("valid test config");
+    let app = taskql::App::build(&config).await.expect("app builds");
+    let service = app.service.clone();
+    let db = app.db.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        base: format!("http://{addr}"),
+        ws_url: format!("ws://{addr}/graphql/ws"),
+        http: reqwest::Client::new(),
+        service,
+        db,
+        database,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+pub fn token_for(user: &str, role: Option<&str>) -> String {
+    taskql::auth::issue_token(
+        TEST_SECRET,
+        user,
+        role,
+        std::time::Duration::from_secs(3600),
+        None,
+        None,
+    )
+    .expect("token")
+}
+
+impl TestApp {
+    pub fn user_token(&self, user: &str) -> String {
+        token_for(user, None)
+    }
+
+    pub fn worker_token(&self) -> String {
+        token_for("worker-1", Some("service_role"))
+    }
+
+    /// POSTs a GraphQL request and returns the JSON body (any HTTP status).
+    pub async fn gql(
+        &self,
+        token: Option<&str>,
+        query: &str,
+        variables: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut request = self
+            .http
+            .post(format!("{}/graphql", self.base))
+            .json(&serde_json::json!({ "query": query, "variables": variables }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("request");
+        response.json().await.expect("JSON body")
+    }
+
+    /// Asks the server to stop (as on SIGTERM) and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The `extensions.code` of the first error, if any.
+pub fn error_code(body: &serde_json::Value) -> Option<&str> {
+    body["errors"][0]["extensions"]["code"].as_str()
+}

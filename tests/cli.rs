@@ -1,0 +1,272 @@
+//! The `taskql` binary as a newcomer and an operator use it.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_taskql");
+
+/// A `taskql` command with none of the caller's taskql settings.
+fn taskql(dir: &std::path::Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.current_dir(dir);
+    for var in [
+        "DATABASE_URL",
+        "TASKQL_LISTEN",
+        "TASKQL_JWT_SECRET",
+        "TASKQL_JWT_PUBLIC_KEY_FILE",
+        "TASKQL_JWT_ISSUER",
+        "TASKQL_JWT_AUDIENCE",
+        "TASKQL_SERVICE_ROLE",
+        "TASKQL_MAX_ATTEMPTS",
+        "TASKQL_RETENTION",
+    ] {
+        command.env_remove(var);
+    }
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+#[test]
+fn schema_subcommand_prints_the_sdl() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = taskql(dir.path()).arg("schema").output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        taskql::graphql::sdl()
+    );
+}
+
+#[test]
+fn bad_settings_stop_start_up_with_a_line_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("TASKQL_LISTEN", "not-an-address")], "TASKQL_LISTEN"),
+        (&[("TASKQL_MAX_ATTEMPTS", "zero")], "TASKQL_MAX_ATTEMPTS"),
+        (&[("TASKQL_RETENTION", "forever")], "TASKQL_RETENTION"),
+        (&[("DATABASE_URL", "mysql://localhost/x")], "DATABASE_URL"),
+        (
+            &[("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")],
+            "TASKQL_JWT_SECRET",
+        ),
+        (
+            &[("TASKQL_JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")],
+            "TASKQL_JWT_PUBLIC_KEY_FILE",
+        ),
+        (&[("TASKQL_JWT_SECRET", "short")], "TASKQL_JWT_SECRET"),
+    ];
+    for (env, name) in cases {
+        let mut command = taskql(dir.path());
+        command.arg("serve");
+        for (key, value) in *env {
+            command.env(key, value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{name} accepted");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let lines: Vec<_> = stderr
+            .lines()
+            .filter(|l| l.starts_with("taskql:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(lines[0].contains(name), "{name}: {stderr}");
+    }
+    // A flag works like its variable.
+    let output = taskql(dir.path())
+        .args(["serve", "--max-attempts", "-1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+}
+
+/// Starts `taskql` (no subcommand) in `dir` on a free port; returns the child
+/// and its printed URL and token.
+fn start_demo(dir: &std::path::Path) -> (std::process::Child, String, String) {
+    let mut child = taskql(dir)
+        .env("TASKQL_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut base = None;
+    let mut token = None;
+    while let Some(Ok(line)) = lines.next() {
+        if let Some(url) = line.strip_prefix("taskql is serving on ") {
+            base = Some(url.trim().to_owned());
+        }
+        if let Some((_, t)) = line.split_once("/graphql#token=") {
+            token = Some(t.trim().to_owned());
+            break;
+        }
+    }
+    (
+        child,
+        base.expect("printed its URL"),
+        token.expect("printed a token"),
+    )
+}
+
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().ok();
+    panic!("taskql did not stop on SIGTERM");
+}
+
+#[tokio::test]
+async fn first_run_serves_sqlite_with_a_printed_token_and_keeps_its_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base, token) = start_demo(dir.path());
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{base}/graphql"))
+        .bearer_auth(&token)
+        .json(&json!({ "query": "mutation { createTask(input: {type: \"concept.image\"}) { id status } }" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        created["data"]["createTask"]["status"], "PENDING",
+        "{created}"
+    );
+    let secret_file = dir.path().join("taskql.db.jwt-secret");
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&secret_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    assert!(terminate(&mut child).success(), "clean exit on SIGTERM");
+
+    // Second run: same secret, the old token still works, the task is there.
+    let (mut child, base, _) = start_demo(dir.path());
+    assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
+    let listed: serde_json::Value = http
+        .post(format!("{base}/graphql"))
+        .bearer_auth(&token)
+        .json(&json!({ "query": "{ tasks { nodes { id } } }" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["data"]["tasks"]["nodes"][0]["id"],
+        created["data"]["createTask"]["id"]
+    );
+
+    // `taskql token` signs with the same local secret.
+    let output = taskql(dir.path())
+        .args([
+            "token",
+            "--user",
+            "worker-9",
+            "--role",
+            "service_role",
+            "--ttl",
+            "1h",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let worker = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let claimed: serde_json::Value = http
+        .post(format!("{base}/graphql"))
+        .bearer_auth(&worker)
+        .json(&json!({ "query": "mutation { claimTask { id status } }" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed["data"]["claimTask"]["status"], "PROCESSING",
+        "{claimed}"
+    );
+    assert!(terminate(&mut child).success());
+}
+
+#[test]
+fn migrate_subcommand_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let output = taskql(dir.path()).arg("migrate").output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(dir.path().join("taskql.db").exists());
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base, token) = start_demo(dir.path());
+    let http = reqwest::Client::new();
+    // A burst of requests, then SIGTERM while they run: none is cut off.
+    let requests: Vec<_> = (0..50)
+        .map(|i| {
+            let http = http.clone();
+            let base = base.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                http.post(format!("{base}/graphql"))
+                    .bearer_auth(&token)
+                    .json(&json!({ "query": format!("mutation {{ createTask(input: {{type: \"t{i}\"}}) {{ id }} }}") }))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let status = tokio::task::spawn_blocking(move || terminate(&mut child))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let mut answered = 0;
+    for request in requests {
+        // A request either completed fully or was never accepted (refused connection).
+        if let Ok(response) = request.await.unwrap() {
+            assert_eq!(response.status(), 200);
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert!(body["data"]["createTask"]["id"].is_string(), "{body}");
+            answered += 1;
+        }
+    }
+    // Every answered create is in the database.
+    let db = taskql::db::connect(
+        &format!(
+            "sqlite://{}?mode=rw",
+            dir.path().join("taskql.db").display()
+        ),
+        1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(common::count_rows(&db).await, answered as i64);
+}
