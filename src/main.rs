@@ -39,6 +39,7 @@ fn init_tracing(filter: &str) {
 
 async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
     let config = Config::from_settings(settings).map_err(|e| e.to_string())?;
+    let shutdown = taskql::shutdown_signal();
     let app = taskql::App::build(&config)
         .await
         .map_err(|e| e.to_string())?;
@@ -47,7 +48,12 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
         .map_err(|e| format!("TASKQL_LISTEN: cannot listen on {}: {e}", config.listen))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%address, "taskql is serving");
-    println!("taskql is serving on http://{address}");
+    // Printed with errors ignored: a closed stdout must not stop the server.
+    let say = |line: String| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{line}");
+    };
+    say(format!("taskql is serving on http://{address}"));
     if let (Some(path), taskql::auth::JwtKey::Secret(secret)) =
         (&config.local_secret_file, &config.jwt_key)
     {
@@ -59,16 +65,16 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
             config.jwt_issuer.as_deref(),
             config.jwt_audience.as_deref(),
         )?;
-        println!(
+        say(format!(
             "No JWT settings: signing tokens with the local secret in {}",
             path.display()
-        );
-        println!("GraphiQL, signed in as user 'demo' for 7 days:");
-        println!("  http://{address}/graphql#token={token}");
-        println!("Token (for the Authorization: Bearer header):");
-        println!("  {token}");
+        ));
+        say("GraphiQL, signed in as user 'demo' for 7 days:".into());
+        say(format!("  http://{address}/graphql#token={token}"));
+        say("Token (for the Authorization: Bearer header):".into());
+        say(format!("  {token}"));
     }
-    app.serve(listener, taskql::shutdown_signal())
+    app.serve(listener, shutdown)
         .await
         .map_err(|e| format!("server error: {e}"))
 }

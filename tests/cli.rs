@@ -105,6 +105,8 @@ fn start_demo(dir: &std::path::Path) -> (std::process::Child, String, String) {
             break;
         }
     }
+    // Keep reading, as a terminal would, so the rest is not cut off.
+    std::thread::spawn(move || for _ in lines {});
     (
         child,
         base.expect("printed its URL"),

@@ -12,11 +12,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use entity::tasks::{ActiveModel, Column};
 use entity::{Task, TaskStatus, Tasks};
-use sea_orm::sea_query::{ExprTrait, LockBehavior, LockType, Order, Query};
+use sea_orm::sea_query::{ExprTrait, LockBehavior, LockType, OnConflict, Order, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
-    TransactionTrait, TryInsertResult, prelude::Expr, sea_query::UpdateStatement,
+    DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement,
+    TransactionTrait, prelude::Expr, sea_query::UpdateStatement,
 };
 use tracing::instrument;
 use uuid::Uuid;
@@ -33,6 +33,8 @@ use crate::events::{EventBus, TaskEvent, TaskEventKind};
 pub const NOTIFY_CHANNEL: &str = "taskql_events";
 /// Rows a single retention pass deletes before it lets others write.
 const PRUNE_BATCH: u64 = 500;
+/// PostgreSQL advisory lock key ("taskql" + 1) held by the instance reaping leases.
+const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
 
 pub struct SeaTaskService {
     db: DatabaseConnection,
@@ -143,7 +145,21 @@ impl SeaTaskService {
     /// publishes the changed rows once committed.
     async fn apply_update(&self, update: UpdateStatement) -> TaskResult<Vec<Task>> {
         let txn = self.db.begin().await?;
-        let mut update = update;
+        let rows = self.update_in(&txn, update).await?;
+        txn.commit().await?;
+        for task in &rows {
+            self.publish(TaskEventKind::Updated, task.clone());
+        }
+        Ok(rows)
+    }
+
+    /// Runs one UPDATE … RETURNING inside `txn`, with its notices; the caller
+    /// commits and publishes.
+    async fn update_in(
+        &self,
+        txn: &DatabaseTransaction,
+        mut update: UpdateStatement,
+    ) -> TaskResult<Vec<Task>> {
         update.returning_all();
         let rows = txn
             .query_all(&update)
@@ -155,13 +171,28 @@ impl SeaTaskService {
             })
             .collect::<TaskResult<Vec<Task>>>()?;
         for task in &rows {
-            self.notify(&txn, TaskEventKind::Updated, task).await?;
-        }
-        txn.commit().await?;
-        for task in &rows {
-            self.publish(TaskEventKind::Updated, task.clone());
+            self.notify(txn, TaskEventKind::Updated, task).await?;
         }
         Ok(rows)
+    }
+
+    /// On PostgreSQL, takes the advisory lock `key` until `txn` ends, or says
+    /// another instance holds it. SQLite has one writer at a time anyway.
+    async fn try_exclusive(&self, txn: &DatabaseTransaction, key: i64) -> TaskResult<bool> {
+        if !self.is_postgres() {
+            return Ok(true);
+        }
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT pg_try_advisory_xact_lock($1) AS locked",
+                [key.into()],
+            ))
+            .await?
+            .ok_or_else(|| {
+                TaskError::Internal("pg_try_advisory_xact_lock returned no row".into())
+            })?;
+        Ok(row.try_get::<bool>("", "locked")?)
     }
 
     fn publish(&self, kind: TaskEventKind, task: Task) {
@@ -230,14 +261,23 @@ impl TaskService for SeaTaskService {
         // With a key, the unique index decides who wins; the loser reads the winner.
         let inserted = match &new.idempotency_key {
             None => Some(Tasks::insert(model).exec_with_returning(&txn).await?),
-            Some(_) => match Tasks::insert(model)
-                .on_conflict_do_nothing_on([Column::UserId, Column::IdempotencyKey])
-                .exec_with_returning(&txn)
-                .await?
-            {
-                TryInsertResult::Inserted(task) => Some(task),
-                TryInsertResult::Conflicted | TryInsertResult::Empty => None,
-            },
+            Some(_) => {
+                // Not `TryInsert::exec_with_returning`: where RETURNING exists it
+                // reports a conflict as an error (RecordNotFound), not `Conflicted`.
+                // No row returned means another create holds the key.
+                let mut insert = Tasks::insert(model)
+                    .on_conflict(
+                        OnConflict::columns([Column::UserId, Column::IdempotencyKey])
+                            .do_nothing()
+                            .to_owned(),
+                    )
+                    .into_query();
+                insert.returning_all();
+                txn.query_one(&insert)
+                    .await?
+                    .map(|row| <Task as sea_orm::FromQueryResult>::from_query_result(&row, ""))
+                    .transpose()?
+            }
         };
         if let Some(task) = &inserted {
             self.notify(&txn, TaskEventKind::Created, task).await?;
@@ -486,9 +526,13 @@ impl TaskService for SeaTaskService {
         if !request.types.is_empty() {
             oldest.and_where(Expr::col(Column::TaskType).is_in(request.types.clone()));
         }
+        // `id = (subquery)`, not `id IN (subquery)`: PostgreSQL runs a scalar
+        // subquery once, but may rescan an IN subquery per row, and each rescan
+        // skips the rows this statement already locked and takes the next one:
+        // one claim would take every pending task.
         let mut stmt = Query::update();
         stmt.table(Tasks)
-            .and_where(Expr::col(Column::Id).in_subquery(oldest))
+            .and_where(Expr::col(Column::Id).eq(oldest))
             .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
             .value(Column::Status, TaskStatus::Processing.as_str())
             .value(Column::Attempts, Expr::col(Column::Attempts).add(1))
@@ -549,7 +593,6 @@ impl TaskService for SeaTaskService {
             .value(Column::WorkerId, Option::<String>::None)
             .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
         touched(&mut requeue, at);
-        let requeued = self.apply_update(requeue).await?.len();
 
         let mut fail = Query::update();
         expired(&mut fail);
@@ -562,7 +605,22 @@ impl TaskService for SeaTaskService {
             .value(Column::CompletedAt, at)
             .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
         touched(&mut fail, at);
-        let failed = self.apply_update(fail).await?.len();
+
+        // One instance reaps at a time: two passes updating the same expired
+        // rows lock them in different orders and deadlock on PostgreSQL. If
+        // another instance holds the lock, it is doing this very pass.
+        let txn = self.db.begin().await?;
+        if !self.try_exclusive(&txn, REAPER_LOCK).await? {
+            txn.rollback().await?;
+            return Ok(ReapOutcome::default());
+        }
+        let requeued_tasks = self.update_in(&txn, requeue).await?;
+        let failed_tasks = self.update_in(&txn, fail).await?;
+        txn.commit().await?;
+        let (requeued, failed) = (requeued_tasks.len(), failed_tasks.len());
+        for task in requeued_tasks.into_iter().chain(failed_tasks) {
+            self.publish(TaskEventKind::Updated, task);
+        }
         if requeued + failed > 0 {
             tracing::info!(requeued, failed, "reaped expired leases");
         }

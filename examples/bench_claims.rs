@@ -1,0 +1,328 @@
+//! Claim-and-complete cycles per second with concurrent workers, through
+//! `TaskService` and, in the same run, as the raw statements it boils down to.
+//!
+//! ```text
+//! cargo run --release --example bench_claims                       # SQLite
+//! cargo run --release --example bench_claims -- \
+//!     --postgres postgres://postgres@127.0.0.1:5432/test           # and PostgreSQL
+//! ```
+//!
+//! One cycle is: claim the oldest pending task under a lease, then complete it
+//! fenced by the attempt claimed. The service path adds what the raw path
+//! leaves out: a transaction around each statement, the NOTIFY on PostgreSQL,
+//! row decoding and the in-process event. Each repetition refills the table
+//! with the same number of pending tasks; service and raw alternate, and the
+//! medians are reported.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use entity::tasks::ActiveModel;
+use entity::{TaskStatus, Tasks};
+use sea_orm::ActiveValue::Set;
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement, Value,
+};
+use taskql::events::EventBus;
+use taskql::service::{ClaimRequest, SeaTaskService, StatusUpdate, TaskService};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(about = "Claim-and-complete throughput: TaskService next to raw SQL")]
+struct Args {
+    /// Also run on PostgreSQL: a server URL whose database may create others.
+    #[arg(long, env = "TASKQL_BENCH_DATABASE_URL")]
+    postgres: Option<String>,
+    /// Skip SQLite.
+    #[arg(long)]
+    no_sqlite: bool,
+    /// Pending tasks per repetition.
+    #[arg(long, default_value_t = 2000)]
+    tasks: usize,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// Repetitions of each mode.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Service,
+    Raw,
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    println!(
+        "{} tasks per repetition, {} workers, {} repetitions per mode",
+        args.tasks, args.workers, args.reps
+    );
+    if !args.no_sqlite {
+        let dir = tempfile::tempdir()?;
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("bench.db").display()
+        );
+        bench("sqlite", &url, &args).await?;
+    }
+    if let Some(base) = &args.postgres {
+        let admin = taskql::db::connect(base, 2).await?;
+        let name = format!("taskql_bench_{}", Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let (prefix, _) = base.rsplit_once('/').ok_or("the URL names no database")?;
+        let result = bench("postgres", &format!("{prefix}/{name}"), &args).await;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        result?;
+    }
+    Ok(())
+}
+
+async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let db = taskql::db::connect(url, 16).await?;
+    taskql::db::migrate(&db).await?;
+    let service = Arc::new(SeaTaskService::new(db.clone(), EventBus::new()));
+    let mut rates = [Vec::new(), Vec::new()];
+    // One unmeasured round of each warms the pool and the statement caches.
+    for rep in 0..=args.reps {
+        for mode in [Mode::Service, Mode::Raw] {
+            refill(&db, args.tasks).await?;
+            let started = Instant::now();
+            let cycles = match mode {
+                Mode::Service => run_service(&service, args.workers).await?,
+                Mode::Raw => run_raw(&db, args.workers).await?,
+            };
+            let elapsed = started.elapsed();
+            if cycles != args.tasks || completed(&db).await? != args.tasks {
+                return Err(format!("{mode:?} completed {cycles} of {} tasks", args.tasks).into());
+            }
+            if rep > 0 {
+                rates[mode as usize].push(cycles as f64 / elapsed.as_secs_f64());
+            }
+        }
+    }
+    let service_median = median(&mut rates[0]);
+    let raw_median = median(&mut rates[1]);
+    let show = |rates: &[f64]| {
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "{backend}: TaskService  median {service_median:>7.0} cycles/s  (runs: {})",
+        show(&rates[0])
+    );
+    println!(
+        "{backend}: raw SQL      median {raw_median:>7.0} cycles/s  (runs: {})",
+        show(&rates[1])
+    );
+    println!(
+        "{backend}: service / raw = {:.2}",
+        service_median / raw_median
+    );
+    db.close().await?;
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+/// Empties the table and inserts `n` pending tasks, oldest first.
+async fn refill(db: &DatabaseConnection, n: usize) -> Result<(), sea_orm::DbErr> {
+    Tasks::delete_many().exec(db).await?;
+    let start = chrono::Utc::now() - chrono::Duration::hours(1);
+    let models: Vec<ActiveModel> = (0..n)
+        .map(|i| {
+            let at = start + chrono::Duration::microseconds(i as i64);
+            ActiveModel {
+                id: Set(Uuid::now_v7()),
+                user_id: Set(format!("user-{}", i % 50)),
+                task_type: Set("concept.image".into()),
+                status: Set(TaskStatus::Pending),
+                result_id: Set(None),
+                error_message: Set(None),
+                metadata: Set(serde_json::json!({ "prompt": "a red fox", "n": i })),
+                progress: Set(None),
+                attempts: Set(0),
+                idempotency_key: Set(None),
+                worker_id: Set(None),
+                lease_expires_at: Set(None),
+                created_at: Set(at),
+                updated_at: Set(at),
+                started_at: Set(None),
+                completed_at: Set(None),
+                version: Set(1),
+            }
+        })
+        .collect();
+    for chunk in models.chunks(500) {
+        Tasks::insert_many(chunk.to_vec())
+            .exec_without_returning(db)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn completed(db: &DatabaseConnection) -> Result<usize, sea_orm::DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM tasks WHERE status = 'completed' AND attempts = 1",
+        ))
+        .await?
+        .ok_or_else(|| sea_orm::DbErr::RecordNotFound("count".into()))?;
+    Ok(row.try_get::<i64>("", "n")? as usize)
+}
+
+/// Workers that claim and complete through `TaskService` until none is left.
+async fn run_service(
+    service: &Arc<SeaTaskService>,
+    workers: usize,
+) -> Result<usize, Box<dyn std::error::Error>> {
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let mut cycles = 0;
+                let request = ClaimRequest {
+                    types: Vec::new(),
+                    lease: Some(LEASE),
+                    worker_id: Some(format!("bench-{w}")),
+                };
+                while let Some(task) = service.claim_task(request.clone()).await? {
+                    let mut done = StatusUpdate::new(task.id, TaskStatus::Completed);
+                    done.result_id = Some(format!("r-{}", task.id));
+                    done.expected_attempt = Some(task.attempts);
+                    service.update_task_status(done).await?;
+                    cycles += 1;
+                }
+                Ok::<usize, taskql::error::TaskError>(cycles)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for handle in handles {
+        total += handle.await??;
+    }
+    Ok(total)
+}
+
+/// The statements the service runs, written out, each on its own (autocommit).
+struct RawSql {
+    claim: String,
+    complete: String,
+}
+
+impl RawSql {
+    fn for_backend(backend: DatabaseBackend) -> Self {
+        let postgres = backend == DatabaseBackend::Postgres;
+        let p = |n: usize| {
+            if postgres {
+                format!("${n}")
+            } else {
+                "?".into()
+            }
+        };
+        let lock = if postgres {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        Self {
+            claim: format!(
+                "UPDATE tasks SET status = 'processing', attempts = attempts + 1, worker_id = {}, \
+                 lease_expires_at = {}, started_at = COALESCE(started_at, {}), \
+                 version = version + 1, updated_at = {} \
+                 WHERE id = (SELECT id FROM tasks WHERE status = 'pending' \
+                 ORDER BY created_at, id LIMIT 1{lock}) AND status = 'pending' RETURNING *",
+                p(1),
+                p(2),
+                p(3),
+                p(4)
+            ),
+            complete: format!(
+                "UPDATE tasks SET status = 'completed', result_id = {}, progress = 100, \
+                 completed_at = {}, lease_expires_at = NULL, version = version + 1, updated_at = {} \
+                 WHERE id = {} AND status IN ('pending', 'processing') AND attempts = {} RETURNING *",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5)
+            ),
+        }
+    }
+}
+
+/// Workers that run the same claim and completion as raw SQL.
+async fn run_raw(
+    db: &DatabaseConnection,
+    workers: usize,
+) -> Result<usize, Box<dyn std::error::Error>> {
+    let backend = db.get_database_backend();
+    let sql = Arc::new(RawSql::for_backend(backend));
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let (db, sql) = (db.clone(), sql.clone());
+            tokio::spawn(async move {
+                let mut cycles = 0;
+                let worker: Value = format!("bench-{w}").into();
+                loop {
+                    let at = chrono::Utc::now();
+                    let lease_until = at + chrono::Duration::from_std(LEASE).unwrap_or_default();
+                    let claimed = db
+                        .query_one_raw(Statement::from_sql_and_values(
+                            backend,
+                            &sql.claim,
+                            [worker.clone(), lease_until.into(), at.into(), at.into()],
+                        ))
+                        .await?;
+                    let Some(row) = claimed else { break };
+                    let id: Uuid = row.try_get("", "id")?;
+                    let attempts: i32 = row.try_get("", "attempts")?;
+                    let at = chrono::Utc::now();
+                    let done = db
+                        .query_one_raw(Statement::from_sql_and_values(
+                            backend,
+                            &sql.complete,
+                            [
+                                format!("r-{id}").into(),
+                                at.into(),
+                                at.into(),
+                                id.into(),
+                                attempts.into(),
+                            ],
+                        ))
+                        .await?;
+                    if done.is_none() {
+                        return Err(sea_orm::DbErr::RecordNotUpdated);
+                    }
+                    cycles += 1;
+                }
+                Ok::<usize, sea_orm::DbErr>(cycles)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for handle in handles {
+        total += handle.await??;
+    }
+    Ok(total)
+}

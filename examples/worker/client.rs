@@ -1,0 +1,317 @@
+//! The worker loop of `examples/worker.rs`. It speaks only GraphQL over HTTP,
+//! as a worker in another language would. `tests/worker.rs` includes this
+//! file too, so the test runs exactly the example's code.
+//!
+//! Each slot loops: `claimTask` → `heartbeatTask` with progress a few times →
+//! `updateTaskStatus(COMPLETED)` fenced by the attempt it claimed. A CONFLICT
+//! from a heartbeat or the final update means the task is no longer ours
+//! (cancelled, finished, or claimed again after our lease expired): the slot
+//! drops it and moves on. Any other error stops the worker; whatever it had
+//! claimed returns to PENDING when its lease expires.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The GraphQL endpoint, e.g. `http://127.0.0.1:8000/graphql`.
+    pub url: String,
+    /// A token whose `role` is the service role.
+    pub token: String,
+    /// Task types to take; empty takes any.
+    pub types: Vec<String>,
+    /// Tasks worked on at once.
+    pub concurrency: usize,
+    pub worker_id: String,
+    pub lease_seconds: i32,
+    /// Heartbeats (with progress) per task before it completes.
+    pub steps: u32,
+    /// Pretend work between heartbeats.
+    pub step_time: Duration,
+    /// Stop after this many claimed tasks (completed or dropped).
+    pub max_tasks: Option<usize>,
+    /// Stop a slot as soon as nothing is pending, instead of polling.
+    pub exit_when_idle: bool,
+    pub idle_poll: Duration,
+    pub verbose: bool,
+}
+
+impl WorkerConfig {
+    pub fn new(url: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            token: token.into(),
+            types: Vec::new(),
+            concurrency: 4,
+            worker_id: format!("example-worker-{}", std::process::id()),
+            lease_seconds: 30,
+            steps: 3,
+            step_time: Duration::from_millis(500),
+            max_tasks: None,
+            exit_when_idle: false,
+            idle_poll: Duration::from_secs(1),
+            verbose: false,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    pub completed: usize,
+    /// Dropped on a CONFLICT: cancelled, or no longer ours.
+    pub abandoned: usize,
+}
+
+#[derive(Debug)]
+pub enum WorkerError {
+    Http(reqwest::Error),
+    /// The server answered with a GraphQL error the worker cannot handle.
+    Graphql {
+        code: String,
+        message: String,
+    },
+    Protocol(String),
+}
+
+impl std::fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Http(err) => write!(f, "HTTP: {err}"),
+            Self::Graphql { code, message } => write!(f, "{code}: {message}"),
+            Self::Protocol(message) => write!(f, "unexpected answer: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for WorkerError {}
+
+impl From<reqwest::Error> for WorkerError {
+    fn from(err: reqwest::Error) -> Self {
+        Self::Http(err)
+    }
+}
+
+impl WorkerError {
+    /// The task is not ours any more: stop working on it, keep working.
+    fn means_drop_task(&self) -> bool {
+        matches!(self, Self::Graphql { code, .. } if code == "CONFLICT" || code == "NOT_FOUND")
+    }
+}
+
+/// The `resultId` the example reports for a task it completed.
+pub fn result_id_for(task_id: &str) -> String {
+    format!("example-result-{task_id}")
+}
+
+const CLAIM: &str = "mutation Claim($types: [String!], $lease: Int, $worker: String) {
+  claimTask(types: $types, leaseSeconds: $lease, workerId: $worker) { id type attempts }
+}";
+const HEARTBEAT: &str = "mutation Beat($id: ID!, $progress: Int, $lease: Int, $attempt: Int) {
+  heartbeatTask(id: $id, progress: $progress, leaseSeconds: $lease, expectedAttempt: $attempt) { status }
+}";
+const COMPLETE: &str = "mutation Complete($input: UpdateTaskStatusInput!) {
+  updateTaskStatus(input: $input) { status }
+}";
+
+struct Client {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl Client {
+    /// One GraphQL request; its first error, if any, becomes `Graphql`.
+    async fn call(&self, query: &str, variables: Value) -> Result<Value, WorkerError> {
+        let body: Value = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .json(&json!({ "query": query, "variables": variables }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if let Some(error) = body["errors"].get(0) {
+            return Err(WorkerError::Graphql {
+                code: error["extensions"]["code"]
+                    .as_str()
+                    .unwrap_or("UNKNOWN")
+                    .to_owned(),
+                message: error["message"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        Ok(body["data"].clone())
+    }
+}
+
+struct Claimed {
+    id: String,
+    attempts: i64,
+}
+
+/// How many more tasks may be claimed; `None` is no limit.
+struct Budget(Option<AtomicUsize>);
+
+impl Budget {
+    fn take(&self) -> bool {
+        match &self.0 {
+            None => true,
+            Some(left) => left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok(),
+        }
+    }
+
+    fn give_back(&self) {
+        if let Some(left) = &self.0 {
+            left.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs `config.concurrency` slots until each stops (budget spent, idle
+/// with `exit_when_idle`, or an error).
+pub async fn run(config: WorkerConfig) -> Result<Report, WorkerError> {
+    let client = Arc::new(Client {
+        http: reqwest::Client::new(),
+        url: config.url.clone(),
+        token: config.token.clone(),
+    });
+    let budget = Arc::new(Budget(config.max_tasks.map(AtomicUsize::new)));
+    let config = Arc::new(config);
+    let slots: Vec<_> = (0..config.concurrency.max(1))
+        .map(|slot| {
+            let (client, budget, config) = (client.clone(), budget.clone(), config.clone());
+            tokio::spawn(async move { work(slot, &client, &budget, &config).await })
+        })
+        .collect();
+    let mut total = Report::default();
+    let mut failure = None;
+    for slot in slots {
+        match slot.await {
+            Ok(Ok(report)) => {
+                total.completed += report.completed;
+                total.abandoned += report.abandoned;
+            }
+            Ok(Err(err)) => failure = Some(err),
+            Err(join) => failure = Some(WorkerError::Protocol(format!("slot panicked: {join}"))),
+        }
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(total),
+    }
+}
+
+async fn work(
+    slot: usize,
+    client: &Client,
+    budget: &Budget,
+    config: &WorkerConfig,
+) -> Result<Report, WorkerError> {
+    let worker_id = format!("{}/{slot}", config.worker_id);
+    let mut report = Report::default();
+    loop {
+        if !budget.take() {
+            return Ok(report);
+        }
+        let claimed = match claim(client, config, &worker_id).await {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                budget.give_back();
+                return Err(err);
+            }
+        };
+        let Some(task) = claimed else {
+            budget.give_back();
+            if config.exit_when_idle {
+                return Ok(report);
+            }
+            tokio::time::sleep(config.idle_poll).await;
+            continue;
+        };
+        match process(client, config, &task).await {
+            Ok(()) => {
+                report.completed += 1;
+                if config.verbose {
+                    println!(
+                        "{worker_id}: completed {} (attempt {})",
+                        task.id, task.attempts
+                    );
+                }
+            }
+            Err(err) if err.means_drop_task() => {
+                report.abandoned += 1;
+                if config.verbose {
+                    println!("{worker_id}: dropped {}: {err}", task.id);
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+async fn claim(
+    client: &Client,
+    config: &WorkerConfig,
+    worker_id: &str,
+) -> Result<Option<Claimed>, WorkerError> {
+    let types = (!config.types.is_empty()).then_some(&config.types);
+    let data = client
+        .call(
+            CLAIM,
+            json!({ "types": types, "lease": config.lease_seconds, "worker": worker_id }),
+        )
+        .await?;
+    let task = &data["claimTask"];
+    if task.is_null() {
+        return Ok(None);
+    }
+    match (task["id"].as_str(), task["attempts"].as_i64()) {
+        (Some(id), Some(attempts)) => Ok(Some(Claimed {
+            id: id.to_owned(),
+            attempts,
+        })),
+        _ => Err(WorkerError::Protocol(format!("claimTask returned {task}"))),
+    }
+}
+
+/// Does the (pretend) work, reporting progress; completes the task, fenced
+/// by the attempt we claimed so a late finish cannot overwrite a re-claim.
+async fn process(
+    client: &Client,
+    config: &WorkerConfig,
+    task: &Claimed,
+) -> Result<(), WorkerError> {
+    for step in 1..=config.steps {
+        tokio::time::sleep(config.step_time).await;
+        let progress = step * 100 / (config.steps + 1);
+        client
+            .call(
+                HEARTBEAT,
+                json!({
+                    "id": task.id,
+                    "progress": progress,
+                    "lease": config.lease_seconds,
+                    "attempt": task.attempts,
+                }),
+            )
+            .await?;
+    }
+    tokio::time::sleep(config.step_time).await;
+    client
+        .call(
+            COMPLETE,
+            json!({ "input": {
+                "id": task.id,
+                "status": "COMPLETED",
+                "resultId": result_id_for(&task.id),
+                "expectedAttempt": task.attempts,
+            }}),
+        )
+        .await?;
+    Ok(())
+}
