@@ -44,11 +44,13 @@ pub struct Model {
     pub id: Uuid,
     pub user_id: String,
     #[sea_orm(column_name = "type")]
+    #[serde(alias = "type")]
     pub task_type: String,
     pub status: TaskStatus,
     pub result_id: Option<String>,
     pub error_message: Option<String>,
     #[sea_orm(column_type = "JsonBinary")]
+    #[serde(default)]
     pub metadata: Json,
     pub progress: Option<i32>,
     pub attempts: i32,

@@ -31,6 +31,9 @@ use crate::events::{EventBus, TaskEvent, TaskEventKind};
 
 /// PostgreSQL channel every instance LISTENs on.
 pub const NOTIFY_CHANNEL: &str = "taskql_events";
+/// Largest serialized task a NOTIFY carries; the whole payload must stay
+/// under PostgreSQL's 8000 bytes.
+const MAX_TASK_IN_NOTICE: usize = 7000;
 /// Rows a single retention pass deletes before it lets others write.
 const PRUNE_BATCH: u64 = 500;
 /// PostgreSQL advisory lock key ("taskql" + 1) held by the instance reaping leases.
@@ -98,6 +101,24 @@ fn touched(update: &mut UpdateStatement, at: DateTime<Utc>) {
         .value(Column::UpdatedAt, at);
 }
 
+/// The NOTIFY payload of a row `changed` by the statement it is attached
+/// to, built in SQL: what `pg_listener` decodes. It carries the task (without
+/// its metadata, or without the task at all, when that would not fit in
+/// NOTIFY's 8000 bytes; the listener then reads the row).
+fn notice_sql(instance: Uuid, kind: TaskEventKind) -> String {
+    // Both values are ours (a UUID and a fixed word), never user input.
+    format!(
+        "(jsonb_build_object('i', '{instance}', 'k', '{kind}', 'id', changed.id, 'v', changed.version) || \
+         CASE WHEN octet_length(to_jsonb(changed)::text) < {limit} \
+              THEN jsonb_build_object('t', to_jsonb(changed), 'm', true) \
+              WHEN octet_length((to_jsonb(changed) - 'metadata')::text) < {limit} \
+              THEN jsonb_build_object('t', to_jsonb(changed) - 'metadata') \
+              ELSE '{{}}'::jsonb END)::text",
+        kind = kind.as_str(),
+        limit = MAX_TASK_IN_NOTICE,
+    )
+}
+
 impl SeaTaskService {
     pub fn new(db: DatabaseConnection, events: EventBus) -> Self {
         Self {
@@ -119,61 +140,51 @@ impl SeaTaskService {
         self.db.get_database_backend() == DatabaseBackend::Postgres
     }
 
-    /// Sends the cross-instance notice of a change inside its transaction.
-    /// The payload carries ids and versions only, far below NOTIFY's 8000 bytes;
-    /// a deletion also carries the last state (without metadata).
-    async fn notify(
-        &self,
-        txn: &DatabaseTransaction,
-        kind: TaskEventKind,
-        task: &Task,
-    ) -> TaskResult<()> {
-        if !self.is_postgres() {
-            return Ok(());
+    /// Runs one `INSERT`/`UPDATE`/`DELETE … RETURNING *` on `conn` and returns
+    /// the rows it wrote. On PostgreSQL the same statement also sends each
+    /// row's NOTIFY, so the change and its notice commit together in one
+    /// round trip (see `notice_sql`).
+    async fn write_in<C, S>(&self, conn: &C, statement: &S, kind: TaskEventKind) -> TaskResult<Vec<Task>>
+    where
+        C: ConnectionTrait,
+        S: sea_orm::StatementBuilder,
+    {
+        let backend = self.db.get_database_backend();
+        let mut statement = backend.build(statement);
+        if backend == DatabaseBackend::Postgres {
+            statement.sql = format!(
+                "WITH changed AS ({}) SELECT changed.* FROM changed \
+                 CROSS JOIN LATERAL (SELECT pg_notify('{NOTIFY_CHANNEL}', {})) AS notice",
+                statement.sql,
+                notice_sql(self.instance_id, kind),
+            );
         }
-        let payload = crate::pg_listener::encode_notice(self.instance_id, kind, task);
-        txn.execute_raw(Statement::from_sql_and_values(
-            DatabaseBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [NOTIFY_CHANNEL.into(), payload.into()],
-        ))
-        .await?;
-        Ok(())
-    }
-
-    /// Runs one UPDATE … RETURNING in a transaction with its notices, then
-    /// publishes the changed rows once committed.
-    async fn apply_update(&self, update: UpdateStatement) -> TaskResult<Vec<Task>> {
-        let txn = self.db.begin().await?;
-        let rows = self.update_in(&txn, update).await?;
-        txn.commit().await?;
-        for task in &rows {
-            self.publish(TaskEventKind::Updated, task.clone());
-        }
-        Ok(rows)
-    }
-
-    /// Runs one UPDATE … RETURNING inside `txn`, with its notices; the caller
-    /// commits and publishes.
-    async fn update_in(
-        &self,
-        txn: &DatabaseTransaction,
-        mut update: UpdateStatement,
-    ) -> TaskResult<Vec<Task>> {
-        update.returning_all();
-        let rows = txn
-            .query_all(&update)
+        conn.query_all_raw(statement)
             .await?
             .iter()
             .map(|row| {
                 <Task as sea_orm::FromQueryResult>::from_query_result(row, "")
                     .map_err(TaskError::from)
             })
-            .collect::<TaskResult<Vec<Task>>>()?;
+            .collect()
+    }
+
+    /// `write_in` on its own (autocommit), then publishes the rows in process.
+    async fn write<S>(&self, statement: &S, kind: TaskEventKind) -> TaskResult<Vec<Task>>
+    where
+        S: sea_orm::StatementBuilder,
+    {
+        let rows = self.write_in(&self.db, statement, kind).await?;
         for task in &rows {
-            self.notify(txn, TaskEventKind::Updated, task).await?;
+            self.publish(kind, task.clone());
         }
         Ok(rows)
+    }
+
+    /// One UPDATE … RETURNING *, published once committed.
+    async fn apply_update(&self, mut update: UpdateStatement) -> TaskResult<Vec<Task>> {
+        update.returning_all();
+        self.write(&update, TaskEventKind::Updated).await
     }
 
     /// On PostgreSQL, takes the advisory lock `key` until `txn` ends, or says
@@ -257,34 +268,19 @@ impl TaskService for SeaTaskService {
             completed_at: Set(None),
             version: Set(1),
         };
-        let txn = self.db.begin().await?;
-        // With a key, the unique index decides who wins; the loser reads the winner.
-        let inserted = match &new.idempotency_key {
-            None => Some(Tasks::insert(model).exec_with_returning(&txn).await?),
-            Some(_) => {
-                // Not `TryInsert::exec_with_returning`: where RETURNING exists it
-                // reports a conflict as an error (RecordNotFound), not `Conflicted`.
-                // No row returned means another create holds the key.
-                let mut insert = Tasks::insert(model)
-                    .on_conflict(
-                        OnConflict::columns([Column::UserId, Column::IdempotencyKey])
-                            .do_nothing()
-                            .to_owned(),
-                    )
-                    .into_query();
-                insert.returning_all();
-                txn.query_one(&insert)
-                    .await?
-                    .map(|row| <Task as sea_orm::FromQueryResult>::from_query_result(&row, ""))
-                    .transpose()?
-            }
-        };
-        if let Some(task) = &inserted {
-            self.notify(&txn, TaskEventKind::Created, task).await?;
+        // With a key, the unique index decides who wins (ON CONFLICT DO
+        // NOTHING returns no row); the loser reads the winner.
+        let mut insert = Tasks::insert(model);
+        if new.idempotency_key.is_some() {
+            insert = insert.on_conflict(
+                OnConflict::columns([Column::UserId, Column::IdempotencyKey])
+                    .do_nothing()
+                    .to_owned(),
+            );
         }
-        txn.commit().await?;
-        if let Some(task) = inserted {
-            self.publish(TaskEventKind::Created, task.clone());
+        let mut insert = insert.into_query();
+        insert.returning_all();
+        if let Some(task) = self.write(&insert, TaskEventKind::Created).await?.pop() {
             return Ok(task);
         }
         let key = new.idempotency_key.as_deref().unwrap_or_default();
@@ -453,16 +449,9 @@ impl TaskService for SeaTaskService {
         if !user.is_service {
             delete = delete.filter(Column::UserId.eq(&user.id));
         }
-        let txn = self.db.begin().await?;
-        let deleted = delete.exec_with_returning(&txn).await?;
-        for task in &deleted {
-            self.notify(&txn, TaskEventKind::Deleted, task).await?;
-        }
-        txn.commit().await?;
-        let found = !deleted.is_empty();
-        for task in deleted {
-            self.publish(TaskEventKind::Deleted, task);
-        }
+        let mut delete = delete.into_query();
+        delete.returning_all();
+        let found = !self.write(&delete, TaskEventKind::Deleted).await?.is_empty();
         if found {
             Ok(true)
         } else {
@@ -614,8 +603,10 @@ impl TaskService for SeaTaskService {
             txn.rollback().await?;
             return Ok(ReapOutcome::default());
         }
-        let requeued_tasks = self.update_in(&txn, requeue).await?;
-        let failed_tasks = self.update_in(&txn, fail).await?;
+        requeue.returning_all();
+        fail.returning_all();
+        let requeued_tasks = self.write_in(&txn, &requeue, TaskEventKind::Updated).await?;
+        let failed_tasks = self.write_in(&txn, &fail, TaskEventKind::Updated).await?;
         txn.commit().await?;
         let (requeued, failed) = (requeued_tasks.len(), failed_tasks.len());
         for task in requeued_tasks.into_iter().chain(failed_tasks) {
@@ -646,20 +637,12 @@ impl TaskService for SeaTaskService {
                 .and_where(Expr::col(Column::Status).is_in(terminal.clone()))
                 .and_where(Expr::col(Column::CompletedAt).lt(cutoff))
                 .limit(PRUNE_BATCH);
-            let txn = self.db.begin().await?;
-            let deleted = Tasks::delete_many()
+            let mut delete = Tasks::delete_many()
                 .filter(Expr::col(Column::Id).in_subquery(batch))
-                .exec_with_returning(&txn)
-                .await?;
-            for task in &deleted {
-                self.notify(&txn, TaskEventKind::Deleted, task).await?;
-            }
-            txn.commit().await?;
-            let count = deleted.len();
+                .into_query();
+            delete.returning_all();
+            let count = self.write(&delete, TaskEventKind::Deleted).await?.len();
             total += count;
-            for task in deleted {
-                self.publish(TaskEventKind::Deleted, task);
-            }
             if (count as u64) < PRUNE_BATCH {
                 break;
             }
