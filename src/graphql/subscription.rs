@@ -3,12 +3,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_graphql::{Context, ID, Result, Subscription};
 use futures::Stream;
+use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::types::{Task, TaskEvent};
 use super::{Shutdown, caller, gql, service, task_id};
-use crate::error::TaskError;
+use crate::auth::CurrentUser;
+use crate::error::{TaskError, TaskResult};
 use crate::events::{TaskEventKind, Topic};
+use crate::service::TaskService;
 
 pub struct SubscriptionRoot;
 
@@ -55,6 +58,33 @@ fn take_slot(ctx: &Context<'_>) -> Result<Slot> {
     Ok(slot)
 }
 
+/// Bounds the `taskUpdated` reads in flight at once (kept in schema data).
+/// Each read waiting for a pooled connection holds a ~15 KiB query future;
+/// when thousands of streams start (or re-read after a listener reconnect)
+/// together, that peak fragments the heap and stays resident. The pool
+/// serves only a few reads at a time anyway, so the rest wait here, small.
+#[derive(Clone)]
+pub struct StreamReads(Arc<Semaphore>);
+
+impl Default for StreamReads {
+    fn default() -> Self {
+        Self(Arc::new(Semaphore::new(16)))
+    }
+}
+
+impl StreamReads {
+    async fn read(
+        &self,
+        service: &Arc<dyn TaskService>,
+        task_id: uuid::Uuid,
+        user: &CurrentUser,
+    ) -> TaskResult<entity::Task> {
+        // Never closed, so a permit always comes.
+        let _permit = self.0.acquire().await;
+        service.get_task(task_id, user).await
+    }
+}
+
 enum Step {
     Event(Arc<crate::events::TaskEvent>),
     Reread,
@@ -79,7 +109,8 @@ impl SubscriptionRoot {
         // events at or below the version read are dropped as duplicates.
         let mut events = service.events().subscribe(Topic::Task(task_id));
         let mut resyncs = service.events().resyncs();
-        let current = service.get_task(task_id, &user).await.map_err(gql)?;
+        let reads = ctx.data_opt::<StreamReads>().cloned().unwrap_or_default();
+        let current = reads.read(&service, task_id, &user).await.map_err(gql)?;
         Ok(async_stream::stream! {
             let _slot = slot;
             let mut last = current.version;
@@ -106,7 +137,7 @@ impl SubscriptionRoot {
                     Step::Stop => return,
                     Step::Event(event) if event.kind == TaskEventKind::Deleted => return,
                     Step::Event(event) => event.task.clone(),
-                    Step::Reread => match service.get_task(task_id, &user).await {
+                    Step::Reread => match reads.read(&service, task_id, &user).await {
                         Ok(task) => task,
                         Err(TaskError::NotFound) => return,
                         Err(err) => {

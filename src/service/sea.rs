@@ -144,7 +144,12 @@ impl SeaTaskService {
     /// the rows it wrote. On PostgreSQL the same statement also sends each
     /// row's NOTIFY, so the change and its notice commit together in one
     /// round trip (see `notice_sql`).
-    async fn write_in<C, S>(&self, conn: &C, statement: &S, kind: TaskEventKind) -> TaskResult<Vec<Task>>
+    async fn write_in<C, S>(
+        &self,
+        conn: &C,
+        statement: &S,
+        kind: TaskEventKind,
+    ) -> TaskResult<Vec<Task>>
     where
         C: ConnectionTrait,
         S: sea_orm::StatementBuilder,
@@ -451,7 +456,10 @@ impl TaskService for SeaTaskService {
         }
         let mut delete = delete.into_query();
         delete.returning_all();
-        let found = !self.write(&delete, TaskEventKind::Deleted).await?.is_empty();
+        let found = !self
+            .write(&delete, TaskEventKind::Deleted)
+            .await?
+            .is_empty();
         if found {
             Ok(true)
         } else {
@@ -605,7 +613,9 @@ impl TaskService for SeaTaskService {
         }
         requeue.returning_all();
         fail.returning_all();
-        let requeued_tasks = self.write_in(&txn, &requeue, TaskEventKind::Updated).await?;
+        let requeued_tasks = self
+            .write_in(&txn, &requeue, TaskEventKind::Updated)
+            .await?;
         let failed_tasks = self.write_in(&txn, &fail, TaskEventKind::Updated).await?;
         txn.commit().await?;
         let (requeued, failed) = (requeued_tasks.len(), failed_tasks.len());

@@ -1,0 +1,511 @@
+//! Subscription fan-out: memory per live `taskUpdated` subscription, and the
+//! latency from a change's commit to its delivery on the websocket.
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release --example bench_fanout                 # N = 1000 and 10000, 3 runs each
+//! cargo run --release --example bench_fanout -- --subs 10000 --runs 5
+//! ```
+//!
+//! Each run starts the real server (`target/release/taskql`, or `TASKQL_BIN`)
+//! as its own process on a fresh SQLite file, so its resident memory can be
+//! read from /proc/<pid>/status. It creates N tasks for N/100 users, opens
+//! one websocket per user carrying 100 `taskUpdated` subscriptions, and
+//! waits for every snapshot; VmRSS before and after gives the memory per
+//! subscription. Then a worker completes every task with `updateTaskStatus`
+//! (`--concurrency` mutations in flight), and each delivery of COMPLETED is
+//! timed from the response of its mutation: the change is committed before
+//! the server answers, so this is commit-to-delivery less the response's trip
+//! back (a delivery that beats the response counts as 0). From the request's
+//! start to delivery, which also counts waiting for SQLite's single writer
+//! behind the other mutations in flight, is an upper bound.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Parser)]
+#[command(about = "Subscription fan-out: RSS per subscription and commit-to-delivery latency")]
+struct Args {
+    /// Numbers of live subscriptions to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 10000])]
+    subs: Vec<usize>,
+    /// Subscriptions per websocket connection.
+    #[arg(long, default_value_t = 100)]
+    per_connection: usize,
+    /// Runs per N; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Status mutations in flight during the burst.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// The server binary.
+    #[arg(long, env = "TASKQL_BIN")]
+    bin: Option<PathBuf>,
+}
+
+const SECRET: &str = "bench-fanout-secret-0123456789abcdef";
+const WATCH: &str =
+    "subscription($id: ID!) { taskUpdated(id: $id) { id status progress resultId completedAt } }";
+const UPDATE: &str =
+    "mutation($input: UpdateTaskStatusInput!) { updateTaskStatus(input: $input) { id status } }";
+const CREATE: &str = "mutation { createTask(input: {type: \"image.generate\", metadata: {prompt: \"a cat\"}}) { id } }";
+
+struct Run {
+    rss_per_sub_kib: f64,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    /// Response of the mutation to delivery of its COMPLETED, in ms.
+    after_response: Summary,
+    /// Start of the mutation's request to delivery, in ms.
+    after_request: Summary,
+    /// Deliveries that arrived before their mutation's response.
+    before_response: usize,
+    updates_per_sec: f64,
+    /// From the first subscribe to the last snapshot.
+    setup: Duration,
+}
+
+struct Summary {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn summarize(mut ms: Vec<f64>) -> Summary {
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
+    Summary {
+        p50: at(0.50),
+        p99: at(0.99),
+        max: *ms.last().unwrap_or(&0.0),
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    let bin = args
+        .bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/taskql"));
+    if !bin.is_file() {
+        return Err(format!(
+            "{} not found: run `cargo build --release` first",
+            bin.display()
+        )
+        .into());
+    }
+    println!(
+        "server {}; {} subscriptions per connection; {} mutations in flight; {} runs per N",
+        bin.display(),
+        args.per_connection,
+        args.concurrency,
+        args.runs
+    );
+    let mut table = Vec::new();
+    for &n in &args.subs {
+        let mut runs = Vec::new();
+        for run in 1..=args.runs {
+            let result = bench(&bin, n, &args).await?;
+            println!(
+                "N={n:>6} run {run}: RSS {} -> {} KiB ({:.1} KiB/sub); \
+                 response->delivery p50 {:.2} ms p99 {:.2} ms max {:.2} ms \
+                 ({} delivered before the response); request->delivery p50 {:.2} ms p99 {:.2} ms; \
+                 {:.0} updates/s; all subscribed in {:.2} s",
+                result.rss_before_kib,
+                result.rss_after_kib,
+                result.rss_per_sub_kib,
+                result.after_response.p50,
+                result.after_response.p99,
+                result.after_response.max,
+                result.before_response,
+                result.after_request.p50,
+                result.after_request.p99,
+                result.updates_per_sec,
+                result.setup.as_secs_f64(),
+            );
+            runs.push(result);
+        }
+        table.push((n, runs));
+    }
+    println!();
+    println!(
+        "| subscriptions | RSS per subscription | response→delivery p50 | p99 | request→delivery p50 | p99 | updates/s |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (n, runs) in &table {
+        let med = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        println!(
+            "| {n} | {:.1} KiB | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} |",
+            med(&|r| r.rss_per_sub_kib),
+            med(&|r| r.after_response.p50),
+            med(&|r| r.after_response.p99),
+            med(&|r| r.after_request.p50),
+            med(&|r| r.after_request.p99),
+            med(&|r| r.updates_per_sec),
+        );
+    }
+    println!("(medians of {} runs)", args.runs);
+    Ok(())
+}
+
+/// The server under test, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    ws_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(bin: &Path) -> Result<Self, BoxError> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(bin)
+            .arg("serve")
+            .env(
+                "DATABASE_URL",
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("bench.db").display()
+                ),
+            )
+            .env("TASKQL_JWT_SECRET", SECRET)
+            .env("TASKQL_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            ws_url: format!("ws://127.0.0.1:{port}/graphql/ws"),
+            _dir: dir,
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = http.get(format!("{}/readyz", server.base)).send().await
+                && response.status().is_success()
+            {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                return Err("the server did not become ready within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn rss_kib(&self) -> Result<u64, BoxError> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| "no VmRSS in /proc/<pid>/status".into())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn token(user: &str, role: Option<&str>) -> Result<String, BoxError> {
+    Ok(taskql::auth::issue_token(
+        SECRET,
+        user,
+        role,
+        Duration::from_secs(3600),
+        None,
+        None,
+    )?)
+}
+
+async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    body: &Value,
+) -> Result<Value, BoxError> {
+    let response = http
+        .post(format!("{base}/graphql"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?;
+    Ok(response.json().await?)
+}
+
+/// What the client side saw, per task index.
+struct Deliveries {
+    epoch: Instant,
+    snapshots: AtomicUsize,
+    /// Nanoseconds after `epoch` when COMPLETED arrived; 0 while not yet.
+    completed_at: Vec<AtomicU64>,
+    completed: AtomicUsize,
+    progress: Notify,
+}
+
+impl Deliveries {
+    fn since_epoch(&self) -> u64 {
+        (self.epoch.elapsed().as_nanos() as u64).max(1)
+    }
+}
+
+/// One websocket for one user, carrying a subscription per task (its id is
+/// the task's index).
+async fn open_connection(
+    ws_url: &str,
+    token: &str,
+    tasks: Vec<(usize, String)>,
+    deliveries: Arc<Deliveries>,
+) -> Result<tokio::task::JoinHandle<()>, BoxError> {
+    let mut request = ws_url.into_client_request()?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("graphql-transport-ws"),
+    );
+    let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+    let (mut sink, mut stream) = socket.split();
+    let init =
+        json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}});
+    sink.send(Message::text(init.to_string())).await?;
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(text))) if text.contains("connection_ack") => break,
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
+            other => return Err(format!("no connection_ack: {other:?}").into()),
+        }
+    }
+    for (index, id) in &tasks {
+        let subscribe = json!({
+            "id": index.to_string(),
+            "type": "subscribe",
+            "payload": {"query": WATCH, "variables": {"id": id}},
+        });
+        sink.send(Message::text(subscribe.to_string())).await?;
+    }
+    Ok(tokio::spawn(async move {
+        // Keep the sink alive (and the socket open) as long as the reader.
+        let _sink = sink;
+        while let Some(Ok(message)) = stream.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let now = deliveries.since_epoch();
+            let Ok(message) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if message["type"] != "next" {
+                continue;
+            }
+            let Some(index) = message["id"].as_str().and_then(|i| i.parse::<usize>().ok()) else {
+                continue;
+            };
+            match message["payload"]["data"]["taskUpdated"]["status"].as_str() {
+                Some("PENDING") => {
+                    deliveries.snapshots.fetch_add(1, Ordering::Relaxed);
+                    deliveries.progress.notify_one();
+                }
+                Some("COMPLETED") => {
+                    deliveries.completed_at[index].store(now, Ordering::Relaxed);
+                    deliveries.completed.fetch_add(1, Ordering::Relaxed);
+                    deliveries.progress.notify_one();
+                }
+                _ => {}
+            }
+        }
+    }))
+}
+
+async fn wait_for(
+    deliveries: &Deliveries,
+    count: impl Fn(&Deliveries) -> usize,
+    n: usize,
+    what: &str,
+) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count(deliveries) < n {
+        if Instant::now() > deadline {
+            return Err(format!("only {} of {n} {what} within 120 s", count(deliveries)).into());
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_millis(100), deliveries.progress.notified()).await;
+    }
+    Ok(())
+}
+
+async fn bench(bin: &Path, n: usize, args: &Args) -> Result<Run, BoxError> {
+    let server = Server::start(bin).await?;
+    let http = reqwest::Client::new();
+    let users = n.div_ceil(args.per_connection);
+    let worker = token("bench-worker", Some("service_role"))?;
+
+    // N tasks, per_connection of them per user, created in batches of 20.
+    let mut creations = Vec::new();
+    for user in 0..users {
+        let token = token(&format!("user-{user}"), None)?;
+        let count = args.per_connection.min(n - user * args.per_connection);
+        for start in (0..count).step_by(20) {
+            let batch = (start..count.min(start + 20))
+                .map(|_| json!({"query": CREATE}))
+                .collect::<Vec<_>>();
+            creations.push((user, token.clone(), Value::Array(batch)));
+        }
+    }
+    let created: Vec<(usize, Value)> = futures::stream::iter(creations)
+        .map(|(user, token, batch)| {
+            let http = http.clone();
+            let base = server.base.clone();
+            async move { post(&http, &base, &token, &batch).await.map(|r| (user, r)) }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let mut ids_by_user: Vec<Vec<String>> = vec![Vec::new(); users];
+    for (user, responses) in created {
+        for response in responses.as_array().ok_or("a batch response")? {
+            let id = response["data"]["createTask"]["id"]
+                .as_str()
+                .ok_or_else(|| format!("createTask failed: {response}"))?;
+            ids_by_user[user].push(id.to_owned());
+        }
+    }
+    let ids: Vec<String> = ids_by_user.iter().flatten().cloned().collect();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before_kib = server.rss_kib()?;
+
+    let deliveries = Arc::new(Deliveries {
+        epoch: Instant::now(),
+        snapshots: AtomicUsize::new(0),
+        completed_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        completed: AtomicUsize::new(0),
+        progress: Notify::new(),
+    });
+    let mut readers = Vec::new();
+    let mut index = 0;
+    let subscribing = Instant::now();
+    for (user, user_ids) in ids_by_user.iter().enumerate() {
+        let tasks: Vec<(usize, String)> = user_ids
+            .iter()
+            .map(|id| {
+                index += 1;
+                (index - 1, id.clone())
+            })
+            .collect();
+        let token = token(&format!("user-{user}"), None)?;
+        readers.push(open_connection(&server.ws_url, &token, tasks, deliveries.clone()).await?);
+    }
+    wait_for(
+        &deliveries,
+        |d| d.snapshots.load(Ordering::Relaxed),
+        n,
+        "snapshots",
+    )
+    .await?;
+    let setup = subscribing.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after_kib = server.rss_kib()?;
+
+    // The burst: a worker completes every task.
+    let started = Instant::now();
+    let responses: Vec<(usize, u64, u64)> = futures::stream::iter(ids.iter().enumerate())
+        .map(|(index, id)| {
+            let http = http.clone();
+            let base = server.base.clone();
+            let worker = worker.clone();
+            let deliveries = deliveries.clone();
+            let body = json!({
+                "query": UPDATE,
+                "variables": {"input": {"id": id, "status": "COMPLETED", "resultId": format!("concept-{index}")}},
+            });
+            async move {
+                let sent = deliveries.since_epoch();
+                let response = post(&http, &base, &worker, &body).await?;
+                let answered = deliveries.since_epoch();
+                if response["data"]["updateTaskStatus"]["status"] != "COMPLETED" {
+                    return Err(format!("updateTaskStatus failed: {response}").into());
+                }
+                Ok::<_, BoxError>((index, sent, answered))
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let burst = started.elapsed();
+    wait_for(
+        &deliveries,
+        |d| d.completed.load(Ordering::Relaxed),
+        n,
+        "completions",
+    )
+    .await?;
+
+    let mut after_response = Vec::with_capacity(n);
+    let mut after_request = Vec::with_capacity(n);
+    let mut before_response = 0;
+    for (index, sent, answered) in responses {
+        let delivered = deliveries.completed_at[index].load(Ordering::Relaxed);
+        let gap = delivered as f64 - answered as f64;
+        if gap < 0.0 {
+            before_response += 1;
+        }
+        after_response.push(gap.max(0.0) / 1e6);
+        after_request.push(delivered.saturating_sub(sent) as f64 / 1e6);
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    drop(server);
+    Ok(Run {
+        rss_per_sub_kib: (rss_after_kib as f64 - rss_before_kib as f64) / n as f64,
+        rss_before_kib,
+        rss_after_kib,
+        after_response: summarize(after_response),
+        after_request: summarize(after_request),
+        before_response,
+        updates_per_sec: n as f64 / burst.as_secs_f64(),
+        setup,
+    })
+}
