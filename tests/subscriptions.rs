@@ -905,6 +905,20 @@ async fn on_postgres_the_final_state_survives_a_lost_listener_connection() {
         );
         watches.push(watch);
     }
+    // And the whole feed of alice's changes, on A too.
+    let events_client = WsClient::connect_as(&a.ws_url, &alice).await;
+    let mut feed = events_client.subscribe(
+        "subscription { taskEvents { kind task { id status resultId } } }",
+        json!({}),
+    );
+    // The feed is live once it carries a change made now.
+    let probe = create_task(&b, &alice).await;
+    loop {
+        let event = feed.next_data().await;
+        if event["taskEvents"]["task"]["id"] == probe.as_str() {
+            break;
+        }
+    }
 
     let killed = admin
         .query_all_raw(Statement::from_string(
@@ -953,6 +967,22 @@ async fn on_postgres_the_final_state_survives_a_lost_listener_connection() {
         );
         assert_eq!(end, Event::Complete, "task {id}");
     }
+    // The feed catches up on what it missed while the listener was away:
+    // every task's COMPLETED arrives, each once.
+    let mut completed = std::collections::HashMap::new();
+    while completed.len() < ids.len() {
+        let event = feed.next_data().await;
+        let task = &event["taskEvents"]["task"];
+        if task["status"] == "COMPLETED" {
+            *completed
+                .entry(task["id"].as_str().unwrap().to_owned())
+                .or_insert(0) += 1;
+        }
+    }
+    assert!(
+        ids.iter().all(|id| completed.get(id) == Some(&1)),
+        "{completed:?}"
+    );
 }
 
 #[tokio::test]

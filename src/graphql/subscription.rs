@@ -169,21 +169,102 @@ impl SubscriptionRoot {
         let mut shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
         let slot = take_slot(ctx)?;
         let mut events = service.events().subscribe(Topic::User(user.id.clone()));
+        let mut resyncs = service.events().resyncs();
+        let mut seen = SeenVersions::since(chrono::Utc::now());
         Ok(async_stream::stream! {
             let _slot = slot;
             loop {
-                let event = tokio::select! {
-                    event = events.recv() => event,
-                    _ = shutdown.wait_for(|down| *down) => return,
+                let step = tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(event) => Step::Event(event),
+                        // Fell behind, or the listener was away: catch up from the table.
+                        Err(RecvError::Lagged(_)) => Step::Reread,
+                        Err(RecvError::Closed) => Step::Stop,
+                    },
+                    changed = resyncs.changed() => match changed {
+                        Ok(()) => Step::Reread,
+                        Err(_) => Step::Stop,
+                    },
+                    _ = shutdown.wait_for(|down| *down) => Step::Stop,
                 };
-                match event {
-                    Ok(event) => yield TaskEvent::from(event.as_ref()),
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(user = %user.id, missed, "a taskEvents subscriber fell behind");
+                match step {
+                    Step::Stop => return,
+                    Step::Event(event) => {
+                        if seen.is_new(&event) {
+                            yield TaskEvent::from(event.as_ref());
+                        }
                     }
-                    Err(RecvError::Closed) => return,
+                    Step::Reread => {
+                        // A little before the newest change seen (clocks of
+                        // instances differ), but nothing from before this
+                        // subscription began.
+                        let from = (seen.newest - chrono::Duration::seconds(5)).max(seen.started);
+                        match service.get_tasks_changed_since(&user, from, CATCH_UP_LIMIT).await {
+                            Ok(tasks) => {
+                                for task in tasks {
+                                    let kind = if task.version == 1 {
+                                        TaskEventKind::Created
+                                    } else {
+                                        TaskEventKind::Updated
+                                    };
+                                    let event = crate::events::TaskEvent { kind, task };
+                                    if seen.is_new(&event) {
+                                        yield TaskEvent::from(&event);
+                                    }
+                                }
+                            }
+                            Err(err) => {
+                                tracing::warn!(user = %user.id, error = %err, "taskEvents could not catch up");
+                            }
+                        }
+                    }
                 }
             }
         })
+    }
+}
+
+/// Changes a `taskEvents` catch-up replays at most.
+const CATCH_UP_LIMIT: u64 = 1000;
+/// Tasks whose last version a `taskEvents` stream remembers.
+const SEEN_CAPACITY: usize = 10_000;
+
+/// The last version a `taskEvents` stream sent per task, so a catch-up never
+/// repeats a change the stream already sent.
+struct SeenVersions {
+    versions: std::collections::HashMap<uuid::Uuid, i64>,
+    started: chrono::DateTime<chrono::Utc>,
+    newest: chrono::DateTime<chrono::Utc>,
+}
+
+impl SeenVersions {
+    fn since(start: chrono::DateTime<chrono::Utc>) -> Self {
+        Self {
+            versions: Default::default(),
+            started: start,
+            newest: start,
+        }
+    }
+
+    fn is_new(&mut self, event: &crate::events::TaskEvent) -> bool {
+        let task = &event.task;
+        if event.kind == TaskEventKind::Deleted {
+            self.versions.remove(&task.id);
+            return true;
+        }
+        if self
+            .versions
+            .get(&task.id)
+            .is_some_and(|&v| v >= task.version)
+        {
+            return false;
+        }
+        if self.versions.len() >= SEEN_CAPACITY {
+            // Forgetting risks a repeated change after a catch-up, never a lost one.
+            self.versions.clear();
+        }
+        self.versions.insert(task.id, task.version);
+        self.newest = self.newest.max(task.updated_at);
+        true
     }
 }

@@ -115,6 +115,16 @@ pub trait TaskService: Send + Sync {
         user: &CurrentUser,
     ) -> TaskResult<Option<Task>>;
 
+    /// The user's tasks changed at or after `since`, oldest change first, at
+    /// most `limit`: how a `taskEvents` stream catches up after it may have
+    /// missed events.
+    async fn get_tasks_changed_since(
+        &self,
+        user: &CurrentUser,
+        since: chrono::DateTime<chrono::Utc>,
+        limit: u64,
+    ) -> TaskResult<Vec<Task>>;
+
     async fn delete_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<bool>;
 
     async fn cancel_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;

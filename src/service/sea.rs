@@ -448,6 +448,23 @@ impl TaskService for SeaTaskService {
             .await?)
     }
 
+    #[instrument(skip_all, fields(user = %user.id))]
+    async fn get_tasks_changed_since(
+        &self,
+        user: &CurrentUser,
+        since: DateTime<Utc>,
+        limit: u64,
+    ) -> TaskResult<Vec<Task>> {
+        Ok(Tasks::find()
+            .filter(Column::UserId.eq(&user.id))
+            .filter(Column::UpdatedAt.gte(since))
+            .order_by(Column::UpdatedAt, Order::Asc)
+            .order_by(Column::Id, Order::Asc)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
     #[instrument(skip_all, fields(%task_id, user = %user.id))]
     async fn delete_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<bool> {
         let mut delete = Tasks::delete_many().filter(Column::Id.eq(task_id));
