@@ -51,6 +51,9 @@ struct Args {
 enum Mode {
     Service,
     Raw,
+    /// PostgreSQL only: the raw statements, each also sending a small NOTIFY
+    /// in the same statement, as the service does. Tells what NOTIFY costs.
+    RawNotify,
 }
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -90,15 +93,21 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
     let db = taskql::db::connect(url, 16).await?;
     taskql::db::migrate(&db).await?;
     let service = Arc::new(SeaTaskService::new(db.clone(), EventBus::new()));
-    let mut rates = [Vec::new(), Vec::new()];
+    let mut rates = [Vec::new(), Vec::new(), Vec::new()];
+    let modes: &[Mode] = if db.get_database_backend() == DatabaseBackend::Postgres {
+        &[Mode::Service, Mode::Raw, Mode::RawNotify]
+    } else {
+        &[Mode::Service, Mode::Raw]
+    };
     // One unmeasured round of each warms the pool and the statement caches.
     for rep in 0..=args.reps {
-        for mode in [Mode::Service, Mode::Raw] {
+        for &mode in modes {
             refill(&db, args.tasks).await?;
             let started = Instant::now();
             let cycles = match mode {
                 Mode::Service => run_service(&service, args.workers).await?,
-                Mode::Raw => run_raw(&db, args.workers).await?,
+                Mode::Raw => run_raw(&db, args.workers, false).await?,
+                Mode::RawNotify => run_raw(&db, args.workers, true).await?,
             };
             let elapsed = started.elapsed();
             if cycles != args.tasks || completed(&db).await? != args.tasks {
@@ -126,6 +135,17 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
         "{backend}: raw SQL      median {raw_median:>7.0} cycles/s  (runs: {})",
         show(&rates[1])
     );
+    if !rates[2].is_empty() {
+        let notify_median = median(&mut rates[2]);
+        println!(
+            "{backend}: raw + NOTIFY median {notify_median:>7.0} cycles/s  (runs: {})",
+            show(&rates[2])
+        );
+        println!(
+            "{backend}: service / (raw + NOTIFY) = {:.2}",
+            service_median / notify_median
+        );
+    }
     println!(
         "{backend}: service / raw = {:.2}",
         service_median / raw_median
@@ -275,9 +295,23 @@ impl RawSql {
 async fn run_raw(
     db: &DatabaseConnection,
     workers: usize,
+    notify: bool,
 ) -> Result<usize, Box<dyn std::error::Error>> {
     let backend = db.get_database_backend();
-    let sql = Arc::new(RawSql::for_backend(backend));
+    let mut sql = RawSql::for_backend(backend);
+    if notify {
+        let with_notice = |statement: &str| {
+            format!(
+                "WITH changed AS ({statement}) SELECT changed.* FROM changed \
+                 CROSS JOIN LATERAL (SELECT pg_notify('taskql_bench', changed.id::text)) AS notice"
+            )
+        };
+        sql = RawSql {
+            claim: with_notice(&sql.claim),
+            complete: with_notice(&sql.complete),
+        };
+    }
+    let sql = Arc::new(sql);
     let handles: Vec<_> = (0..workers)
         .map(|w| {
             let (db, sql) = (db.clone(), sql.clone());
