@@ -554,29 +554,11 @@ async fn transport_errors_have_http_statuses() {
     let response = app.http.post(&url).json(&huge).send().await.unwrap();
     assert_eq!(response.status(), 413);
 
-    let response = app
-        .http
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/healthz").await;
     assert_eq!(response.status(), 200);
-    let response = app
-        .http
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/readyz").await;
     assert_eq!(response.status(), 200);
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("taskql_http_graphql_requests_total"),
         "{metrics}"
@@ -586,12 +568,7 @@ async fn transport_errors_have_http_statuses() {
     let page = graphiql.text().await.unwrap();
     assert!(page.contains("graphiql") && page.contains("/graphql/ws"));
     // Every response carries a request id for log correlation.
-    let response = app
-        .http
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/healthz").await;
     assert!(response.headers().contains_key("x-request-id"));
 }
 
@@ -694,11 +671,6 @@ async fn database_failures_are_internal_and_say_nothing_of_the_database() {
     for leak in ["relation", "no such table", "sql", "database"] {
         assert!(!text.contains(leak), "{leak} leaked: {body}");
     }
-    let ready = app
-        .http
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), 200, "the database itself is reachable");
 }

@@ -114,6 +114,23 @@ fn start_demo(dir: &std::path::Path) -> (std::process::Child, String, String) {
     )
 }
 
+async fn graphql(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    query: &str,
+) -> serde_json::Value {
+    http.post(format!("{base}/graphql"))
+        .bearer_auth(token)
+        .json(&json!({ "query": query }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -134,16 +151,13 @@ async fn first_run_serves_sqlite_with_a_printed_token_and_keeps_its_secret() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, base, token) = start_demo(dir.path());
     let http = reqwest::Client::new();
-    let created: serde_json::Value = http
-        .post(format!("{base}/graphql"))
-        .bearer_auth(&token)
-        .json(&json!({ "query": "mutation { createTask(input: {type: \"concept.image\"}) { id status } }" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = graphql(
+        &http,
+        &base,
+        &token,
+        "mutation { createTask(input: {type: \"concept.image\"}) { id status } }",
+    )
+    .await;
     assert_eq!(
         created["data"]["createTask"]["status"], "PENDING",
         "{created}"
@@ -164,16 +178,7 @@ async fn first_run_serves_sqlite_with_a_printed_token_and_keeps_its_secret() {
     // Second run: same secret, the old token still works, the task is there.
     let (mut child, base, _) = start_demo(dir.path());
     assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
-    let listed: serde_json::Value = http
-        .post(format!("{base}/graphql"))
-        .bearer_auth(&token)
-        .json(&json!({ "query": "{ tasks { nodes { id } } }" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = graphql(&http, &base, &token, "{ tasks { nodes { id } } }").await;
     assert_eq!(
         listed["data"]["tasks"]["nodes"][0]["id"],
         created["data"]["createTask"]["id"]
@@ -194,16 +199,13 @@ async fn first_run_serves_sqlite_with_a_printed_token_and_keeps_its_secret() {
         .unwrap();
     assert!(output.status.success());
     let worker = String::from_utf8(output.stdout).unwrap().trim().to_owned();
-    let claimed: serde_json::Value = http
-        .post(format!("{base}/graphql"))
-        .bearer_auth(&worker)
-        .json(&json!({ "query": "mutation { claimTask { id status } }" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let claimed = graphql(
+        &http,
+        &base,
+        &worker,
+        "mutation { claimTask { id status } }",
+    )
+    .await;
     assert_eq!(
         claimed["data"]["claimTask"]["status"], "PROCESSING",
         "{claimed}"

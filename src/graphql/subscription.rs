@@ -3,14 +3,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_graphql::{Context, ID, Result, Subscription};
 use futures::Stream;
-use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{Semaphore, watch};
 
 use super::types::{Task, TaskEvent};
 use super::{Shutdown, caller, gql, service, task_id};
 use crate::auth::CurrentUser;
 use crate::error::{TaskError, TaskResult};
-use crate::events::{TaskEventKind, Topic};
+use crate::events::{TaskEventKind, Topic, TopicReceiver};
 use crate::service::TaskService;
 
 pub struct SubscriptionRoot;
@@ -87,8 +87,29 @@ impl StreamReads {
 
 enum Step {
     Event(Arc<crate::events::TaskEvent>),
+    /// Events may have been missed (the stream fell behind, or the listener
+    /// was away): read the current state from the table.
     Reread,
     Stop,
+}
+
+async fn next_step(
+    events: &mut TopicReceiver,
+    resyncs: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Step {
+    tokio::select! {
+        event = events.recv() => match event {
+            Ok(event) => Step::Event(event),
+            Err(RecvError::Lagged(_)) => Step::Reread,
+            Err(RecvError::Closed) => Step::Stop,
+        },
+        changed = resyncs.changed() => match changed {
+            Ok(()) => Step::Reread,
+            Err(_) => Step::Stop,
+        },
+        _ = shutdown.wait_for(|down| *down) => Step::Stop,
+    }
 }
 
 #[Subscription(name = "Subscription")]
@@ -120,19 +141,7 @@ impl SubscriptionRoot {
                 return;
             }
             loop {
-                let step = tokio::select! {
-                    event = events.recv() => match event {
-                        Ok(event) => Step::Event(event),
-                        // Fell behind: the current state is what matters.
-                        Err(RecvError::Lagged(_)) => Step::Reread,
-                        Err(RecvError::Closed) => Step::Stop,
-                    },
-                    changed = resyncs.changed() => match changed {
-                        Ok(()) => Step::Reread,
-                        Err(_) => Step::Stop,
-                    },
-                    _ = shutdown.wait_for(|down| *down) => Step::Stop,
-                };
+                let step = next_step(&mut events, &mut resyncs, &mut shutdown).await;
                 let task = match step {
                     Step::Stop => return,
                     Step::Event(event) if event.kind == TaskEventKind::Deleted => return,
@@ -174,19 +183,7 @@ impl SubscriptionRoot {
         Ok(async_stream::stream! {
             let _slot = slot;
             loop {
-                let step = tokio::select! {
-                    event = events.recv() => match event {
-                        Ok(event) => Step::Event(event),
-                        // Fell behind, or the listener was away: catch up from the table.
-                        Err(RecvError::Lagged(_)) => Step::Reread,
-                        Err(RecvError::Closed) => Step::Stop,
-                    },
-                    changed = resyncs.changed() => match changed {
-                        Ok(()) => Step::Reread,
-                        Err(_) => Step::Stop,
-                    },
-                    _ = shutdown.wait_for(|down| *down) => Step::Stop,
-                };
+                let step = next_step(&mut events, &mut resyncs, &mut shutdown).await;
                 match step {
                     Step::Stop => return,
                     Step::Event(event) => {

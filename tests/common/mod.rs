@@ -220,6 +220,15 @@ impl TestApp {
         response.json().await.expect("JSON body")
     }
 
+    /// GETs a path of the server.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// Asks the server to stop (as on SIGTERM) and waits for it.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
