@@ -8,6 +8,8 @@ use crate::error::TaskError;
 
 /// Longest `sub` accepted; it is stored with every task the user owns.
 const MAX_SUBJECT_LEN: usize = 255;
+/// Clock skew allowed on `exp`.
+pub const LEEWAY_SECS: u64 = 30;
 
 /// The authenticated caller, taken from the request, never from an argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,13 +17,24 @@ pub struct CurrentUser {
     pub id: String,
     /// A worker: claims, heartbeats and updates any task, reads any task.
     pub is_service: bool,
+    /// The token's `exp` (seconds since the epoch): a websocket outlives the
+    /// check made when it connected, so operations on it check again.
+    pub expires_at: Option<u64>,
 }
 
 impl CurrentUser {
+    /// Whether the token behind this caller has expired (with the leeway).
+    pub fn has_expired(&self) -> bool {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        self.expires_at
+            .is_some_and(|exp| now > exp.saturating_add(LEEWAY_SECS))
+    }
+
     pub fn user(id: impl Into<String>) -> Self {
         Self {
             id: id.into(),
             is_service: false,
+            expires_at: None,
         }
     }
 
@@ -29,13 +42,16 @@ impl CurrentUser {
         Self {
             id: id.into(),
             is_service: true,
+            expires_at: None,
         }
     }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
-    pub sub: String,
+    /// Required of users; a service key may lack it (Supabase's does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
@@ -52,6 +68,8 @@ pub struct Claims {
 pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
+    issuer: Option<String>,
+    audience: Option<String>,
     service_role: String,
 }
 
@@ -85,26 +103,16 @@ impl Authenticator {
         };
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms;
-        let mut required = vec!["exp", "sub"];
-        validation.leeway = 30;
-        match issuer {
-            Some(iss) => {
-                validation.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            None => validation.iss = None,
-        }
-        match audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
+        validation.leeway = LEEWAY_SECS;
+        // `iss` and `aud` are checked below, where the role is known.
+        validation.iss = None;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp"]);
         Ok(Self {
             key,
             validation,
+            issuer: issuer.map(str::to_owned),
+            audience: audience.map(str::to_owned),
             service_role: service_role.to_owned(),
         })
     }
@@ -138,15 +146,52 @@ impl Authenticator {
                 TaskError::Unauthenticated(why.into())
             })?;
         let claims = data.claims;
-        if claims.sub.is_empty() || claims.sub.len() > MAX_SUBJECT_LEN {
+        let is_service = claims.role.as_deref() == Some(self.service_role.as_str());
+        // Users' tokens must name the configured issuer and audience. A
+        // service key signed with the same key is trusted as it is:
+        // Supabase's service_role key has `iss: "supabase"` and no `aud`.
+        if !is_service {
+            if let Some(issuer) = &self.issuer
+                && claims.iss.as_deref() != Some(issuer.as_str())
+            {
+                return Err(TaskError::Unauthenticated(
+                    "the token's issuer is not accepted".into(),
+                ));
+            }
+            if let Some(audience) = &self.audience
+                && !audience_contains(claims.aud.as_ref(), audience)
+            {
+                return Err(TaskError::Unauthenticated(
+                    "the token's audience is not accepted".into(),
+                ));
+            }
+        }
+        let id = match claims.sub {
+            Some(sub) => sub,
+            None if is_service => self.service_role.clone(),
+            None => {
+                return Err(TaskError::Unauthenticated("the token has no sub".into()));
+            }
+        };
+        if id.is_empty() || id.len() > MAX_SUBJECT_LEN || id.chars().any(char::is_control) {
             return Err(TaskError::Unauthenticated(
-                "the token's sub must be 1 to 255 bytes".into(),
+                "the token's sub must be 1 to 255 bytes of printable text".into(),
             ));
         }
         Ok(CurrentUser {
-            is_service: claims.role.as_deref() == Some(self.service_role.as_str()),
-            id: claims.sub,
+            id,
+            is_service,
+            expires_at: Some(claims.exp),
         })
+    }
+}
+
+/// `aud` may be one string or a list of them.
+fn audience_contains(aud: Option<&serde_json::Value>, expected: &str) -> bool {
+    match aud {
+        Some(serde_json::Value::String(aud)) => aud == expected,
+        Some(serde_json::Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(expected)),
+        _ => false,
     }
 }
 
@@ -161,7 +206,7 @@ pub fn issue_token(
 ) -> Result<String, String> {
     let now = chrono::Utc::now().timestamp().max(0) as u64;
     let claims = Claims {
-        sub: user.to_owned(),
+        sub: Some(user.to_owned()),
         exp: now + ttl.as_secs(),
         role: Some(role.unwrap_or("authenticated").to_owned()),
         iss: issuer.map(str::to_owned),

@@ -3,6 +3,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::JwtKey;
@@ -65,7 +66,14 @@ pub struct Settings {
     #[arg(long, env = "TASKQL_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// PEM public key (RSA or EC) for RS256/ES256 tokens.
-    #[arg(long, env = "TASKQL_JWT_PUBLIC_KEY_FILE", global = true)]
+    // Parsed as any OS string so that an empty value reaches validation
+    // (clap's path parser would reject it with a message of its own).
+    #[arg(
+        long,
+        env = "TASKQL_JWT_PUBLIC_KEY_FILE",
+        global = true,
+        value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from)
+    )]
     pub jwt_public_key_file: Option<PathBuf>,
     /// Required `iss` claim.
     #[arg(long, env = "TASKQL_JWT_ISSUER", global = true)]
@@ -158,22 +166,125 @@ pub struct Config {
     pub max_subscriptions_per_connection: usize,
 }
 
-/// Parses `45s`, `15m`, `12h`, `30d` (a bare number is seconds).
-pub fn parse_duration(text: &str) -> Option<Duration> {
+/// The longest retention or token lifetime, in days (100 years).
+pub const MAX_DURATION_DAYS: u64 = 36_500;
+
+/// Why a duration cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DurationError {
+    /// Not `<digits><s|m|h|d>`, or zero.
+    Malformed,
+    /// Well-formed, but too many seconds to count.
+    TooLong,
+}
+
+/// The seconds in `45s`, `15m`, `12h`, `30d` (a bare number is seconds).
+fn duration_seconds(text: &str) -> Result<u64, DurationError> {
+    use std::num::IntErrorKind;
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => text.split_at(i),
         None => (text, "s"),
     };
-    let n: u64 = number.parse().ok()?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
+    let n: u64 = number
+        .parse()
+        .map_err(|err: std::num::ParseIntError| match err.kind() {
+            IntErrorKind::PosOverflow => DurationError::TooLong,
+            _ => DurationError::Malformed,
+        })?;
+    let per_unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(DurationError::Malformed),
     };
-    (seconds > 0).then(|| Duration::from_secs(seconds))
+    let seconds = n.checked_mul(per_unit).ok_or(DurationError::TooLong)?;
+    if seconds == 0 {
+        return Err(DurationError::Malformed);
+    }
+    // Whatever is parsed here may be added to or taken from a chrono time.
+    i64::try_from(seconds)
+        .ok()
+        .and_then(chrono::TimeDelta::try_seconds)
+        .ok_or(DurationError::TooLong)?;
+    Ok(seconds)
+}
+
+/// Parses `45s`, `15m`, `12h`, `30d` (a bare number is seconds). `None` for
+/// zero, for anything else, and for more seconds than a `chrono::Duration`
+/// holds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    duration_seconds(text).ok().map(Duration::from_secs)
+}
+
+/// Like [`parse_duration`], but at most [`MAX_DURATION_DAYS`]; the error is
+/// the problem, to follow the setting's name.
+pub fn parse_bounded_duration(text: &str) -> Result<Duration, String> {
+    match duration_seconds(text) {
+        Ok(seconds) if seconds <= MAX_DURATION_DAYS * 86_400 => Ok(Duration::from_secs(seconds)),
+        Err(DurationError::Malformed) => {
+            Err(format!("'{text}' is not a duration like 30d, 12h or 90m"))
+        }
+        Ok(_) | Err(DurationError::TooLong) => Err(format!(
+            "'{text}' is too long; at most {MAX_DURATION_DAYS}d (100 years)"
+        )),
+    }
+}
+
+/// The value of an optional setting, which when given must not be blank:
+/// an empty variable is a mistake, not a way to unset it.
+fn not_blank<'a>(
+    setting: &'static str,
+    value: Option<&'a str>,
+    hint: &str,
+) -> Result<Option<&'a str>, ConfigError> {
+    match value {
+        Some(text) if text.trim().is_empty() => {
+            Err(bad(setting, format!("is set but empty; {hint}")))
+        }
+        other => Ok(other),
+    }
+}
+
+/// A checked `DATABASE_URL`: `sqlite:…`, `postgres://…` or `postgresql://…`.
+pub fn validate_database_url(text: &str) -> Result<String, ConfigError> {
+    let url = text.trim();
+    if url.is_empty() {
+        return Err(bad(
+            "DATABASE_URL",
+            "is set but empty; unset it for sqlite://taskql.db?mode=rwc",
+        ));
+    }
+    if !url.starts_with("sqlite:")
+        && !url.starts_with("postgres://")
+        && !url.starts_with("postgresql://")
+    {
+        return Err(bad(
+            "DATABASE_URL",
+            "must start with sqlite:// or postgres://",
+        ));
+    }
+    Ok(url.to_owned())
+}
+
+/// The `RUST_LOG` filter, e.g. `info` or `taskql=debug,warn`.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(bad(
+            "RUST_LOG",
+            "is set but empty; unset it for 'info', or give a filter like info or taskql=debug,warn",
+        ));
+    }
+    // tracing means to allow spaces around directives but mis-slices
+    // `a=debug, b=info`; trimming each (it splits on commas too) avoids that.
+    let directives: Vec<&str> = text.split(',').map(str::trim).collect();
+    tracing_subscriber::EnvFilter::try_new(directives.join(",")).map_err(|err| {
+        bad(
+            "RUST_LOG",
+            format!("'{text}' is not a log filter like info or taskql=debug,warn ({err})"),
+        )
+    })
 }
 
 fn parse_positive(setting: &'static str, text: &str, max: u64) -> Result<u64, ConfigError> {
@@ -205,14 +316,8 @@ impl Config {
     /// Validates every setting. With no JWT settings on SQLite, a local
     /// secret beside the database file is made (or reused).
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
-        let url = settings.database_url.trim().to_owned();
+        let url = validate_database_url(&settings.database_url)?;
         let is_sqlite = url.starts_with("sqlite:");
-        if !is_sqlite && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
-            return Err(bad(
-                "DATABASE_URL",
-                "must start with sqlite:// or postgres://",
-            ));
-        }
         let listen: SocketAddr = settings.listen.trim().parse().map_err(|_| {
             bad(
                 "TASKQL_LISTEN",
@@ -222,9 +327,32 @@ impl Config {
                 ),
             )
         })?;
-        let secret = settings.jwt_secret.as_deref().filter(|s| !s.is_empty());
+        let secret = not_blank(
+            "TASKQL_JWT_SECRET",
+            settings.jwt_secret.as_deref(),
+            "give one of at least 16 bytes, or unset it (on SQLite a local secret is then made)",
+        )?;
+        let public_key_file = settings.jwt_public_key_file.as_deref();
+        if public_key_file.is_some_and(|path| path.to_string_lossy().trim().is_empty()) {
+            return Err(bad(
+                "TASKQL_JWT_PUBLIC_KEY_FILE",
+                "is set but empty; unset it, or give the path of a PEM public key",
+            ));
+        }
+        let jwt_issuer = not_blank(
+            "TASKQL_JWT_ISSUER",
+            settings.jwt_issuer.as_deref(),
+            "give the required `iss`, or unset it to accept any",
+        )?
+        .map(str::to_owned);
+        let jwt_audience = not_blank(
+            "TASKQL_JWT_AUDIENCE",
+            settings.jwt_audience.as_deref(),
+            "give the required `aud`, or unset it to accept any",
+        )?
+        .map(str::to_owned);
         let mut local_secret_file = None;
-        let jwt_key = match (secret, &settings.jwt_public_key_file) {
+        let jwt_key = match (secret, public_key_file) {
             (Some(_), Some(_)) => {
                 return Err(bad(
                     "TASKQL_JWT_SECRET",
@@ -276,12 +404,9 @@ impl Config {
             parse_positive("TASKQL_MAX_ATTEMPTS", &settings.max_attempts, 1000)? as i32;
         let retention = match settings.retention.as_deref().map(str::trim) {
             None | Some("") | Some("off") => None,
-            Some(text) => Some(parse_duration(text).ok_or_else(|| {
-                bad(
-                    "TASKQL_RETENTION",
-                    format!("'{text}' is not a duration like 30d, 12h or 90m"),
-                )
-            })?),
+            Some(text) => Some(
+                parse_bounded_duration(text).map_err(|problem| bad("TASKQL_RETENTION", problem))?,
+            ),
         };
         let db_max_connections = parse_positive(
             "TASKQL_DB_MAX_CONNECTIONS",
@@ -298,8 +423,8 @@ impl Config {
             listen,
             jwt_key,
             local_secret_file,
-            jwt_issuer: settings.jwt_issuer.clone().filter(|s| !s.is_empty()),
-            jwt_audience: settings.jwt_audience.clone().filter(|s| !s.is_empty()),
+            jwt_issuer,
+            jwt_audience,
             service_role,
             max_attempts,
             retention,
@@ -343,6 +468,142 @@ mod tests {
     }
 
     #[test]
+    fn durations_beyond_chrono_are_rejected() {
+        // chrono::Duration holds at most i64::MAX milliseconds.
+        let max = i64::MAX as u64 / 1000;
+        assert_eq!(
+            parse_duration(&max.to_string()),
+            Some(Duration::from_secs(max))
+        );
+        for huge in [
+            (max + 1).to_string(),
+            u64::MAX.to_string(),
+            "99999999999999999999d".into(),
+            "100000000000000d".into(),
+            "3000000000000000h".into(),
+        ] {
+            assert_eq!(parse_duration(&huge), None, "{huge}");
+            let problem = parse_bounded_duration(&huge).expect_err(&huge);
+            assert!(problem.contains("too long"), "{huge}: {problem}");
+        }
+    }
+
+    #[test]
+    fn bounded_durations_stop_at_100_years() {
+        assert_eq!(
+            parse_bounded_duration("36500d"),
+            Ok(Duration::from_secs(36_500 * 86_400))
+        );
+        assert_eq!(
+            parse_bounded_duration("12h"),
+            Ok(Duration::from_secs(43_200))
+        );
+        // Within chrono's range, but not a sensible retention or lifetime.
+        assert!(parse_duration("100000000d").is_some());
+        for long in ["36501d", "876001h", "100000000d"] {
+            let problem = parse_bounded_duration(long).expect_err(long);
+            assert_eq!(
+                problem,
+                format!("'{long}' is too long; at most 36500d (100 years)")
+            );
+        }
+        for bad in ["", "0s", "forever", "1.5h"] {
+            let problem = parse_bounded_duration(bad).expect_err(bad);
+            assert!(problem.contains("is not a duration"), "{bad}: {problem}");
+        }
+    }
+
+    #[test]
+    fn empty_settings_are_errors_not_unset() {
+        let base = Settings {
+            jwt_secret: Some("0123456789abcdef0123456789abcdef".into()),
+            ..Settings::default()
+        };
+        let cases: Vec<(Settings, &str)> = vec![
+            (
+                // Not a cue to make a local secret on SQLite.
+                Settings {
+                    jwt_secret: Some(String::new()),
+                    ..base.clone()
+                },
+                "TASKQL_JWT_SECRET",
+            ),
+            (
+                Settings {
+                    jwt_secret: Some("  ".into()),
+                    ..base.clone()
+                },
+                "TASKQL_JWT_SECRET",
+            ),
+            (
+                Settings {
+                    jwt_issuer: Some(String::new()),
+                    ..base.clone()
+                },
+                "TASKQL_JWT_ISSUER",
+            ),
+            (
+                Settings {
+                    jwt_audience: Some(String::new()),
+                    ..base.clone()
+                },
+                "TASKQL_JWT_AUDIENCE",
+            ),
+            (
+                Settings {
+                    jwt_secret: None,
+                    jwt_public_key_file: Some(PathBuf::new()),
+                    ..base.clone()
+                },
+                "TASKQL_JWT_PUBLIC_KEY_FILE",
+            ),
+            (
+                Settings {
+                    database_url: String::new(),
+                    ..base.clone()
+                },
+                "DATABASE_URL",
+            ),
+        ];
+        for (settings, name) in cases {
+            let err = Config::from_settings(&settings).expect_err(name);
+            assert_eq!(err.setting, name);
+            assert!(err.problem.starts_with("is set but empty"), "{err}");
+        }
+        assert_eq!(
+            validate_database_url(" ").unwrap_err().setting,
+            "DATABASE_URL"
+        );
+        // Given, they are kept.
+        let config = Config::from_settings(&Settings {
+            jwt_issuer: Some("https://issuer".into()),
+            jwt_audience: Some("authenticated".into()),
+            ..base
+        })
+        .unwrap();
+        assert_eq!(config.jwt_issuer.as_deref(), Some("https://issuer"));
+        assert_eq!(config.jwt_audience.as_deref(), Some("authenticated"));
+    }
+
+    #[test]
+    fn log_filters_are_checked() {
+        for good in [
+            "info",
+            "warn",
+            "taskql=debug,warn",
+            "warn,taskql::service=trace",
+            "taskql=debug, tower_http=info",
+        ] {
+            assert!(log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["info,[bad", "taskql=loud", "", "  "] {
+            let err = log_filter(bad).expect_err(bad);
+            assert_eq!(err.setting, "RUST_LOG");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
     fn bad_settings_name_themselves() {
         let base = Settings {
             jwt_secret: Some("0123456789abcdef0123456789abcdef".into()),
@@ -378,6 +639,14 @@ mod tests {
                 "TASKQL_RETENTION",
             ),
             (
+                // Would overflow taking it from now in the retention task.
+                Settings {
+                    retention: Some("100000000d".into()),
+                    ..base.clone()
+                },
+                "TASKQL_RETENTION",
+            ),
+            (
                 Settings {
                     jwt_secret: Some("short".into()),
                     ..base.clone()
@@ -407,5 +676,14 @@ mod tests {
             assert!(err.to_string().starts_with(name));
         }
         assert!(Config::from_settings(&base).is_ok());
+        let longest = Config::from_settings(&Settings {
+            retention: Some("36500d".into()),
+            ..base
+        })
+        .unwrap();
+        assert_eq!(
+            longest.retention,
+            Some(Duration::from_secs(36_500 * 86_400))
+        );
     }
 }

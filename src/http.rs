@@ -301,12 +301,19 @@ async fn serve_socket(state: Arc<HttpState>, socket: WebSocket, protocol: GraphQ
         active: Default::default(),
         limit: state.max_subscriptions_per_connection,
     };
+    // The token's `exp` (0: none yet): the socket closes when it passes.
+    let expires_at = Arc::new(AtomicU64::new(0));
     let on_init = {
         let initialized = initialized.clone();
+        let expires_at = expires_at.clone();
         move |payload: serde_json::Value| async move {
             initialized.store(true, Ordering::Relaxed);
+            let caller = caller_from_init(&auth, &payload);
+            if let Caller::Authenticated(user) = &caller {
+                expires_at.store(user.expires_at.unwrap_or(0), Ordering::Relaxed);
+            }
             let mut data = Data::default();
-            data.insert(caller_from_init(&auth, &payload));
+            data.insert(caller);
             data.insert(counter);
             Ok(data)
         }
@@ -333,6 +340,14 @@ async fn serve_socket(state: Arc<HttpState>, socket: WebSocket, protocol: GraphQ
                 };
                 if stopping {
                     let _ = outbox.send(close(1001, "server shutting down")).await;
+                    return;
+                }
+                let exp = expires_at.load(Ordering::Relaxed);
+                let now = chrono::Utc::now().timestamp().max(0) as u64;
+                if exp != 0 && now > exp.saturating_add(crate::auth::LEEWAY_SECS) {
+                    let _ = outbox
+                        .send(close(4403, "Forbidden: the token has expired"))
+                        .await;
                     return;
                 }
                 if !initialized.load(Ordering::Relaxed)

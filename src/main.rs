@@ -2,22 +2,13 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use taskql::config::{Cli, Command, Config, parse_duration};
+use taskql::config::{
+    Cli, Command, Config, log_filter, parse_bounded_duration, validate_database_url,
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing(&cli.settings.log);
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(&cli.settings).await,
-        Command::Migrate => migrate(&cli.settings).await,
-        Command::Token { user, role, ttl } => token(&cli.settings, &user, role.as_deref(), &ttl),
-        Command::Schema => {
-            print!("{}", taskql::graphql::sdl());
-            Ok(())
-        }
-    };
-    match result {
+    match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("taskql: {message}");
@@ -26,15 +17,27 @@ async fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| {
-        eprintln!("taskql: RUST_LOG: '{filter}' is not a log filter; using 'info'");
-        tracing_subscriber::EnvFilter::new("info")
-    });
+async fn run(cli: Cli) -> Result<(), String> {
+    // Checked before any subcommand runs: a bad filter is never replaced.
+    init_tracing(&cli.settings.log)?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.settings).await,
+        Command::Migrate => migrate(&cli.settings).await,
+        Command::Token { user, role, ttl } => token(&cli.settings, &user, role.as_deref(), &ttl),
+        Command::Schema => {
+            print!("{}", taskql::graphql::sdl());
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(filter: &str) -> Result<(), String> {
+    let filter = log_filter(filter).map_err(|e| e.to_string())?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    Ok(())
 }
 
 async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
@@ -80,7 +83,8 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
 }
 
 async fn migrate(settings: &taskql::config::Settings) -> Result<(), String> {
-    let db = taskql::db::connect(&settings.database_url, 2)
+    let url = validate_database_url(&settings.database_url).map_err(|e| e.to_string())?;
+    let db = taskql::db::connect(&url, 2)
         .await
         .map_err(|e| format!("DATABASE_URL: cannot open the database: {e}"))?;
     taskql::db::migrate(&db)
@@ -96,8 +100,7 @@ fn token(
     role: Option<&str>,
     ttl: &str,
 ) -> Result<(), String> {
-    let ttl = parse_duration(ttl)
-        .ok_or_else(|| format!("--ttl: '{ttl}' is not a duration like 30m, 12h or 7d"))?;
+    let ttl = parse_bounded_duration(ttl).map_err(|problem| format!("--ttl: {problem}"))?;
     if user.is_empty() || user.len() > 255 {
         return Err("--user: must be 1 to 255 bytes".into());
     }

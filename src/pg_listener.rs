@@ -6,12 +6,21 @@ use std::time::Duration;
 
 use entity::{Task, Tasks};
 use sea_orm::sqlx::postgres::PgListener;
-use sea_orm::{DatabaseConnection, EntityTrait};
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement};
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::events::{EventBus, TaskEvent, TaskEventKind};
 use crate::service::NOTIFY_CHANNEL;
+
+/// Every instance NOTIFYs a ping this often, so a healthy listener never
+/// goes long without hearing something.
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// A listener that heard nothing, not even the pings, for this long is on a
+/// dead connection (a NAT timeout, a failover) and reconnects.
+const SILENCE_LIMIT: Duration = Duration::from_secs(65);
+/// What a ping's payload starts with.
+const PING_PREFIX: &str = "{\"ping\":";
 
 /// A change as `SeaTaskService` notifies it (built in SQL, see its `notice_sql`).
 #[derive(Deserialize)]
@@ -35,6 +44,31 @@ struct Notice {
 /// it (re)connects it asks live streams to re-read, since NOTIFYs sent while
 /// it was away are gone.
 pub async fn run(url: String, db: DatabaseConnection, bus: EventBus, instance: Uuid) {
+    let pinger = async {
+        let mut ticker = tokio::time::interval(PING_EVERY);
+        loop {
+            ticker.tick().await;
+            let ping = format!("{PING_PREFIX}\"{instance}\"}}");
+            let sent = db
+                .execute_raw(Statement::from_sql_and_values(
+                    DatabaseBackend::Postgres,
+                    "SELECT pg_notify($1, $2)",
+                    [NOTIFY_CHANNEL.into(), ping.into()],
+                ))
+                .await;
+            if let Err(err) = sent {
+                tracing::warn!(error = %err, "cannot send the listener ping");
+            }
+        }
+    };
+    // Both run in this task; the listener is never interrupted to ping.
+    tokio::select! {
+        _ = pinger => {}
+        _ = listen(url, &db, &bus, instance) => {}
+    }
+}
+
+async fn listen(url: String, db: &DatabaseConnection, bus: &EventBus, instance: Uuid) {
     let mut backoff = Duration::from_millis(100);
     let mut connected_before = false;
     // Last version republished per task, so a re-read never goes out twice.
@@ -58,12 +92,23 @@ pub async fn run(url: String, db: DatabaseConnection, bus: EventBus, instance: U
         bus.request_resync();
         connected_before = true;
         loop {
-            match listener.try_recv().await {
+            // Only a connection presumed dead is interrupted here.
+            let Ok(received) = tokio::time::timeout(SILENCE_LIMIT, listener.try_recv()).await
+            else {
+                tracing::warn!(
+                    silence = ?SILENCE_LIMIT,
+                    "event listener heard nothing, not even pings; reconnecting"
+                );
+                break;
+            };
+            match received {
                 Ok(Some(notification)) => {
                     if published.len() > 100_000 {
                         published.clear();
                     }
-                    handle(notification.payload(), &db, &bus, instance, &mut published).await;
+                    if !notification.payload().starts_with(PING_PREFIX) {
+                        handle(notification.payload(), db, bus, instance, &mut published).await;
+                    }
                 }
                 Ok(None) => {
                     tracing::warn!("event listener lost its connection");
@@ -78,8 +123,16 @@ pub async fn run(url: String, db: DatabaseConnection, bus: EventBus, instance: U
     }
 }
 
+/// How the listener's connection shows in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "taskql-listener";
+
 async fn connect(url: &str) -> Result<PgListener, sea_orm::sqlx::Error> {
-    let mut listener = PgListener::connect(url).await?;
+    use sea_orm::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    let options: PgConnectOptions = url.parse()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options.application_name(APPLICATION_NAME));
+    let mut listener = PgListener::connect_with(&pool).await?;
     listener.ignore_pool_close_event(true);
     listener.listen(NOTIFY_CHANNEL).await?;
     Ok(listener)

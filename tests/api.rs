@@ -421,6 +421,37 @@ async fn supabase_shaped_and_asymmetric_tokens_work() {
         assert_eq!(error_code(&body), Some("UNAUTHENTICATED"), "{claims}");
     }
 
+    // Supabase's service_role key: no sub, no aud, `iss: "supabase"`. A worker.
+    let service_key = sign(
+        json!({ "iss": "supabase", "ref": "example", "role": "service_role", "iat": now(), "exp": now() + 3600 }),
+        &key,
+        Algorithm::HS256,
+    );
+    let body = app
+        .gql(
+            Some(&service_key),
+            "mutation { claimTask { status } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(body["data"]["claimTask"]["status"], "PROCESSING", "{body}");
+    // Without the service role, a token with no sub is refused.
+    let anon = sign(
+        json!({ "iss": issuer, "aud": "authenticated", "role": "anon", "exp": now() + 3600 }),
+        &key,
+        Algorithm::HS256,
+    );
+    let body = app
+        .gql(Some(&anon), "query { tasks { nodes { id } } }", json!({}))
+        .await;
+    assert_eq!(error_code(&body), Some("UNAUTHENTICATED"), "{body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no sub")
+    );
+
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     for (public, private, alg) in [
         ("rs256-public.pem", "rs256-private.pem", Algorithm::RS256),
@@ -498,6 +529,14 @@ async fn bad_input_gets_bad_user_input() {
         (
             "query { tasks(after: \"garbage\") { nodes { id } } }",
             "not a cursor",
+        ),
+        (
+            "query { tasks(type: \"a\\u0000b\") { nodes { id } } }",
+            "type may contain only",
+        ),
+        (
+            "mutation { createTask(input: {type: \"x\", metadata: {a: \"x\\u0000y\"}}) { id } }",
+            "NUL",
         ),
     ];
     for (query, message) in cases {

@@ -23,6 +23,8 @@ fn taskql(dir: &std::path::Path) -> Command {
         "TASKQL_SERVICE_ROLE",
         "TASKQL_MAX_ATTEMPTS",
         "TASKQL_RETENTION",
+        "TASKQL_DB_MAX_CONNECTIONS",
+        "TASKQL_MAX_SUBSCRIPTIONS_PER_CONNECTION",
     ] {
         command.env_remove(var);
     }
@@ -39,6 +41,48 @@ fn schema_subcommand_prints_the_sdl() {
         String::from_utf8(output.stdout).unwrap(),
         taskql::graphql::sdl()
     );
+}
+
+/// Runs `command` to its end, or fails the test if it is still running
+/// after 30 s (a setting that should have stopped it was accepted).
+fn output_of(command: &mut Command) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..300 {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().ok();
+    let output = child.wait_with_output().unwrap();
+    panic!(
+        "still running after 30 s: {:?}\n{}",
+        command,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Asserts that `output` is a failure whose stderr has exactly one
+/// `taskql:` line, naming `name`, and that nothing went to stdout.
+fn assert_one_line_naming(output: &std::process::Output, name: &str) -> String {
+    assert!(!output.status.success(), "{name} accepted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.starts_with("taskql:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{name}: {stderr}");
+    assert!(lines[0].contains(name), "{name}: {stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "{name}: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    lines[0].to_owned()
 }
 
 #[test]
@@ -58,6 +102,8 @@ fn bad_settings_stop_start_up_with_a_line_naming_them() {
             "TASKQL_JWT_PUBLIC_KEY_FILE",
         ),
         (&[("TASKQL_JWT_SECRET", "short")], "TASKQL_JWT_SECRET"),
+        (&[("TASKQL_RETENTION", "100000000d")], "TASKQL_RETENTION"),
+        (&[("RUST_LOG", "info,[bad")], "RUST_LOG"),
     ];
     for (env, name) in cases {
         let mut command = taskql(dir.path());
@@ -65,15 +111,7 @@ fn bad_settings_stop_start_up_with_a_line_naming_them() {
         for (key, value) in *env {
             command.env(key, value);
         }
-        let output = command.output().unwrap();
-        assert!(!output.status.success(), "{name} accepted");
-        let stderr = String::from_utf8(output.stderr).unwrap();
-        let lines: Vec<_> = stderr
-            .lines()
-            .filter(|l| l.starts_with("taskql:"))
-            .collect();
-        assert_eq!(lines.len(), 1, "{stderr}");
-        assert!(lines[0].contains(name), "{name}: {stderr}");
+        assert_one_line_naming(&output_of(&mut command), name);
     }
     // A flag works like its variable.
     let output = taskql(dir.path())
@@ -273,4 +311,106 @@ async fn sigterm_lets_in_flight_requests_finish() {
     .await
     .unwrap();
     assert_eq!(common::count_rows(&db).await, answered as i64);
+}
+
+#[test]
+fn empty_settings_stop_start_up_instead_of_counting_as_unset() {
+    for name in [
+        "TASKQL_JWT_SECRET",
+        "TASKQL_JWT_ISSUER",
+        "TASKQL_JWT_AUDIENCE",
+        "TASKQL_JWT_PUBLIC_KEY_FILE",
+        "DATABASE_URL",
+        "RUST_LOG",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_of(
+            taskql(dir.path())
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .env(name, ""),
+        );
+        let line = assert_one_line_naming(&output, name);
+        assert!(line.contains("is set but empty"), "{line}");
+        // In particular an empty secret neither makes a local secret nor
+        // prints a token.
+        let made: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(made.is_empty(), "{name}: {made:?}");
+    }
+}
+
+#[test]
+fn a_malformed_log_filter_stops_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let subcommands: &[&[&str]] = &[
+        &[],
+        &["serve"],
+        &["migrate"],
+        &["schema"],
+        &["token", "--user", "u"],
+    ];
+    for filter in ["info,[bad", "taskql=loud"] {
+        for args in subcommands {
+            let output = output_of(
+                taskql(dir.path())
+                    .args(*args)
+                    .env("TASKQL_LISTEN", "127.0.0.1:0")
+                    .env("RUST_LOG", filter),
+            );
+            let line = assert_one_line_naming(&output, "RUST_LOG");
+            assert!(line.contains(filter), "{args:?}: {line}");
+        }
+    }
+    // The flag is checked the same way.
+    let output = output_of(taskql(dir.path()).args(["schema", "--log", "[x"]));
+    assert_one_line_naming(&output, "RUST_LOG");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // Well-formed filters work.
+    for filter in ["info", "warn", "taskql=debug,warn", "taskql=debug, warn"] {
+        let output = output_of(taskql(dir.path()).arg("schema").env("RUST_LOG", filter));
+        assert!(output.status.success(), "{filter}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("taskql:"), "{filter}: {stderr}");
+    }
+    let output = output_of(taskql(dir.path()).arg("schema").env_remove("RUST_LOG"));
+    assert!(output.status.success());
+}
+
+#[test]
+fn token_ttl_is_at_most_100_years() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = |ttl: &str| {
+        output_of(
+            taskql(dir.path())
+                .args(["token", "--user", "u", "--ttl", ttl])
+                .env("TASKQL_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        )
+    };
+    for huge in [
+        "36501d",
+        "100000000d",
+        "99999999999999999999d",
+        "18446744073709551615",
+    ] {
+        let line = assert_one_line_naming(&token(huge), "--ttl");
+        assert!(line.contains("too long"), "{line}");
+    }
+    let line = assert_one_line_naming(&token("soon"), "--ttl");
+    assert!(line.contains("not a duration"), "{line}");
+
+    // The longest allowed: exp is 100 years after iat.
+    let output = token("36500d");
+    assert!(output.status.success(), "{output:?}");
+    let jwt = String::from_utf8(output.stdout).unwrap();
+    let payload = jwt.trim().split('.').nth(1).unwrap();
+    use base64::Engine as _;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        36_500 * 86_400
+    );
 }

@@ -610,3 +610,69 @@ async fn migrations_are_idempotent() {
     assert!(outcome.is_err(), "the CHECK refuses an unknown status");
     let _ = Arc::clone(&service);
 }
+
+#[tokio::test]
+async fn processing_outside_a_claim_takes_a_lease_and_is_never_stuck() {
+    let test = TestDb::new().await;
+    let (service, db) = test.service().await;
+    let task = service
+        .create_task(&alice(), create("legacy"))
+        .await
+        .unwrap();
+    let started = service
+        .update_task_status(StatusUpdate::new(task.id, TaskStatus::Processing))
+        .await
+        .unwrap();
+    assert_eq!(started.attempts, 1, "it counts as a claim");
+    assert!(started.lease_expires_at.is_some(), "it holds a lease");
+
+    // Its worker goes quiet: the lease runs out and the reaper returns it.
+    use sea_orm::{ActiveModelTrait, IntoActiveModel, Set};
+    let mut expired = started.clone().into_active_model();
+    expired.lease_expires_at = Set(Some(chrono::Utc::now() - chrono::Duration::seconds(5)));
+    expired.update(&db).await.unwrap();
+    let reaped = service.reap_expired_leases(3).await.unwrap();
+    assert_eq!(reaped.requeued, 1);
+    let requeued = service.get_task(task.id, &alice()).await.unwrap();
+    assert_eq!(
+        (requeued.status, requeued.attempts),
+        (TaskStatus::Pending, 1)
+    );
+
+    // The quiet worker's late, fenced progress report does not take it back.
+    let mut late = StatusUpdate::new(task.id, TaskStatus::Processing);
+    late.expected_attempt = Some(1);
+    late.progress = Some(50);
+    assert!(matches!(
+        service.update_task_status(late).await,
+        Err(TaskError::Conflict(message)) if message.contains("went back to PENDING")
+    ));
+    let claimed = service
+        .claim_task(taskql::service::ClaimRequest::default())
+        .await
+        .unwrap()
+        .expect("the task can be claimed again");
+    assert_eq!((claimed.id, claimed.attempts), (task.id, 2));
+}
+
+#[tokio::test]
+async fn workers_list_every_users_tasks() {
+    let test = TestDb::new().await;
+    let (service, _db) = test.service().await;
+    new_task(service.as_ref(), &alice(), "a").await;
+    new_task(service.as_ref(), &bob(), "b").await;
+    let page = service
+        .get_tasks_by_user(&worker(), TaskFilter::default(), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(page.edges.len(), 2);
+    let repeated = TaskFilter {
+        statuses: vec![TaskStatus::Pending; 70_000],
+        task_type: None,
+    };
+    let page = service
+        .get_tasks_by_user(&alice(), repeated, 10, None)
+        .await
+        .expect("a long repeated status list is fine");
+    assert_eq!(page.edges.len(), 1);
+}

@@ -756,13 +756,13 @@ async fn admin(database: &TestDb) -> DatabaseConnection {
         .expect("admin connection")
 }
 
-/// Backends of this database that LISTEN for task events.
+/// Backends of this database that LISTEN for task events (by the name they connect with).
 async fn listener_pids(admin: &DatabaseConnection) -> Vec<i32> {
     admin
         .query_all_raw(Statement::from_string(
             admin.get_database_backend(),
             "SELECT pid FROM pg_stat_activity \
-             WHERE datname = current_database() AND query ILIKE 'LISTEN%' \
+             WHERE datname = current_database() AND application_name = 'taskql-listener' \
              AND pid <> pg_backend_pid()",
         ))
         .await
@@ -924,8 +924,8 @@ async fn on_postgres_the_final_state_survives_a_lost_listener_connection() {
         .query_all_raw(Statement::from_string(
             admin.get_database_backend(),
             "SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity \
-             WHERE datname = current_database() AND query ILIKE '%LISTEN%' \
-             AND query NOT ILIKE '%pg_stat_activity%' AND pid <> pg_backend_pid()",
+             WHERE datname = current_database() AND application_name = 'taskql-listener' \
+             AND pid <> pg_backend_pid()",
         ))
         .await
         .expect("terminate the listeners");
@@ -1041,4 +1041,30 @@ async fn on_postgres_a_task_with_large_metadata_crosses_instances_whole() {
         [("PROCESSING", &Value::Null), ("COMPLETED", &json!("big"))]
     );
     assert_eq!(end, Event::Complete);
+}
+
+#[tokio::test]
+async fn a_socket_closes_when_its_token_expires() {
+    let app = spawn_app().await;
+    let alice = app.user_token("alice");
+    let id = create_task(&app, &alice).await;
+    // Still valid within the 30 s leeway for about two more seconds.
+    let now = chrono::Utc::now().timestamp();
+    let expiring = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": "alice", "exp": now - 28 }),
+        &jsonwebtoken::EncodingKey::from_secret(common::TEST_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut client = WsClient::connect_as(&app.ws_url, &expiring).await;
+    let mut watch = client.subscribe(WATCH, json!({ "id": id }));
+    assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");
+    let (code, reason) = client.closed(DEADLINE).await;
+    assert_eq!(code, Some(4403), "closed for the expired token: {reason}");
+    assert!(reason.contains("expired"), "{reason}");
+    let (results, _) = watch.until_end().await;
+    assert!(
+        results.is_empty(),
+        "nothing after the token expired: {results:?}"
+    );
 }

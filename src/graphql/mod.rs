@@ -79,6 +79,9 @@ pub(crate) fn service<'a>(ctx: &Context<'a>) -> &'a Arc<dyn TaskService> {
 /// The authenticated caller, or UNAUTHENTICATED.
 pub(crate) fn caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a CurrentUser> {
     match ctx.data_opt::<Caller>() {
+        Some(Caller::Authenticated(user)) if user.has_expired() => Err(gql(
+            TaskError::Unauthenticated("the token has expired; reconnect with a new one".into()),
+        )),
         Some(Caller::Authenticated(user)) => Ok(user),
         Some(Caller::Rejected(why)) => Err(gql(TaskError::Unauthenticated(why.clone()))),
         Some(Caller::Anonymous) | None => Err(gql(TaskError::Unauthenticated(

@@ -1,9 +1,9 @@
 //! The SeaORM implementation of `TaskService`, for SQLite and PostgreSQL.
 //!
 //! Every change is one conditional statement (`UPDATE … WHERE status IN
-//! (allowed) RETURNING *`), so two racing changes can never both win. It runs
-//! in a short transaction that, on PostgreSQL, also sends the NOTIFY that
-//! other instances listen for; the in-process event goes out after commit.
+//! (allowed) RETURNING *`), so two racing changes can never both win. On
+//! PostgreSQL the same statement sends the NOTIFY that other instances listen
+//! for; the in-process event goes out once it has committed.
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -113,10 +113,31 @@ fn notice_sql(instance: Uuid, kind: TaskEventKind) -> String {
               THEN jsonb_build_object('t', to_jsonb(changed), 'm', true) \
               WHEN octet_length((to_jsonb(changed) - 'metadata')::text) < {limit} \
               THEN jsonb_build_object('t', to_jsonb(changed) - 'metadata') \
-              ELSE '{{}}'::jsonb END)::text",
+              ELSE {last_resort} END)::text",
         kind = kind.as_str(),
         limit = MAX_TASK_IN_NOTICE,
+        last_resort = if kind == TaskEventKind::Deleted {
+            // The row is gone, so there is nothing to re-read: send the state
+            // without its long texts (user_id and type are short) rather than
+            // nothing, so other instances still end their watchers.
+            "jsonb_build_object('t', to_jsonb(changed) - 'metadata' - 'error_message' \
+             - 'result_id' - 'idempotency_key' - 'worker_id')"
+        } else {
+            // The listener reads the row.
+            "'{}'::jsonb"
+        },
     )
+}
+
+/// Decodes the tasks a `… RETURNING *` statement wrote.
+async fn rows_of<C: ConnectionTrait>(conn: &C, statement: Statement) -> TaskResult<Vec<Task>> {
+    conn.query_all_raw(statement)
+        .await?
+        .iter()
+        .map(|row| {
+            <Task as sea_orm::FromQueryResult>::from_query_result(row, "").map_err(TaskError::from)
+        })
+        .collect()
 }
 
 impl SeaTaskService {
@@ -140,20 +161,15 @@ impl SeaTaskService {
         self.db.get_database_backend() == DatabaseBackend::Postgres
     }
 
-    /// Runs one `INSERT`/`UPDATE`/`DELETE … RETURNING *` on `conn` and returns
-    /// the rows it wrote. On PostgreSQL the same statement also sends each
-    /// row's NOTIFY, so the change and its notice commit together in one
-    /// round trip (see `notice_sql`).
-    async fn write_in<C, S>(
+    /// The SQL of one `INSERT`/`UPDATE`/`DELETE … RETURNING *`. On
+    /// PostgreSQL the same statement also sends each row's NOTIFY, so the
+    /// change and its notice commit together in one round trip (see
+    /// `notice_sql`).
+    fn with_notice<S: sea_orm::StatementBuilder>(
         &self,
-        conn: &C,
         statement: &S,
         kind: TaskEventKind,
-    ) -> TaskResult<Vec<Task>>
-    where
-        C: ConnectionTrait,
-        S: sea_orm::StatementBuilder,
-    {
+    ) -> Statement {
         let backend = self.db.get_database_backend();
         let mut statement = backend.build(statement);
         if backend == DatabaseBackend::Postgres {
@@ -164,26 +180,46 @@ impl SeaTaskService {
                 notice_sql(self.instance_id, kind),
             );
         }
-        conn.query_all_raw(statement)
-            .await?
-            .iter()
-            .map(|row| {
-                <Task as sea_orm::FromQueryResult>::from_query_result(row, "")
-                    .map_err(TaskError::from)
-            })
-            .collect()
+        statement
     }
 
-    /// `write_in` on its own (autocommit), then publishes the rows in process.
+    /// Runs the statement on `conn` (a transaction the caller commits and
+    /// publishes) and returns the rows it wrote.
+    async fn write_in<C, S>(
+        &self,
+        conn: &C,
+        statement: &S,
+        kind: TaskEventKind,
+    ) -> TaskResult<Vec<Task>>
+    where
+        C: ConnectionTrait,
+        S: sea_orm::StatementBuilder,
+    {
+        rows_of(conn, self.with_notice(statement, kind)).await
+    }
+
+    /// Runs the statement on its own (autocommit) and publishes its rows in
+    /// process. The two run as one spawned unit: a request dropped halfway
+    /// (a client that hung up) cannot commit a change and skip its event.
     async fn write<S>(&self, statement: &S, kind: TaskEventKind) -> TaskResult<Vec<Task>>
     where
         S: sea_orm::StatementBuilder,
     {
-        let rows = self.write_in(&self.db, statement, kind).await?;
-        for task in &rows {
-            self.publish(kind, task.clone());
-        }
-        Ok(rows)
+        let statement = self.with_notice(statement, kind);
+        let db = self.db.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let rows = rows_of(&db, statement).await?;
+            for task in &rows {
+                events.publish(TaskEvent {
+                    kind,
+                    task: task.clone(),
+                });
+            }
+            Ok(rows)
+        })
+        .await
+        .map_err(|err| TaskError::Internal(format!("a write stopped unexpectedly: {err}")))?
     }
 
     /// One UPDATE … RETURNING *, published once committed.
@@ -319,10 +355,15 @@ impl TaskService for SeaTaskService {
         let at = now();
         let mut stmt = self.update_of(update.task_id);
         stmt.value(Column::Status, to.as_str());
-        stmt.and_where(
-            Expr::col(Column::Status)
-                .is_in(statuses(&[TaskStatus::Pending, TaskStatus::Processing])),
-        );
+        // A fenced PROCESSING update is a progress report on a task the worker
+        // holds: if the task went back to PENDING, its lease is gone.
+        let from: &[TaskStatus] =
+            if to == TaskStatus::Processing && update.expected_attempt.is_some() {
+                &[TaskStatus::Processing]
+            } else {
+                &[TaskStatus::Pending, TaskStatus::Processing]
+            };
+        stmt.and_where(Expr::col(Column::Status).is_in(statuses(from)));
         if let Some(expected) = update.expected_attempt {
             stmt.and_where(Expr::col(Column::Attempts).eq(expected));
         }
@@ -342,7 +383,23 @@ impl TaskService for SeaTaskService {
             _ => {}
         }
         if to == TaskStatus::Processing {
-            stmt.value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at));
+            // PENDING to PROCESSING outside claimTask is a claim all the same:
+            // it counts an attempt and takes the default lease, so the reaper
+            // returns the task if its worker goes quiet (a PROCESSING task
+            // without a lease would be stuck forever).
+            let was_pending = || Expr::col(Column::Status).eq(TaskStatus::Pending.as_str());
+            let deadline = lease_deadline(at, DEFAULT_LEASE);
+            stmt.value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at))
+                .value(
+                    Column::Attempts,
+                    Expr::case(was_pending(), Expr::col(Column::Attempts).add(1))
+                        .finally(Expr::col(Column::Attempts)),
+                )
+                .value(
+                    Column::LeaseExpiresAt,
+                    Expr::case(was_pending(), deadline)
+                        .finally(Expr::col(Column::LeaseExpiresAt).if_null(deadline)),
+                );
         } else {
             stmt.value(Column::CompletedAt, at)
                 .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
@@ -363,6 +420,15 @@ impl TaskService for SeaTaskService {
             return Err(TaskError::conflict(format!(
                 "expectedAttempt {expected} is stale: the task is on attempt {}",
                 task.attempts
+            )));
+        }
+        if let Some(expected) = update.expected_attempt
+            && task.status == TaskStatus::Pending
+            && to == TaskStatus::Processing
+        {
+            return Err(TaskError::conflict(format!(
+                "the lease of attempt {expected} expired and the task went back to PENDING; \
+                 stop working on it"
             )));
         }
         let same_result = update.result_id.is_none() || update.result_id == task.result_id;
@@ -397,11 +463,19 @@ impl TaskService for SeaTaskService {
                 "first must be between 1 and {MAX_PAGE_SIZE}, got {first}"
             )));
         }
-        let mut query = Tasks::find().filter(Column::UserId.eq(&user.id));
+        let mut query = Tasks::find();
+        if !user.is_service {
+            query = query.filter(Column::UserId.eq(&user.id));
+        }
         if !filter.statuses.is_empty() {
-            query = query.filter(Column::Status.is_in(statuses(&filter.statuses)));
+            // Five statuses at most, however often a client repeats them.
+            let mut wanted = filter.statuses.clone();
+            wanted.sort_by_key(|s| s.as_str());
+            wanted.dedup();
+            query = query.filter(Column::Status.is_in(statuses(&wanted)));
         }
         if let Some(task_type) = &filter.task_type {
+            validate::task_type(task_type)?;
             query = query.filter(Column::TaskType.eq(task_type.as_str()));
         }
         if let Some(cursor) = after {
@@ -439,8 +513,11 @@ impl TaskService for SeaTaskService {
         user: &CurrentUser,
     ) -> TaskResult<Option<Task>> {
         validate::result_id(result_id)?;
-        Ok(Tasks::find()
-            .filter(Column::UserId.eq(&user.id))
+        let mut query = Tasks::find();
+        if !user.is_service {
+            query = query.filter(Column::UserId.eq(&user.id));
+        }
+        Ok(query
             .filter(Column::ResultId.eq(result_id))
             .order_by(Column::CreatedAt, Order::Desc)
             .order_by(Column::Id, Order::Desc)

@@ -34,6 +34,11 @@ pub fn metadata(value: Option<serde_json::Value>) -> TaskResult<serde_json::Valu
     if !value.is_object() {
         return Err(TaskError::invalid("metadata must be a JSON object"));
     }
+    if contains_nul(&value) {
+        return Err(TaskError::invalid(
+            "metadata must not contain the NUL character (\\u0000) in keys or strings",
+        ));
+    }
     let size = serde_json::to_vec(&value)
         .map_err(|_| TaskError::invalid("metadata is not serializable JSON"))?
         .len();
@@ -43,6 +48,18 @@ pub fn metadata(value: Option<serde_json::Value>) -> TaskResult<serde_json::Valu
         )));
     }
     Ok(value)
+}
+
+/// PostgreSQL's jsonb cannot store U+0000; refused on every backend alike.
+fn contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || contains_nul(value)),
+        _ => false,
+    }
 }
 
 /// A short identifier-like text: 1..=max characters, no control characters.
@@ -116,5 +133,7 @@ mod tests {
         assert!(metadata(Some(serde_json::json!([1]))).is_err());
         let big = serde_json::json!({ "x": "a".repeat(MAX_METADATA_BYTES) });
         assert!(metadata(Some(big)).is_err());
+        assert!(metadata(Some(serde_json::json!({ "a": ["x\u{0}y"] }))).is_err());
+        assert!(metadata(Some(serde_json::json!({ "a\u{0}": 1 }))).is_err());
     }
 }
