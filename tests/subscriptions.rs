@@ -1068,3 +1068,54 @@ async fn a_socket_closes_when_its_token_expires() {
         "nothing after the token expired: {results:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_update_still_lets_watchers_see_the_change() {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+    let app = spawn_app().await;
+    let alice = app.user_token("alice");
+    let id = create_task(&app, &alice).await;
+    let client = WsClient::connect_as(&app.ws_url, &alice).await;
+    let mut watch = client.subscribe(WATCH, json!({ "id": id }));
+    assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");
+
+    // Another connection holds the row (a write lock on SQLite), so the
+    // update waits in the database while its client gives up.
+    let other = app.database.connect().await;
+    let blocker = other.begin().await.unwrap();
+    let uuid: uuid::Uuid = id.parse().unwrap();
+    entity::Tasks::update_many()
+        .col_expr(
+            entity::tasks::Column::Version,
+            sea_orm::prelude::Expr::col(entity::tasks::Column::Version),
+        )
+        .filter(entity::tasks::Column::Id.eq(uuid))
+        .exec(&blocker)
+        .await
+        .unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let sent = impatient
+        .post(format!("{}/graphql", app.base))
+        .bearer_auth(app.worker_token())
+        .json(&json!({
+            "query": UPDATE,
+            "variables": { "input": { "id": id, "status": "COMPLETED", "resultId": "kept" } }
+        }))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client gave up before the answer");
+    blocker.rollback().await.unwrap();
+
+    // The change committed once the row was free, and its event went out.
+    let (results, end) = watch.until_end().await;
+    let last = results.last().expect("a change arrived");
+    assert_eq!(
+        last["data"]["taskUpdated"]["status"], "COMPLETED",
+        "{results:?}"
+    );
+    assert_eq!(last["data"]["taskUpdated"]["resultId"], "kept");
+    assert_eq!(end, Event::Complete);
+}
