@@ -207,7 +207,7 @@ pub fn issue_token(
     let now = chrono::Utc::now().timestamp().max(0) as u64;
     let claims = Claims {
         sub: Some(user.to_owned()),
-        exp: now + ttl.as_secs(),
+        exp: now.saturating_add(ttl.as_secs()),
         role: Some(role.unwrap_or("authenticated").to_owned()),
         iss: issuer.map(str::to_owned),
         aud: audience.map(|a| serde_json::Value::String(a.to_owned())),

@@ -609,6 +609,31 @@ async fn transport_errors_have_http_statuses() {
     // Every response carries a request id for log correlation.
     let response = app.get("/healthz").await;
     assert!(response.headers().contains_key("x-request-id"));
+
+    // A frontend on another origin may call with its token (CORS preflight).
+    let preflight = app
+        .http
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let allowed = |name: &str| {
+        preflight
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_lowercase()
+    };
+    assert_eq!(allowed("access-control-allow-origin"), "*");
+    assert!(allowed("access-control-allow-headers").contains("authorization"));
 }
 
 #[tokio::test]

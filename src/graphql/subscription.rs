@@ -83,6 +83,47 @@ impl StreamReads {
         let _permit = self.0.acquire().await;
         service.get_task(task_id, user).await
     }
+
+    /// The user's tasks changed since `from`, page by page (a catch-up of
+    /// many thousands of streams queues here like their reads do). A failed
+    /// page is retried a few times before the catch-up gives up.
+    async fn changed_since(
+        &self,
+        service: &Arc<dyn TaskService>,
+        user: &CurrentUser,
+        mut from: chrono::DateTime<chrono::Utc>,
+    ) -> TaskResult<Vec<entity::Task>> {
+        let mut changed = Vec::new();
+        for _ in 0..CATCH_UP_PAGES {
+            let mut attempt = 0;
+            let page = loop {
+                let result = {
+                    let _permit = self.0.acquire().await;
+                    service
+                        .get_tasks_changed_since(user, from, CATCH_UP_LIMIT)
+                        .await
+                };
+                match result {
+                    Ok(page) => break page,
+                    Err(err) if attempt < 3 => {
+                        attempt += 1;
+                        tracing::warn!(user = %user.id, error = %err, attempt, "taskEvents catch-up failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                    }
+                    Err(err) => return Err(err),
+                }
+            };
+            let full = page.len() as u64 == CATCH_UP_LIMIT;
+            let next = page.last().map(|task| task.updated_at);
+            changed.extend(page);
+            match next {
+                // Pages overlap by a timestamp; the stream drops repeats by version.
+                Some(next) if full && next > from => from = next,
+                _ => break,
+            }
+        }
+        Ok(changed)
+    }
 }
 
 enum Step {
@@ -180,6 +221,7 @@ impl SubscriptionRoot {
         let mut events = service.events().subscribe(Topic::User(user.id.clone()));
         let mut resyncs = service.events().resyncs();
         let mut seen = SeenVersions::since(chrono::Utc::now());
+        let reads = ctx.data_opt::<StreamReads>().cloned().unwrap_or_default();
         Ok(async_stream::stream! {
             let _slot = slot;
             loop {
@@ -196,7 +238,7 @@ impl SubscriptionRoot {
                         // instances differ), but nothing from before this
                         // subscription began.
                         let from = (seen.newest - chrono::Duration::seconds(5)).max(seen.started);
-                        match service.get_tasks_changed_since(&user, from, CATCH_UP_LIMIT).await {
+                        match reads.changed_since(&service, &user, from).await {
                             Ok(tasks) => {
                                 for task in tasks {
                                     let kind = if task.version == 1 {
@@ -221,8 +263,10 @@ impl SubscriptionRoot {
     }
 }
 
-/// Changes a `taskEvents` catch-up replays at most.
+/// Changes one page of a `taskEvents` catch-up holds.
 const CATCH_UP_LIMIT: u64 = 1000;
+/// Pages a catch-up reads at most.
+const CATCH_UP_PAGES: usize = 20;
 /// Tasks whose last version a `taskEvents` stream remembers.
 const SEEN_CAPACITY: usize = 10_000;
 

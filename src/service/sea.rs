@@ -724,9 +724,10 @@ impl TaskService for SeaTaskService {
 
     #[instrument(skip_all)]
     async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize> {
-        let cutoff = now()
-            - chrono::Duration::from_std(older_than)
-                .map_err(|_| TaskError::invalid("retention is too long"))?;
+        let cutoff = chrono::Duration::from_std(older_than)
+            .ok()
+            .and_then(|age| now().checked_sub_signed(age))
+            .ok_or_else(|| TaskError::invalid("retention is too long"))?;
         let terminal = statuses(&[
             TaskStatus::Completed,
             TaskStatus::Failed,
