@@ -2,12 +2,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_create_tasks;
+mod m20261126_000002_index_created_at;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261126_000001_create_tasks::Migration)]
+        vec![
+            Box::new(m20261126_000001_create_tasks::Migration),
+            Box::new(m20261126_000002_index_created_at::Migration),
+        ]
     }
 }
