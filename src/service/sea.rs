@@ -153,10 +153,6 @@ impl SeaTaskService {
         self.instance_id
     }
 
-    pub fn connection(&self) -> &DatabaseConnection {
-        &self.db
-    }
-
     fn is_postgres(&self) -> bool {
         self.db.get_database_backend() == DatabaseBackend::Postgres
     }
