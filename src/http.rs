@@ -96,14 +96,19 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .layer(SetRequestIdLayer::x_request_id(UuidRequestId))
 }
 
+/// The caller an `Authorization` value makes: a bad token is rejected, never anonymous.
+fn verify(auth: &Authenticator, header: &str) -> Caller {
+    match auth.authenticate_header(header) {
+        Ok(user) => Caller::Authenticated(user),
+        Err(err) => Caller::Rejected(err.to_string()),
+    }
+}
+
 fn caller_from_headers(auth: &Authenticator, headers: &HeaderMap) -> Caller {
     match headers.get(header::AUTHORIZATION) {
         None => Caller::Anonymous,
         Some(value) => match value.to_str() {
-            Ok(value) => match auth.authenticate_header(value) {
-                Ok(user) => Caller::Authenticated(user),
-                Err(err) => Caller::Rejected(err.to_string()),
-            },
+            Ok(value) => verify(auth, value),
             Err(_) => Caller::Rejected("the Authorization header is not text".into()),
         },
     }
@@ -258,10 +263,7 @@ fn caller_from_init(auth: &Authenticator, payload: &serde_json::Value) -> Caller
     match found {
         None => Caller::Anonymous,
         Some(Err(key)) => Caller::Rejected(format!("connection_init {key} must be a string")),
-        Some(Ok(header)) => match auth.authenticate_header(&header) {
-            Ok(user) => Caller::Authenticated(user),
-            Err(err) => Caller::Rejected(err.to_string()),
-        },
+        Some(Ok(header)) => verify(auth, &header),
     }
 }
 
