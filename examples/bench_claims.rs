@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use entity::tasks::ActiveModel;
 use entity::{TaskStatus, Tasks};
-use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement, Value,
 };
@@ -171,25 +170,13 @@ async fn refill(db: &DatabaseConnection, n: usize) -> Result<(), sea_orm::DbErr>
     let models: Vec<ActiveModel> = (0..n)
         .map(|i| {
             let at = start + chrono::Duration::microseconds(i as i64);
-            ActiveModel {
-                id: Set(Uuid::now_v7()),
-                user_id: Set(format!("user-{}", i % 50)),
-                task_type: Set("concept.image".into()),
-                status: Set(TaskStatus::Pending),
-                result_id: Set(None),
-                error_message: Set(None),
-                metadata: Set(serde_json::json!({ "prompt": "a red fox", "n": i })),
-                progress: Set(None),
-                attempts: Set(0),
-                idempotency_key: Set(None),
-                worker_id: Set(None),
-                lease_expires_at: Set(None),
-                created_at: Set(at),
-                updated_at: Set(at),
-                started_at: Set(None),
-                completed_at: Set(None),
-                version: Set(1),
-            }
+            ActiveModel::pending(
+                format!("user-{}", i % 50),
+                "concept.image".into(),
+                serde_json::json!({ "prompt": "a red fox", "n": i }),
+                None,
+                at,
+            )
         })
         .collect();
     for chunk in models.chunks(500) {

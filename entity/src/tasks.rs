@@ -68,3 +68,35 @@ pub struct Model {
 pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
+
+impl ActiveModel {
+    /// A new PENDING task, as every create stores it: never claimed, version 1.
+    pub fn pending(
+        user_id: String,
+        task_type: String,
+        metadata: Json,
+        idempotency_key: Option<String>,
+        at: DateTimeUtc,
+    ) -> Self {
+        use sea_orm::ActiveValue::Set;
+        Self {
+            id: Set(Uuid::now_v7()),
+            user_id: Set(user_id),
+            task_type: Set(task_type),
+            status: Set(TaskStatus::Pending),
+            result_id: Set(None),
+            error_message: Set(None),
+            metadata: Set(metadata),
+            progress: Set(None),
+            attempts: Set(0),
+            idempotency_key: Set(idempotency_key),
+            worker_id: Set(None),
+            lease_expires_at: Set(None),
+            created_at: Set(at),
+            updated_at: Set(at),
+            started_at: Set(None),
+            completed_at: Set(None),
+            version: Set(1),
+        }
+    }
+}

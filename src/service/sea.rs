@@ -14,7 +14,7 @@ use entity::tasks::{ActiveModel, Column};
 use entity::{Task, TaskStatus, Tasks};
 use sea_orm::sea_query::{ExprTrait, LockBehavior, LockType, OnConflict, Order, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseConnection,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseConnection,
     DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement,
     TransactionTrait, prelude::Expr, sea_query::UpdateStatement,
 };
@@ -286,25 +286,13 @@ impl TaskService for SeaTaskService {
             validate::label("idempotencyKey", key, validate::MAX_KEY_LEN)?;
         }
         let at = now();
-        let model = ActiveModel {
-            id: Set(Uuid::now_v7()),
-            user_id: Set(user.id.clone()),
-            task_type: Set(new.task_type.clone()),
-            status: Set(TaskStatus::Pending),
-            result_id: Set(None),
-            error_message: Set(None),
-            metadata: Set(metadata.clone()),
-            progress: Set(None),
-            attempts: Set(0),
-            idempotency_key: Set(new.idempotency_key.clone()),
-            worker_id: Set(None),
-            lease_expires_at: Set(None),
-            created_at: Set(at),
-            updated_at: Set(at),
-            started_at: Set(None),
-            completed_at: Set(None),
-            version: Set(1),
-        };
+        let model = ActiveModel::pending(
+            user.id.clone(),
+            new.task_type.clone(),
+            metadata.clone(),
+            new.idempotency_key.clone(),
+            at,
+        );
         // With a key, the unique index decides who wins (ON CONFLICT DO
         // NOTHING returns no row); the loser reads the winner.
         let mut insert = Tasks::insert(model);
