@@ -9,8 +9,8 @@
 //!
 //! One cycle is: claim the oldest pending task under a lease, then complete it
 //! fenced by the attempt claimed. The service path adds what the raw path
-//! leaves out: a transaction around each statement, the NOTIFY on PostgreSQL,
-//! row decoding and the in-process event. Each repetition refills the table
+//! leaves out: the NOTIFY on PostgreSQL (sent by the same statement), row
+//! decoding and the in-process event. Each repetition refills the table
 //! with the same number of pending tasks; service and raw alternate, and the
 //! medians are reported.
 use std::sync::Arc;
@@ -22,8 +22,9 @@ use entity::{TaskStatus, Tasks};
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement, Value,
 };
+use taskql::auth::CurrentUser;
 use taskql::events::EventBus;
-use taskql::service::{ClaimRequest, SeaTaskService, StatusUpdate, TaskService};
+use taskql::service::{ClaimRequest, SeaTaskService, StatusUpdate, TaskService, Worker};
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
@@ -91,7 +92,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let db = taskql::db::connect(url, 16).await?;
     taskql::db::migrate(&db).await?;
-    let service = Arc::new(SeaTaskService::new(db.clone(), EventBus::new()));
+    let pool = taskql::db::Db::connect(
+        url,
+        taskql::db::PoolSettings {
+            max_connections: 16,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let service = Arc::new(SeaTaskService::new(pool, EventBus::new()));
     let mut rates = [Vec::new(), Vec::new(), Vec::new()];
     let modes: &[Mode] = if db.get_database_backend() == DatabaseBackend::Postgres {
         &[Mode::Service, Mode::Raw, Mode::RawNotify]
@@ -208,16 +217,17 @@ async fn run_service(
             let service = service.clone();
             tokio::spawn(async move {
                 let mut cycles = 0;
+                let worker = Worker::new(&CurrentUser::service(format!("bench-{w}")))?;
                 let request = ClaimRequest {
                     types: Vec::new(),
                     lease: Some(LEASE),
                     worker_id: Some(format!("bench-{w}")),
                 };
-                while let Some(task) = service.claim_task(request.clone()).await? {
+                while let Some(task) = service.claim_task(&worker, request.clone()).await? {
                     let mut done = StatusUpdate::new(task.id, TaskStatus::Completed);
                     done.result_id = Some(format!("r-{}", task.id));
                     done.expected_attempt = Some(task.attempts);
-                    service.update_task_status(done).await?;
+                    service.update_task_status(&worker, done).await?;
                     cycles += 1;
                 }
                 Ok::<usize, taskql::error::TaskError>(cycles)

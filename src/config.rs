@@ -103,6 +103,23 @@ pub struct Settings {
         global = true
     )]
     pub db_max_connections: String,
+    /// Longest wait for a database connection before a request fails with
+    /// SERVICE_UNAVAILABLE.
+    #[arg(
+        long,
+        env = "TASKQL_DB_ACQUIRE_TIMEOUT",
+        default_value = "3s",
+        global = true
+    )]
+    pub db_acquire_timeout: String,
+    /// Longest a database statement may run.
+    #[arg(
+        long,
+        env = "TASKQL_DB_STATEMENT_TIMEOUT",
+        default_value = "10s",
+        global = true
+    )]
+    pub db_statement_timeout: String,
     /// Subscriptions one websocket connection may run at once.
     #[arg(
         long,
@@ -129,6 +146,8 @@ impl Default for Settings {
             max_attempts: "3".into(),
             retention: None,
             db_max_connections: "10".into(),
+            db_acquire_timeout: "3s".into(),
+            db_statement_timeout: "10s".into(),
             max_subscriptions_per_connection: "200".into(),
             log: "info".into(),
         }
@@ -163,6 +182,8 @@ pub struct Config {
     pub max_attempts: i32,
     pub retention: Option<Duration>,
     pub db_max_connections: u32,
+    pub db_acquire_timeout: Duration,
+    pub db_statement_timeout: Duration,
     pub max_subscriptions_per_connection: usize,
 }
 
@@ -285,6 +306,25 @@ pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, ConfigErr
             format!("'{text}' is not a log filter like info or taskql=debug,warn ({err})"),
         )
     })
+}
+
+/// The longest timeout a setting may have: an hour.
+const MAX_TIMEOUT_SECS: u64 = 3600;
+
+/// A timeout like `3s`, `500ms` or `2m`, from 1 ms to an hour.
+fn parse_timeout(setting: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let trimmed = text.trim();
+    let parsed = match trimmed.strip_suffix("ms") {
+        Some(millis) => millis.parse::<u64>().ok().map(Duration::from_millis),
+        None => duration_seconds(trimmed).ok().map(Duration::from_secs),
+    };
+    match parsed {
+        Some(timeout) if !timeout.is_zero() && timeout.as_secs() <= MAX_TIMEOUT_SECS => Ok(timeout),
+        _ => Err(bad(
+            setting,
+            format!("'{text}' is not a timeout like 3s, 500ms or 2m (at most 1h)"),
+        )),
+    }
 }
 
 fn parse_positive(setting: &'static str, text: &str, max: u64) -> Result<u64, ConfigError> {
@@ -413,6 +453,12 @@ impl Config {
             &settings.db_max_connections,
             1000,
         )? as u32;
+        let db_acquire_timeout =
+            parse_timeout("TASKQL_DB_ACQUIRE_TIMEOUT", &settings.db_acquire_timeout)?;
+        let db_statement_timeout = parse_timeout(
+            "TASKQL_DB_STATEMENT_TIMEOUT",
+            &settings.db_statement_timeout,
+        )?;
         let max_subscriptions_per_connection = parse_positive(
             "TASKQL_MAX_SUBSCRIPTIONS_PER_CONNECTION",
             &settings.max_subscriptions_per_connection,
@@ -429,6 +475,8 @@ impl Config {
             max_attempts,
             retention,
             db_max_connections,
+            db_acquire_timeout,
+            db_statement_timeout,
             max_subscriptions_per_connection,
         };
         config.authenticator()?;
@@ -447,6 +495,15 @@ impl Config {
 
     pub fn is_postgres(&self) -> bool {
         !self.database_url.starts_with("sqlite:")
+    }
+
+    /// How the service's database connections behave.
+    pub fn pool_settings(&self) -> crate::db::PoolSettings {
+        crate::db::PoolSettings {
+            max_connections: self.db_max_connections,
+            acquire_timeout: self.db_acquire_timeout,
+            statement_timeout: self.db_statement_timeout,
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 use async_graphql::ErrorExtensions;
 
 /// Every way a taskql operation can fail. `Display` is what the client sees.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TaskError {
     #[error("task not found")]
     NotFound,
@@ -14,6 +14,10 @@ pub enum TaskError {
     Unauthenticated(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The database cannot be reached, or did not answer in time: worth
+    /// retrying later. The detail is logged, never shown.
+    #[error("the database is unavailable; try again shortly")]
+    Unavailable(String),
     /// The detail is logged, never shown: it may hold a database message.
     #[error("internal server error")]
     Internal(String),
@@ -38,6 +42,7 @@ impl TaskError {
             Self::InvalidInput(_) => "BAD_USER_INPUT",
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::Forbidden(_) => "FORBIDDEN",
+            Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL_SERVER_ERROR",
         }
     }
@@ -46,8 +51,13 @@ impl TaskError {
 impl From<sea_orm::DbErr> for TaskError {
     fn from(err: sea_orm::DbErr) -> Self {
         let detail = err.to_string();
-        tracing::error!(error = %detail, "database error");
-        Self::Internal(detail)
+        if crate::db::is_unavailable(&err) {
+            tracing::warn!(error = %detail, "database unavailable");
+            Self::Unavailable(detail)
+        } else {
+            tracing::error!(error = %detail, "database error");
+            Self::Internal(detail)
+        }
     }
 }
 

@@ -14,7 +14,6 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures::{SinkExt, StreamExt};
-use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::request_id::{
@@ -31,13 +30,15 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const MAX_BATCH: usize = 20;
 /// How long a websocket may stay open without `connection_init`.
 pub const CONNECTION_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `/readyz` waits for the database before it answers 503.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Server pings this often; a client silent for three periods is dropped.
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 
 pub struct HttpState {
     pub schema: TaskSchema,
     pub auth: Authenticator,
-    pub db: DatabaseConnection,
+    pub db: crate::db::Db,
     pub live_subscriptions: LiveSubscriptions,
     pub max_subscriptions_per_connection: usize,
     pub shutdown: watch::Receiver<bool>,
@@ -204,7 +205,7 @@ async fn graphiql_asset(axum::extract::Path(name): axum::extract::Path<String>) 
 }
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
-    match state.db.ping().await {
+    match state.db.ping(READY_TIMEOUT).await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(err) => {
             tracing::warn!(error = %err, "readiness check failed");

@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod graphql;
 pub mod http;
+pub mod pg_events;
 pub mod pg_listener;
 pub mod service;
 
@@ -17,12 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::db::Db;
 use crate::events::EventBus;
 use crate::graphql::LiveSubscriptions;
 use crate::http::{HttpState, Metrics};
@@ -47,7 +48,7 @@ pub enum StartError {
 pub struct App {
     pub router: Router,
     pub service: Arc<SeaTaskService>,
-    pub db: DatabaseConnection,
+    pub db: Db,
     shutdown: watch::Sender<bool>,
     background: Vec<JoinHandle<()>>,
 }
@@ -56,12 +57,20 @@ impl App {
     /// Connects, migrates, and starts the reaper, retention and (on
     /// PostgreSQL) the cross-instance event listener.
     pub async fn build(config: &Config) -> Result<Self, StartError> {
-        let db = db::connect(&config.database_url, config.db_max_connections)
+        // Migrations run on a SeaORM connection of their own, closed after.
+        let admin = db::connect(&config.database_url, 1)
             .await
             .map_err(|e| StartError::Database(e.to_string()))?;
-        db::migrate(&db)
+        db::migrate(&admin)
             .await
             .map_err(|e| StartError::Migration(e.to_string()))?;
+        admin
+            .close()
+            .await
+            .map_err(|e| StartError::Database(e.to_string()))?;
+        let db = Db::connect(&config.database_url, config.pool_settings())
+            .await
+            .map_err(|e| StartError::Database(e.to_string()))?;
         let events = EventBus::new();
         let service = Arc::new(SeaTaskService::new(db.clone(), events.clone()));
         let (shutdown, shutdown_rx) = watch::channel(false);

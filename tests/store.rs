@@ -45,7 +45,10 @@ async fn every_operation_on_own_tasks() {
 
     let mut update = StatusUpdate::new(task.id, TaskStatus::Processing);
     update.progress = Some(40);
-    let processing = service.update_task_status(update).await.unwrap();
+    let processing = service
+        .update_task_status(&as_worker(), update)
+        .await
+        .unwrap();
     assert_eq!(processing.status, TaskStatus::Processing);
     assert_eq!(processing.progress, Some(40));
     assert_eq!(processing.version, 2);
@@ -53,7 +56,10 @@ async fn every_operation_on_own_tasks() {
 
     let mut update = StatusUpdate::new(task.id, TaskStatus::Processing);
     update.progress = Some(70);
-    let later = service.update_task_status(update).await.unwrap();
+    let later = service
+        .update_task_status(&as_worker(), update)
+        .await
+        .unwrap();
     assert_eq!(
         later.started_at,
         Some(started),
@@ -63,7 +69,10 @@ async fn every_operation_on_own_tasks() {
 
     let mut update = StatusUpdate::new(task.id, TaskStatus::Completed);
     update.result_id = Some("concept-42".into());
-    let done = service.update_task_status(update).await.unwrap();
+    let done = service
+        .update_task_status(&as_worker(), update)
+        .await
+        .unwrap();
     assert_eq!(done.status, TaskStatus::Completed);
     assert_eq!(done.result_id.as_deref(), Some("concept-42"));
     assert_eq!(done.progress, Some(100));
@@ -128,7 +137,10 @@ async fn another_users_task_is_not_found_and_unchanged() {
         .unwrap();
     let mut update = StatusUpdate::new(task.id, TaskStatus::Completed);
     update.result_id = Some("r-1".into());
-    let task = service.update_task_status(update).await.unwrap();
+    let task = service
+        .update_task_status(&as_worker(), update)
+        .await
+        .unwrap();
     let pending = service
         .create_task(&alice(), create("report"))
         .await
@@ -202,7 +214,10 @@ async fn task_in(service: &dyn TaskService, status: TaskStatus) -> entity::Task 
             if other == TaskStatus::Failed {
                 update.error_message = Some("boom".into());
             }
-            service.update_task_status(update).await.unwrap()
+            service
+                .update_task_status(&as_worker(), update)
+                .await
+                .unwrap()
         }
     }
 }
@@ -221,7 +236,7 @@ async fn status_machine_every_pair() {
             // repeat here is not an exact repeat.
             update.result_id = (to == TaskStatus::Completed).then(|| "other".into());
             update.error_message = (to == TaskStatus::Failed).then(|| "other".into());
-            let outcome = service.update_task_status(update).await;
+            let outcome = service.update_task_status(&as_worker(), update).await;
             let stored = Tasks::find_by_id(task.id).one(&db).await.unwrap().unwrap();
             // CANCELLED has no result or error to differ by: repeating it is exact.
             let exact_repeat = from == to && to == TaskStatus::Cancelled;
@@ -258,7 +273,10 @@ async fn exact_terminal_repeat_is_a_no_op() {
         let mut again = StatusUpdate::new(task.id, status);
         again.result_id = task.result_id.clone();
         again.error_message = task.error_message.clone();
-        let repeated = service.update_task_status(again).await.unwrap();
+        let repeated = service
+            .update_task_status(&as_worker(), again)
+            .await
+            .unwrap();
         assert_eq!(repeated, task, "{status:?} repeat changed the task");
     }
 }
@@ -276,11 +294,11 @@ async fn conflicting_updates_race_exactly_one_wins() {
         let (a, b) = tokio::join!(
             tokio::spawn({
                 let s = service.clone();
-                async move { s.update_task_status(complete).await }
+                async move { s.update_task_status(&as_worker(), complete).await }
             }),
             tokio::spawn({
                 let s = service.clone();
-                async move { s.update_task_status(fail).await }
+                async move { s.update_task_status(&as_worker(), fail).await }
             }),
         );
         let (a, b) = (a.unwrap(), b.unwrap());
@@ -337,10 +355,13 @@ async fn concurrent_writers_never_see_a_locked_database() {
                 for p in [10, 50, 90] {
                     let mut u = StatusUpdate::new(task.id, TaskStatus::Processing);
                     u.progress = Some(p);
-                    s.update_task_status(u).await?;
+                    s.update_task_status(&as_worker(), u).await?;
                 }
-                s.update_task_status(StatusUpdate::new(task.id, TaskStatus::Completed))
-                    .await
+                s.update_task_status(
+                    &as_worker(),
+                    StatusUpdate::new(task.id, TaskStatus::Completed),
+                )
+                .await
             })
         })
         .collect();
@@ -423,7 +444,10 @@ async fn pagination_gives_each_task_once_newest_first() {
 
     let first_two: Vec<_> = expected_ids[..3].to_vec();
     service
-        .update_task_status(StatusUpdate::new(first_two[0], TaskStatus::Processing))
+        .update_task_status(
+            &as_worker(),
+            StatusUpdate::new(first_two[0], TaskStatus::Processing),
+        )
         .await
         .unwrap();
     service.cancel_task(first_two[1], &user).await.unwrap();
@@ -516,7 +540,7 @@ async fn bad_input_is_invalid_and_writes_nothing() {
         let label = format!("{:?}/{:?}", update.status, update.progress);
         assert!(
             matches!(
-                service.update_task_status(update).await,
+                service.update_task_status(&as_worker(), update).await,
                 Err(TaskError::InvalidInput(_))
             ),
             "{label}"
@@ -548,7 +572,10 @@ async fn bad_input_is_invalid_and_writes_nothing() {
     // An error message is made printable and cut, not refused.
     let mut fail = StatusUpdate::new(task.id, TaskStatus::Failed);
     fail.error_message = Some(format!("bad\u{0}byte {}", "x".repeat(2000)));
-    let failed = service.update_task_status(fail).await.unwrap();
+    let failed = service
+        .update_task_status(&as_worker(), fail)
+        .await
+        .unwrap();
     let message = failed.error_message.unwrap();
     assert_eq!(message.chars().count(), 1000);
     assert!(message.starts_with("bad byte"));
@@ -571,9 +598,12 @@ async fn tasks_survive_a_restart() {
         }
         let mut done = StatusUpdate::new(ids[0], TaskStatus::Completed);
         done.result_id = Some("kept".into());
-        service.update_task_status(done).await.unwrap();
+        service
+            .update_task_status(&as_worker(), done)
+            .await
+            .unwrap();
         drop(service);
-        db.close().await.unwrap();
+        db.close().await;
     }
     let (service, _db) = test.service().await;
     for id in &ids {
@@ -620,7 +650,10 @@ async fn processing_outside_a_claim_takes_a_lease_and_is_never_stuck() {
         .await
         .unwrap();
     let started = service
-        .update_task_status(StatusUpdate::new(task.id, TaskStatus::Processing))
+        .update_task_status(
+            &as_worker(),
+            StatusUpdate::new(task.id, TaskStatus::Processing),
+        )
         .await
         .unwrap();
     assert_eq!(started.attempts, 1, "it counts as a claim");
@@ -644,11 +677,11 @@ async fn processing_outside_a_claim_takes_a_lease_and_is_never_stuck() {
     late.expected_attempt = Some(1);
     late.progress = Some(50);
     assert!(matches!(
-        service.update_task_status(late).await,
+        service.update_task_status(&as_worker(), late).await,
         Err(TaskError::Conflict(message)) if message.contains("went back to PENDING")
     ));
     let claimed = service
-        .claim_task(taskql::service::ClaimRequest::default())
+        .claim_task(&as_worker(), taskql::service::ClaimRequest::default())
         .await
         .unwrap()
         .expect("the task can be claimed again");

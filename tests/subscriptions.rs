@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestApp, TestDb, alice, postgres_url_or_skip, spawn_app, spawn_app_with};
+use common::{TestApp, TestDb, alice, as_worker, postgres_url_or_skip, spawn_app, spawn_app_with};
 use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value, json};
@@ -473,7 +473,7 @@ async fn subscribing_while_the_task_completes_always_ends_with_the_final_state()
             }
             if round % 2 == 0 {
                 app.service
-                    .update_task_status(completion(task.id, &result_id))
+                    .update_task_status(&as_worker(), completion(task.id, &result_id))
                     .await
                     .expect("complete");
             } else {
@@ -561,7 +561,7 @@ async fn a_thousand_subscriptions_on_one_instance_all_see_their_task_complete() 
         let result_id = format!("concept-{}", task.id);
         async move {
             service
-                .update_task_status(completion(task.id, &result_id))
+                .update_task_status(&as_worker(), completion(task.id, &result_id))
                 .await
                 .expect("complete")
         }
@@ -821,18 +821,21 @@ async fn on_postgres_a_watcher_on_one_instance_sees_changes_made_through_another
     let mut expected = Vec::new();
     for progress in (5..100).step_by(5) {
         b.service
-            .update_task_status(StatusUpdate {
-                status: entity::TaskStatus::Processing,
-                progress: Some(progress),
-                result_id: None,
-                ..completion(task_id, "")
-            })
+            .update_task_status(
+                &as_worker(),
+                StatusUpdate {
+                    status: entity::TaskStatus::Processing,
+                    progress: Some(progress),
+                    result_id: None,
+                    ..completion(task_id, "")
+                },
+            )
             .await
             .expect("progress through B");
         expected.push(("PROCESSING".to_owned(), json!(progress), Value::Null));
     }
     b.service
-        .update_task_status(completion(task_id, "concept-b"))
+        .update_task_status(&as_worker(), completion(task_id, "concept-b"))
         .await
         .expect("complete through B");
     expected.push(("COMPLETED".to_owned(), json!(100), json!("concept-b")));

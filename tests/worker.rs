@@ -18,7 +18,7 @@ use common::*;
 use entity::tasks::Column;
 use entity::{Task, TaskStatus, Tasks};
 use sea_orm::prelude::Expr;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde_json::{Value, json};
 use taskql::auth::CurrentUser;
 use taskql::error::TaskError;
@@ -65,7 +65,7 @@ where
     }
 }
 
-async fn fetch(db: &DatabaseConnection, id: Uuid) -> Task {
+async fn fetch(db: &impl ConnectionTrait, id: Uuid) -> Task {
     Tasks::find_by_id(id)
         .one(db)
         .await
@@ -73,7 +73,7 @@ async fn fetch(db: &DatabaseConnection, id: Uuid) -> Task {
         .expect("task exists")
 }
 
-async fn all_tasks(db: &DatabaseConnection) -> Vec<Task> {
+async fn all_tasks(db: &impl ConnectionTrait) -> Vec<Task> {
     Tasks::find()
         .order_by_asc(Column::CreatedAt)
         .order_by_asc(Column::Id)
@@ -83,7 +83,7 @@ async fn all_tasks(db: &DatabaseConnection) -> Vec<Task> {
 }
 
 /// Puts the lease of `ids` in the past, as if their workers went silent long ago.
-async fn expire_leases(db: &DatabaseConnection, ids: &[Uuid]) {
+async fn expire_leases(db: &impl ConnectionTrait, ids: &[Uuid]) {
     let past = Utc::now() - chrono::Duration::minutes(5);
     Tasks::update_many()
         .col_expr(Column::LeaseExpiresAt, Expr::value(past))
@@ -186,7 +186,7 @@ fn assert_exactly_once(claims: &Claims, ids: &[Uuid]) {
 }
 
 /// Every one of `ids` is COMPLETED with the result its claimer reported.
-async fn assert_all_completed(db: &DatabaseConnection, ids: &[Uuid]) {
+async fn assert_all_completed(db: &impl ConnectionTrait, ids: &[Uuid]) {
     let tasks = all_tasks(db).await;
     assert_eq!(
         by_status(&tasks),
@@ -215,18 +215,17 @@ async fn eight_service_claimers_take_each_of_1000_tasks_exactly_once() {
                 start.wait().await;
                 let mut mine = Vec::new();
                 while let Some(task) = service
-                    .claim_task(claim_request(&format!("w{c}"), 60))
+                    .claim_task(&as_worker(), claim_request(&format!("w{c}"), 60))
                     .await
                     .expect("claim")
                 {
                     assert_eq!(task.status, TaskStatus::Processing);
                     assert_eq!(task.worker_id.as_deref(), Some(format!("w{c}").as_str()));
                     service
-                        .update_task_status(completion(
-                            task.id,
-                            task.attempts,
-                            &format!("r-{}", task.id),
-                        ))
+                        .update_task_status(
+                            &as_worker(),
+                            completion(task.id, task.attempts, &format!("r-{}", task.id)),
+                        )
                         .await
                         .expect("complete");
                     mine.push((task.id, task.attempts));
@@ -243,7 +242,7 @@ async fn eight_service_claimers_take_each_of_1000_tasks_exactly_once() {
     assert_all_completed(&db, &ids).await;
     assert!(
         service
-            .claim_task(claim_request("late", 60))
+            .claim_task(&as_worker(), claim_request("late", 60))
             .await
             .unwrap()
             .is_none()
@@ -319,7 +318,11 @@ async fn a_single_claimer_takes_the_oldest_task_first() {
     );
 
     let mut claimed = Vec::new();
-    while let Some(task) = service.claim_task(claim_request("w", 60)).await.unwrap() {
+    while let Some(task) = service
+        .claim_task(&as_worker(), claim_request("w", 60))
+        .await
+        .unwrap()
+    {
         claimed.push(task);
     }
     assert_eq!(
@@ -630,7 +633,7 @@ async fn a_completion_racing_the_reaper_leaves_the_task_completed() {
     for round in 0..50 {
         let task = new_task(service.as_ref(), &alice(), "image").await;
         let claimed = service
-            .claim_task(claim_request("w", 60))
+            .claim_task(&as_worker(), claim_request("w", 60))
             .await
             .unwrap()
             .expect("a task to claim");
@@ -643,7 +646,7 @@ async fn a_completion_racing_the_reaper_leaves_the_task_completed() {
             tokio::spawn(async move {
                 start.wait().await;
                 service
-                    .update_task_status(completion(task.id, 1, &format!("r-{round}")))
+                    .update_task_status(&as_worker(), completion(task.id, 1, &format!("r-{round}")))
                     .await
             })
         };
@@ -784,42 +787,54 @@ async fn heartbeat_through_the_service_checks_the_attempt() {
     let test = TestDb::new().await;
     let (service, db) = test.service().await;
     let task = new_task(service.as_ref(), &alice(), "image").await;
-    service.claim_task(claim_request("a", 60)).await.unwrap();
+    service
+        .claim_task(&as_worker(), claim_request("a", 60))
+        .await
+        .unwrap();
     expire_leases(&db, &[task.id]).await;
     assert_eq!(service.reap_expired_leases(3).await.unwrap().requeued, 1);
     let again = service
-        .claim_task(claim_request("b", 60))
+        .claim_task(&as_worker(), claim_request("b", 60))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(again.attempts, 2);
 
     let stale = service
-        .heartbeat_task(Heartbeat {
-            task_id: task.id,
-            progress: Some(50),
-            lease: lease(60),
-            expected_attempt: Some(1),
-        })
+        .heartbeat_task(
+            &as_worker(),
+            Heartbeat {
+                task_id: task.id,
+                progress: Some(50),
+                lease: lease(60),
+                expected_attempt: Some(1),
+            },
+        )
         .await;
     assert!(matches!(stale, Err(TaskError::Conflict(_))), "{stale:?}");
     let current = service
-        .heartbeat_task(Heartbeat {
-            task_id: task.id,
-            progress: Some(50),
-            lease: lease(60),
-            expected_attempt: Some(2),
-        })
+        .heartbeat_task(
+            &as_worker(),
+            Heartbeat {
+                task_id: task.id,
+                progress: Some(50),
+                lease: lease(60),
+                expected_attempt: Some(2),
+            },
+        )
         .await
         .unwrap();
     assert_eq!((current.progress, current.attempts), (Some(50), 2));
     let missing = service
-        .heartbeat_task(Heartbeat {
-            task_id: Uuid::now_v7(),
-            progress: None,
-            lease: None,
-            expected_attempt: None,
-        })
+        .heartbeat_task(
+            &as_worker(),
+            Heartbeat {
+                task_id: Uuid::now_v7(),
+                progress: None,
+                lease: None,
+                expected_attempt: None,
+            },
+        )
         .await;
     assert!(matches!(missing, Err(TaskError::NotFound)), "{missing:?}");
 }
@@ -897,14 +912,17 @@ async fn prune_finished_deletes_only_old_terminal_tasks_in_batches() {
                     match i % 3 {
                         0 => {
                             service
-                                .update_task_status(completion(id, 0, "r"))
+                                .update_task_status(&as_worker(), completion(id, 0, "r"))
                                 .await
                                 .unwrap();
                         }
                         1 => {
                             let mut update = StatusUpdate::new(id, TaskStatus::Failed);
                             update.error_message = Some("boom".into());
-                            service.update_task_status(update).await.unwrap();
+                            service
+                                .update_task_status(&as_worker(), update)
+                                .await
+                                .unwrap();
                         }
                         _ => {
                             service.cancel_task(id, &alice()).await.unwrap();
@@ -919,7 +937,10 @@ async fn prune_finished_deletes_only_old_terminal_tasks_in_batches() {
     }
     for &id in processing {
         let update = StatusUpdate::new(id, TaskStatus::Processing);
-        service.update_task_status(update).await.unwrap();
+        service
+            .update_task_status(&as_worker(), update)
+            .await
+            .unwrap();
     }
     // Age everything but the recent 20 by two days: created, updated and finished.
     let two_days_ago = Utc::now() - chrono::Duration::days(2);
@@ -1028,7 +1049,7 @@ async fn two_instances_reaping_one_database_requeue_each_task_once() {
         for _ in 0..N {
             let service = if round == 1 { &b.service } else { &a.service };
             service
-                .claim_task(claim_request("w", 60))
+                .claim_task(&as_worker(), claim_request("w", 60))
                 .await
                 .unwrap()
                 .expect("a task");
@@ -1074,7 +1095,7 @@ async fn two_instances_reaping_one_database_requeue_each_task_once() {
     // two background reapers running, and each task fails exactly once.
     for _ in 0..N {
         b.service
-            .claim_task(claim_request("w", 1))
+            .claim_task(&as_worker(), claim_request("w", 1))
             .await
             .unwrap()
             .expect("a task");

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::auth::CurrentUser;
 use crate::error::TaskError;
-use crate::service::TaskService;
+use crate::service::{TaskService, Worker};
 
 mod error_codes;
 mod mutation;
@@ -90,16 +90,9 @@ pub(crate) fn caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Current
     }
 }
 
-/// The caller if it is a worker (service role), else FORBIDDEN.
-pub(crate) fn worker<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a CurrentUser> {
-    let user = caller(ctx)?;
-    if user.is_service {
-        Ok(user)
-    } else {
-        Err(gql(TaskError::Forbidden(
-            "only workers (a token with the service role) may do this".into(),
-        )))
-    }
+/// The caller as a worker (service role), else FORBIDDEN.
+pub(crate) fn worker(ctx: &Context<'_>) -> async_graphql::Result<Worker> {
+    Worker::new(caller(ctx)?).map_err(gql)
 }
 
 pub(crate) fn task_id(id: &ID) -> async_graphql::Result<Uuid> {
@@ -111,12 +104,7 @@ pub(crate) fn task_id(id: &ID) -> async_graphql::Result<Uuid> {
     })
 }
 
-pub(crate) fn lease(seconds: Option<i32>) -> async_graphql::Result<Option<Duration>> {
-    match seconds {
-        None => Ok(None),
-        Some(s) if s >= 1 => Ok(Some(Duration::from_secs(s as u64))),
-        Some(s) => Err(gql(TaskError::invalid(format!(
-            "leaseSeconds must be between 1 and 3600, got {s}"
-        )))),
-    }
+/// `leaseSeconds` as a duration; the service says which are allowed.
+pub(crate) fn lease(seconds: Option<i32>) -> Option<Duration> {
+    seconds.map(|s| Duration::from_secs(s.max(0) as u64))
 }

@@ -41,7 +41,7 @@ impl MutationRoot {
         ctx: &Context<'_>,
         input: UpdateTaskStatusInput,
     ) -> Result<Task> {
-        worker(ctx)?;
+        let worker = worker(ctx)?;
         let update = StatusUpdate {
             task_id: task_id(&input.id)?,
             status: input.status.into(),
@@ -50,7 +50,10 @@ impl MutationRoot {
             progress: input.progress,
             expected_attempt: input.expected_attempt,
         };
-        let task = service(ctx).update_task_status(update).await.map_err(gql)?;
+        let task = service(ctx)
+            .update_task_status(&worker, update)
+            .await
+            .map_err(gql)?;
         Ok(task.into())
     }
 
@@ -63,13 +66,16 @@ impl MutationRoot {
         lease_seconds: Option<i32>,
         worker_id: Option<String>,
     ) -> Result<Option<Task>> {
-        let user = worker(ctx)?;
+        let worker = worker(ctx)?;
         let request = ClaimRequest {
             types: types.unwrap_or_default(),
-            lease: lease(lease_seconds)?,
-            worker_id: worker_id.or_else(|| Some(user.id.clone())),
+            lease: lease(lease_seconds),
+            worker_id,
         };
-        let task = service(ctx).claim_task(request).await.map_err(gql)?;
+        let task = service(ctx)
+            .claim_task(&worker, request)
+            .await
+            .map_err(gql)?;
         Ok(task.map(Into::into))
     }
 
@@ -85,14 +91,17 @@ impl MutationRoot {
         lease_seconds: Option<i32>,
         expected_attempt: Option<i32>,
     ) -> Result<Task> {
-        worker(ctx)?;
+        let worker = worker(ctx)?;
         let heartbeat = Heartbeat {
             task_id: task_id(&id)?,
             progress,
-            lease: lease(lease_seconds)?,
+            lease: lease(lease_seconds),
             expected_attempt,
         };
-        let task = service(ctx).heartbeat_task(heartbeat).await.map_err(gql)?;
+        let task = service(ctx)
+            .heartbeat_task(&worker, heartbeat)
+            .await
+            .map_err(gql)?;
         Ok(task.into())
     }
 }

@@ -2,7 +2,6 @@ use async_graphql::{Context, ID, Object, Result};
 
 use super::types::{Task, TaskConnection, TaskStatus};
 use super::{caller, gql, service, task_id};
-use crate::error::TaskError;
 use crate::service::{MAX_PAGE_SIZE, TaskFilter};
 
 pub struct QueryRoot;
@@ -18,7 +17,9 @@ impl QueryRoot {
     }
 
     /// Your tasks, newest first.
-    #[graphql(complexity = "(first.unwrap_or(10).clamp(1, 100) as usize) * child_complexity")]
+    #[graphql(
+        complexity = "(first.unwrap_or(10).clamp(1, MAX_PAGE_SIZE as i32) as usize) * child_complexity"
+    )]
     async fn tasks(
         &self,
         ctx: &Context<'_>,
@@ -28,12 +29,7 @@ impl QueryRoot {
         after: Option<String>,
     ) -> Result<TaskConnection> {
         let user = caller(ctx)?;
-        let first = first.unwrap_or(10);
-        if first < 1 || first as u64 > MAX_PAGE_SIZE {
-            return Err(gql(TaskError::invalid(format!(
-                "first must be between 1 and {MAX_PAGE_SIZE}, got {first}"
-            ))));
-        }
+        let first = first.unwrap_or(10).max(0) as u64;
         let filter = TaskFilter {
             statuses: status
                 .unwrap_or_default()
@@ -43,7 +39,7 @@ impl QueryRoot {
             task_type,
         };
         let page = service(ctx)
-            .get_tasks_by_user(user, filter, first as u64, after.as_deref())
+            .get_tasks_by_user(user, filter, first, after.as_deref())
             .await
             .map_err(gql)?;
         Ok(TaskConnection::new(page, after.is_some()))

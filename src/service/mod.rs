@@ -7,11 +7,10 @@ use entity::{Task, TaskStatus};
 use uuid::Uuid;
 
 use crate::auth::CurrentUser;
-use crate::error::TaskResult;
+use crate::error::{TaskError, TaskResult};
 use crate::events::EventBus;
 
 mod sea;
-pub use sea::NOTIFY_CHANNEL;
 pub mod validate;
 
 pub use sea::SeaTaskService;
@@ -22,6 +21,34 @@ pub const MAX_PAGE_SIZE: u64 = 100;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 /// Longest lease a worker may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+
+/// The right to claim tasks, report on them and move them along the status
+/// machine. Only a caller with the service role gets one, so every way into
+/// the service (GraphQL, the CLI, a test) meets the same rule.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    id: String,
+}
+
+impl Worker {
+    /// The caller as a worker, or FORBIDDEN when it lacks the service role.
+    pub fn new(caller: &CurrentUser) -> TaskResult<Self> {
+        if caller.is_service {
+            Ok(Self {
+                id: caller.id.clone(),
+            })
+        } else {
+            Err(TaskError::Forbidden(
+                "only workers (a token with the service role) may do this".into(),
+            ))
+        }
+    }
+
+    /// The worker's name, from its token: the `workerId` of its claims unless it gives one.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct NewTask {
@@ -73,6 +100,7 @@ pub struct ClaimRequest {
     /// Empty means any type.
     pub types: Vec<String>,
     pub lease: Option<Duration>,
+    /// The name the lease is held under; the worker's own when absent.
     pub worker_id: Option<String>,
 }
 
@@ -95,8 +123,8 @@ pub struct ReapOutcome {
 pub trait TaskService: Send + Sync {
     async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task>;
 
-    /// Moves a task along the status machine; the caller must be a service.
-    async fn update_task_status(&self, update: StatusUpdate) -> TaskResult<Task>;
+    /// Moves a task along the status machine.
+    async fn update_task_status(&self, worker: &Worker, update: StatusUpdate) -> TaskResult<Task>;
 
     /// A user sees only their own tasks; a service sees every task.
     async fn get_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
@@ -130,9 +158,9 @@ pub trait TaskService: Send + Sync {
     async fn cancel_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
 
     /// Takes the oldest pending task (of the given types) under a lease.
-    async fn claim_task(&self, request: ClaimRequest) -> TaskResult<Option<Task>>;
+    async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>>;
 
-    async fn heartbeat_task(&self, heartbeat: Heartbeat) -> TaskResult<Task>;
+    async fn heartbeat_task(&self, worker: &Worker, heartbeat: Heartbeat) -> TaskResult<Task>;
 
     /// Returns expired leases to pending, or fails them after `max_attempts`.
     async fn reap_expired_leases(&self, max_attempts: i32) -> TaskResult<ReapOutcome>;

@@ -3,7 +3,13 @@
 //! Every change is one conditional statement (`UPDATE … WHERE status IN
 //! (allowed) RETURNING *`), so two racing changes can never both win. On
 //! PostgreSQL the same statement sends the NOTIFY that other instances listen
-//! for; the in-process event goes out once it has committed.
+//! for (see `crate::pg_events`); the in-process event goes out once it has
+//! committed.
+//!
+//! Creates that arrive while one is being written are inserted together by
+//! the next statement: one commit (and on PostgreSQL one turn of NOTIFY's
+//! commit lock, which serializes every notifying transaction) for all of
+//! them, instead of one each.
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,36 +20,34 @@ use entity::tasks::{ActiveModel, Column};
 use entity::{Task, TaskStatus, Tasks};
 use sea_orm::sea_query::{ExprTrait, LockBehavior, LockType, OnConflict, Order, Query};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement,
-    TransactionTrait, prelude::Expr, sea_query::UpdateStatement,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Statement, prelude::Expr, sea_query::UpdateStatement,
 };
+use tokio::sync::{mpsc, oneshot};
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::{
     ClaimRequest, DEFAULT_LEASE, Heartbeat, MAX_LEASE, MAX_PAGE_SIZE, NewTask, ReapOutcome,
-    StatusUpdate, TaskFilter, TaskPage, TaskService, validate,
+    StatusUpdate, TaskFilter, TaskPage, TaskService, Worker, validate,
 };
 use crate::auth::CurrentUser;
+use crate::db::{Backend, Db, DbTransaction};
 use crate::error::{TaskError, TaskResult};
 use crate::events::{EventBus, TaskEvent, TaskEventKind};
+use crate::pg_events;
 
-/// PostgreSQL channel every instance LISTENs on.
-pub const NOTIFY_CHANNEL: &str = "taskql_events";
-/// Largest serialized task a NOTIFY carries; the whole payload must stay
-/// under PostgreSQL's 8000 bytes.
-const MAX_TASK_IN_NOTICE: usize = 7000;
 /// Rows a single retention pass deletes before it lets others write.
 const PRUNE_BATCH: u64 = 500;
 /// PostgreSQL advisory lock key ("taskql" + 1) held by the instance reaping leases.
 const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
+/// Most creates one statement inserts.
+const MAX_CREATE_BATCH: usize = 64;
 
 pub struct SeaTaskService {
-    db: DatabaseConnection,
-    events: EventBus,
-    /// Identifies this process in NOTIFY payloads, so it skips its own.
-    instance_id: Uuid,
+    writer: Writer,
+    /// Creates waiting to be inserted (see [`insert_queued`]).
+    creates: mpsc::UnboundedSender<QueuedCreate>,
 }
 
 /// Now, at the microsecond precision both databases store.
@@ -56,7 +60,8 @@ fn statuses(list: &[TaskStatus]) -> Vec<&'static str> {
     list.iter().map(|s| s.as_str()).collect()
 }
 
-fn upper(status: TaskStatus) -> String {
+/// A status as the API spells it, for messages.
+fn api_name(status: TaskStatus) -> String {
     status.as_str().to_uppercase()
 }
 
@@ -94,39 +99,11 @@ fn lease_deadline(from: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
     from + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60))
 }
 
-/// `version + 1`, `updated_at = now`: part of every change.
-fn touched(update: &mut UpdateStatement, at: DateTime<Utc>) {
+/// `version + 1`, `updated_at = at`: part of every change.
+fn stamp_change(update: &mut UpdateStatement, at: DateTime<Utc>) {
     update
         .value(Column::Version, Expr::col(Column::Version).add(1))
         .value(Column::UpdatedAt, at);
-}
-
-/// The NOTIFY payload of a row `changed` by the statement it is attached
-/// to, built in SQL: what `pg_listener` decodes. It carries the task (without
-/// its metadata, or without the task at all, when that would not fit in
-/// NOTIFY's 8000 bytes; the listener then reads the row).
-fn notice_sql(instance: Uuid, kind: TaskEventKind) -> String {
-    // Both values are ours (a UUID and a fixed word), never user input.
-    format!(
-        "(jsonb_build_object('i', '{instance}', 'k', '{kind}', 'id', changed.id, 'v', changed.version) || \
-         CASE WHEN octet_length(to_jsonb(changed)::text) < {limit} \
-              THEN jsonb_build_object('t', to_jsonb(changed), 'm', true) \
-              WHEN octet_length((to_jsonb(changed) - 'metadata')::text) < {limit} \
-              THEN jsonb_build_object('t', to_jsonb(changed) - 'metadata') \
-              ELSE {last_resort} END)::text",
-        kind = kind.as_str(),
-        limit = MAX_TASK_IN_NOTICE,
-        last_resort = if kind == TaskEventKind::Deleted {
-            // The row is gone, so there is nothing to re-read: send the state
-            // without its long texts (user_id and type are short) rather than
-            // nothing, so other instances still end their watchers.
-            "jsonb_build_object('t', to_jsonb(changed) - 'metadata' - 'error_message' \
-             - 'result_id' - 'idempotency_key' - 'worker_id')"
-        } else {
-            // The listener reads the row.
-            "'{}'::jsonb"
-        },
-    )
 }
 
 /// Decodes the tasks a `… RETURNING *` statement wrote.
@@ -140,48 +117,35 @@ async fn rows_of<C: ConnectionTrait>(conn: &C, statement: Statement) -> TaskResu
         .collect()
 }
 
-impl SeaTaskService {
-    pub fn new(db: DatabaseConnection, events: EventBus) -> Self {
-        Self {
-            db,
-            events,
-            instance_id: Uuid::now_v7(),
-        }
-    }
+/// Writes changes and publishes them: every statement that changes a task
+/// goes through here.
+#[derive(Clone)]
+struct Writer {
+    db: Db,
+    events: EventBus,
+    /// Identifies this process in notices, so it skips its own.
+    instance_id: Uuid,
+}
 
-    pub fn instance_id(&self) -> Uuid {
-        self.instance_id
-    }
-
-    fn is_postgres(&self) -> bool {
-        self.db.get_database_backend() == DatabaseBackend::Postgres
-    }
-
-    /// The SQL of one `INSERT`/`UPDATE`/`DELETE … RETURNING *`. On
-    /// PostgreSQL the same statement also sends each row's NOTIFY, so the
-    /// change and its notice commit together in one round trip (see
-    /// `notice_sql`).
-    fn with_notice<S: sea_orm::StatementBuilder>(
+impl Writer {
+    /// The SQL of one `INSERT`/`UPDATE`/`DELETE … RETURNING *`; on
+    /// PostgreSQL it also NOTIFYs each row it writes.
+    fn statement<S: sea_orm::StatementBuilder>(
         &self,
         statement: &S,
         kind: TaskEventKind,
     ) -> Statement {
         let backend = self.db.get_database_backend();
         let mut statement = backend.build(statement);
-        if backend == DatabaseBackend::Postgres {
-            statement.sql = format!(
-                "WITH changed AS ({}) SELECT changed.* FROM changed \
-                 CROSS JOIN LATERAL (SELECT pg_notify('{NOTIFY_CHANNEL}', {})) AS notice",
-                statement.sql,
-                notice_sql(self.instance_id, kind),
-            );
+        if self.db.backend() == Backend::Postgres {
+            statement.sql = pg_events::notifying(&statement.sql, self.instance_id, kind);
         }
         statement
     }
 
     /// Runs the statement on `conn` (a transaction the caller commits and
     /// publishes) and returns the rows it wrote.
-    async fn write_in<C, S>(
+    async fn rows_in<C, S>(
         &self,
         conn: &C,
         statement: &S,
@@ -191,43 +155,123 @@ impl SeaTaskService {
         C: ConnectionTrait,
         S: sea_orm::StatementBuilder,
     {
-        rows_of(conn, self.with_notice(statement, kind)).await
+        rows_of(conn, self.statement(statement, kind)).await
     }
 
     /// Runs the statement on its own (autocommit) and publishes its rows in
     /// process. The two run as one spawned unit: a request dropped halfway
     /// (a client that hung up) cannot commit a change and skip its event.
-    async fn write<S>(&self, statement: &S, kind: TaskEventKind) -> TaskResult<Vec<Task>>
+    async fn commit<S>(&self, statement: &S, kind: TaskEventKind) -> TaskResult<Vec<Task>>
     where
         S: sea_orm::StatementBuilder,
     {
-        let statement = self.with_notice(statement, kind);
-        let db = self.db.clone();
-        let events = self.events.clone();
+        let statement = self.statement(statement, kind);
+        let writer = self.clone();
         tokio::spawn(async move {
-            let rows = rows_of(&db, statement).await?;
-            for task in &rows {
-                events.publish(TaskEvent {
-                    kind,
-                    task: task.clone(),
-                });
-            }
+            let rows = rows_of(&writer.db, statement).await?;
+            writer.publish(kind, &rows);
             Ok(rows)
         })
         .await
         .map_err(|err| TaskError::Internal(format!("a write stopped unexpectedly: {err}")))?
     }
 
+    fn publish(&self, kind: TaskEventKind, rows: &[Task]) {
+        for task in rows {
+            self.events.publish(TaskEvent {
+                kind,
+                task: task.clone(),
+            });
+        }
+    }
+
+    /// Inserts `batch` in one statement and answers each create: its new
+    /// row, or `None` when its idempotency key was taken.
+    async fn insert(&self, batch: Vec<QueuedCreate>) {
+        let models = batch.iter().map(|create| create.model.clone());
+        let mut insert = Tasks::insert_many(models)
+            .on_conflict(
+                // NULL keys never conflict; a taken key inserts nothing.
+                OnConflict::columns([Column::UserId, Column::IdempotencyKey])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .into_query();
+        insert.returning_all();
+        match rows_of(&self.db, self.statement(&insert, TaskEventKind::Created)).await {
+            Ok(rows) => {
+                self.publish(TaskEventKind::Created, &rows);
+                for create in batch {
+                    let row = rows.iter().find(|task| task.id == create.id).cloned();
+                    let _ = create.reply.send(Ok(row));
+                }
+            }
+            Err(err) if batch.len() > 1 && !matches!(err, TaskError::Unavailable(_)) => {
+                // One row the database refused must not fail the others.
+                tracing::warn!(error = %err, rows = batch.len(), "a batched insert failed; inserting its rows one by one");
+                for create in batch {
+                    Box::pin(self.insert(vec![create])).await;
+                }
+            }
+            Err(err) => {
+                for create in batch {
+                    let _ = create.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// A create waiting for its insert.
+struct QueuedCreate {
+    model: ActiveModel,
+    id: Uuid,
+    reply: oneshot::Sender<TaskResult<Option<Task>>>,
+}
+
+/// Inserts queued creates, all that are waiting (up to a batch) in one
+/// statement, one statement at a time. A create that finds the queue empty
+/// is inserted at once, alone; under load, creates gather while the
+/// statement before them commits. It runs apart from the requests, so a
+/// client that hangs up cannot stop an insert between commit and event.
+async fn insert_queued(writer: Writer, mut queue: mpsc::UnboundedReceiver<QueuedCreate>) {
+    let mut batch = Vec::with_capacity(MAX_CREATE_BATCH);
+    while queue.recv_many(&mut batch, MAX_CREATE_BATCH).await > 0 {
+        writer.insert(std::mem::take(&mut batch)).await;
+    }
+}
+
+impl SeaTaskService {
+    /// The service on `db`; it starts its insert queue on the current tokio runtime.
+    pub fn new(db: Db, events: EventBus) -> Self {
+        let writer = Writer {
+            db,
+            events,
+            instance_id: Uuid::now_v7(),
+        };
+        let (creates, queue) = mpsc::unbounded_channel();
+        tokio::spawn(insert_queued(writer.clone(), queue));
+        Self { writer, creates }
+    }
+
+    pub fn instance_id(&self) -> Uuid {
+        self.writer.instance_id
+    }
+
+    fn db(&self) -> &Db {
+        &self.writer.db
+    }
+
     /// One UPDATE … RETURNING *, published once committed.
-    async fn apply_update(&self, mut update: UpdateStatement) -> TaskResult<Vec<Task>> {
+    async fn update_rows(&self, mut update: UpdateStatement) -> TaskResult<Vec<Task>> {
         update.returning_all();
-        self.write(&update, TaskEventKind::Updated).await
+        self.writer.commit(&update, TaskEventKind::Updated).await
     }
 
     /// On PostgreSQL, takes the advisory lock `key` until `txn` ends, or says
     /// another instance holds it. SQLite has one writer at a time anyway.
-    async fn try_exclusive(&self, txn: &DatabaseTransaction, key: i64) -> TaskResult<bool> {
-        if !self.is_postgres() {
+    async fn try_exclusive(&self, txn: &DbTransaction, key: i64) -> TaskResult<bool> {
+        if self.db().backend() != Backend::Postgres {
             return Ok(true);
         }
         let row = txn
@@ -243,12 +287,8 @@ impl SeaTaskService {
         Ok(row.try_get::<bool>("", "locked")?)
     }
 
-    fn publish(&self, kind: TaskEventKind, task: Task) {
-        self.events.publish(TaskEvent { kind, task });
-    }
-
     async fn find(&self, task_id: Uuid) -> TaskResult<Option<Task>> {
-        Ok(Tasks::find_by_id(task_id).one(&self.db).await?)
+        Ok(Tasks::find_by_id(task_id).one(self.db()).await?)
     }
 
     /// The task if `user` may see it: their own, or any for a service.
@@ -257,6 +297,15 @@ impl SeaTaskService {
             .find(task_id)
             .await?
             .filter(|task| user.is_service || task.user_id == user.id))
+    }
+
+    /// The current row of a task a conditional change left alone, to say why.
+    async fn unchanged(&self, task_id: Uuid, user: Option<&CurrentUser>) -> TaskResult<Task> {
+        let task = match user {
+            Some(user) => self.find_visible(task_id, user).await?,
+            None => self.find(task_id).await?,
+        };
+        task.ok_or(TaskError::NotFound)
     }
 
     fn update_of(&self, task_id: Uuid) -> UpdateStatement {
@@ -271,72 +320,21 @@ impl SeaTaskService {
         Ok(Tasks::find()
             .filter(Column::UserId.eq(&user.id))
             .filter(Column::IdempotencyKey.eq(key))
-            .one(&self.db)
+            .one(self.db())
             .await?)
     }
 }
 
-#[async_trait]
-impl TaskService for SeaTaskService {
-    #[instrument(skip_all, fields(user = %user.id, task_type = %new.task_type))]
-    async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task> {
-        validate::task_type(&new.task_type)?;
-        let metadata = validate::metadata(new.metadata)?;
-        if let Some(key) = &new.idempotency_key {
-            validate::label("idempotencyKey", key, validate::MAX_KEY_LEN)?;
-        }
-        let at = now();
-        let model = ActiveModel::pending(
-            user.id.clone(),
-            new.task_type.clone(),
-            metadata.clone(),
-            new.idempotency_key.clone(),
-            at,
-        );
-        // With a key, the unique index decides who wins (ON CONFLICT DO
-        // NOTHING returns no row); the loser reads the winner.
-        let mut insert = Tasks::insert(model);
-        if new.idempotency_key.is_some() {
-            insert = insert.on_conflict(
-                OnConflict::columns([Column::UserId, Column::IdempotencyKey])
-                    .do_nothing()
-                    .to_owned(),
-            );
-        }
-        let mut insert = insert.into_query();
-        insert.returning_all();
-        if let Some(task) = self.write(&insert, TaskEventKind::Created).await?.pop() {
-            return Ok(task);
-        }
-        let key = new.idempotency_key.as_deref().unwrap_or_default();
-        let existing = self.find_by_key(user, key).await?.ok_or_else(|| {
-            TaskError::Internal("idempotency key conflicted but no task holds it".into())
-        })?;
-        if existing.task_type != new.task_type || existing.metadata != metadata {
-            return Err(TaskError::conflict(
-                "idempotencyKey was already used for a task with a different type or metadata",
-            ));
-        }
-        Ok(existing)
-    }
-
-    #[instrument(skip_all, fields(task_id = %update.task_id, status = update.status.as_str()))]
-    async fn update_task_status(&self, update: StatusUpdate) -> TaskResult<Task> {
+impl SeaTaskService {
+    /// The conditional UPDATE of `updateTaskStatus`: `to` from the statuses
+    /// that may move there, fenced by the attempt when one is expected.
+    fn status_change(
+        &self,
+        update: &StatusUpdate,
+        error_message: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> UpdateStatement {
         let to = update.status;
-        validate::progress(update.progress)?;
-        if let Some(result_id) = &update.result_id {
-            validate::result_id(result_id)?;
-        }
-        let error_message = update
-            .error_message
-            .as_deref()
-            .map(validate::clean_error_message);
-        if to == TaskStatus::Pending {
-            return Err(TaskError::conflict(
-                "a task cannot be set back to PENDING; only an expired lease returns it there",
-            ));
-        }
-        let at = now();
         let mut stmt = self.update_of(update.task_id);
         stmt.value(Column::Status, to.as_str());
         // A fenced PROCESSING update is a progress report on a task the worker
@@ -354,8 +352,8 @@ impl TaskService for SeaTaskService {
         if let Some(result_id) = &update.result_id {
             stmt.value(Column::ResultId, result_id.as_str());
         }
-        if let Some(message) = &error_message {
-            stmt.value(Column::ErrorMessage, message.as_str());
+        if let Some(message) = error_message {
+            stmt.value(Column::ErrorMessage, message);
         }
         match (update.progress, to) {
             (Some(p), _) => {
@@ -388,16 +386,74 @@ impl TaskService for SeaTaskService {
             stmt.value(Column::CompletedAt, at)
                 .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
         }
-        touched(&mut stmt, at);
-        if let Some(task) = self.apply_update(stmt).await?.pop() {
+        stamp_change(&mut stmt, at);
+        stmt
+    }
+}
+
+#[async_trait]
+impl TaskService for SeaTaskService {
+    #[instrument(skip_all, fields(user = %user.id, task_type = %new.task_type))]
+    async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task> {
+        validate::task_type(&new.task_type)?;
+        let metadata = validate::metadata(new.metadata)?;
+        if let Some(key) = &new.idempotency_key {
+            validate::label("idempotencyKey", key, validate::MAX_KEY_LEN)?;
+        }
+        let at = now();
+        let model = ActiveModel::pending(
+            user.id.clone(),
+            new.task_type.clone(),
+            metadata.clone(),
+            new.idempotency_key.clone(),
+            at,
+        );
+        // With a key, the unique index decides who wins (ON CONFLICT DO
+        // NOTHING inserts no row); the loser reads the winner.
+        let id = *model.id.as_ref();
+        let (reply, inserted) = oneshot::channel();
+        let stopped = || TaskError::Internal("the insert queue stopped".into());
+        self.creates
+            .send(QueuedCreate { model, id, reply })
+            .map_err(|_| stopped())?;
+        if let Some(task) = inserted.await.map_err(|_| stopped())?? {
+            return Ok(task);
+        }
+        let key = new.idempotency_key.as_deref().unwrap_or_default();
+        let existing = self.find_by_key(user, key).await?.ok_or_else(|| {
+            TaskError::Internal("idempotency key conflicted but no task holds it".into())
+        })?;
+        if existing.task_type != new.task_type || existing.metadata != metadata {
+            return Err(TaskError::conflict(
+                "idempotencyKey was already used for a task with a different type or metadata",
+            ));
+        }
+        Ok(existing)
+    }
+
+    #[instrument(skip_all, fields(task_id = %update.task_id, status = update.status.as_str()))]
+    async fn update_task_status(&self, _worker: &Worker, update: StatusUpdate) -> TaskResult<Task> {
+        let to = update.status;
+        validate::progress(update.progress)?;
+        if let Some(result_id) = &update.result_id {
+            validate::result_id(result_id)?;
+        }
+        let error_message = update
+            .error_message
+            .as_deref()
+            .map(validate::clean_error_message);
+        if to == TaskStatus::Pending {
+            return Err(TaskError::conflict(
+                "a task cannot be set back to PENDING; only an expired lease returns it there",
+            ));
+        }
+        let stmt = self.status_change(&update, error_message.as_deref(), now());
+        if let Some(task) = self.update_rows(stmt).await?.pop() {
             return Ok(task);
         }
 
         // Nothing changed: say why, or accept an exact repeat of a terminal update.
-        let task = self
-            .find(update.task_id)
-            .await?
-            .ok_or(TaskError::NotFound)?;
+        let task = self.unchanged(update.task_id, None).await?;
         if let Some(expected) = update.expected_attempt
             && task.attempts != expected
         {
@@ -422,8 +478,8 @@ impl TaskService for SeaTaskService {
         }
         Err(TaskError::conflict(format!(
             "task is {}; it cannot change to {}",
-            upper(task.status),
-            upper(to)
+            api_name(task.status),
+            api_name(to)
         )))
     }
 
@@ -444,7 +500,7 @@ impl TaskService for SeaTaskService {
     ) -> TaskResult<TaskPage> {
         if first == 0 || first > MAX_PAGE_SIZE {
             return Err(TaskError::invalid(format!(
-                "first must be between 1 and {MAX_PAGE_SIZE}, got {first}"
+                "first must be between 1 and {MAX_PAGE_SIZE}"
             )));
         }
         let mut query = Tasks::find();
@@ -476,7 +532,7 @@ impl TaskService for SeaTaskService {
             .order_by(Column::CreatedAt, Order::Desc)
             .order_by(Column::Id, Order::Desc)
             .limit(first + 1)
-            .all(&self.db)
+            .all(self.db())
             .await?;
         let has_next_page = tasks.len() as u64 > first;
         tasks.truncate(first as usize);
@@ -505,7 +561,7 @@ impl TaskService for SeaTaskService {
             .filter(Column::ResultId.eq(result_id))
             .order_by(Column::CreatedAt, Order::Desc)
             .order_by(Column::Id, Order::Desc)
-            .one(&self.db)
+            .one(self.db())
             .await?)
     }
 
@@ -522,7 +578,7 @@ impl TaskService for SeaTaskService {
             .order_by(Column::UpdatedAt, Order::Asc)
             .order_by(Column::Id, Order::Asc)
             .limit(limit)
-            .all(&self.db)
+            .all(self.db())
             .await?)
     }
 
@@ -535,7 +591,8 @@ impl TaskService for SeaTaskService {
         let mut delete = delete.into_query();
         delete.returning_all();
         let found = !self
-            .write(&delete, TaskEventKind::Deleted)
+            .writer
+            .commit(&delete, TaskEventKind::Deleted)
             .await?
             .is_empty();
         if found {
@@ -559,32 +616,28 @@ impl TaskService for SeaTaskService {
         if !user.is_service {
             stmt.and_where(Expr::col(Column::UserId).eq(user.id.as_str()));
         }
-        touched(&mut stmt, at);
-        if let Some(task) = self.apply_update(stmt).await?.pop() {
+        stamp_change(&mut stmt, at);
+        if let Some(task) = self.update_rows(stmt).await?.pop() {
             return Ok(task);
         }
-        let task = self
-            .find_visible(task_id, user)
-            .await?
-            .ok_or(TaskError::NotFound)?;
+        let task = self.unchanged(task_id, Some(user)).await?;
         match task.status {
             // Cancelling twice is the same as once.
             TaskStatus::Cancelled => Ok(task),
             status => Err(TaskError::conflict(format!(
                 "task is already {}; only PENDING or PROCESSING tasks can be cancelled",
-                upper(status)
+                api_name(status)
             ))),
         }
     }
 
-    #[instrument(skip_all, fields(worker = request.worker_id.as_deref().unwrap_or("")))]
-    async fn claim_task(&self, request: ClaimRequest) -> TaskResult<Option<Task>> {
+    #[instrument(skip_all, fields(worker = worker.id()))]
+    async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>> {
         for task_type in &request.types {
             validate::task_type(task_type)?;
         }
-        if let Some(worker) = &request.worker_id {
-            validate::label("workerId", worker, 255)?;
-        }
+        let worker_id = request.worker_id.as_deref().unwrap_or(worker.id());
+        validate::label("workerId", worker_id, validate::MAX_WORKER_ID_LEN)?;
         let lease = lease_of(request.lease)?;
         let at = now();
         // Oldest pending first; on PostgreSQL, SKIP LOCKED lets concurrent
@@ -611,15 +664,15 @@ impl TaskService for SeaTaskService {
             .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
             .value(Column::Status, TaskStatus::Processing.as_str())
             .value(Column::Attempts, Expr::col(Column::Attempts).add(1))
-            .value(Column::WorkerId, request.worker_id.clone())
+            .value(Column::WorkerId, worker_id)
             .value(Column::LeaseExpiresAt, lease_deadline(at, lease))
             .value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at));
-        touched(&mut stmt, at);
-        Ok(self.apply_update(stmt).await?.pop())
+        stamp_change(&mut stmt, at);
+        Ok(self.update_rows(stmt).await?.pop())
     }
 
     #[instrument(skip_all, fields(task_id = %heartbeat.task_id))]
-    async fn heartbeat_task(&self, heartbeat: Heartbeat) -> TaskResult<Task> {
+    async fn heartbeat_task(&self, _worker: &Worker, heartbeat: Heartbeat) -> TaskResult<Task> {
         validate::progress(heartbeat.progress)?;
         let lease = lease_of(heartbeat.lease)?;
         let at = now();
@@ -632,14 +685,11 @@ impl TaskService for SeaTaskService {
         if let Some(expected) = heartbeat.expected_attempt {
             stmt.and_where(Expr::col(Column::Attempts).eq(expected));
         }
-        touched(&mut stmt, at);
-        if let Some(task) = self.apply_update(stmt).await?.pop() {
+        stamp_change(&mut stmt, at);
+        if let Some(task) = self.update_rows(stmt).await?.pop() {
             return Ok(task);
         }
-        let task = self
-            .find(heartbeat.task_id)
-            .await?
-            .ok_or(TaskError::NotFound)?;
+        let task = self.unchanged(heartbeat.task_id, None).await?;
         if task.status == TaskStatus::Processing {
             return Err(TaskError::conflict(format!(
                 "the task was claimed again (attempt {}); stop working on it",
@@ -648,7 +698,7 @@ impl TaskService for SeaTaskService {
         }
         Err(TaskError::conflict(format!(
             "task is {}; stop working on it",
-            upper(task.status)
+            api_name(task.status)
         )))
     }
 
@@ -667,7 +717,7 @@ impl TaskService for SeaTaskService {
             .value(Column::Status, TaskStatus::Pending.as_str())
             .value(Column::WorkerId, Option::<String>::None)
             .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
-        touched(&mut requeue, at);
+        stamp_change(&mut requeue, at);
 
         let mut fail = Query::update();
         expired(&mut fail);
@@ -679,12 +729,12 @@ impl TaskService for SeaTaskService {
             )
             .value(Column::CompletedAt, at)
             .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
-        touched(&mut fail, at);
+        stamp_change(&mut fail, at);
 
         // One instance reaps at a time: two passes updating the same expired
         // rows lock them in different orders and deadlock on PostgreSQL. If
         // another instance holds the lock, it is doing this very pass.
-        let txn = self.db.begin().await?;
+        let txn = self.db().begin().await?;
         if !self.try_exclusive(&txn, REAPER_LOCK).await? {
             txn.rollback().await?;
             return Ok(ReapOutcome::default());
@@ -692,14 +742,17 @@ impl TaskService for SeaTaskService {
         requeue.returning_all();
         fail.returning_all();
         let requeued_tasks = self
-            .write_in(&txn, &requeue, TaskEventKind::Updated)
+            .writer
+            .rows_in(&txn, &requeue, TaskEventKind::Updated)
             .await?;
-        let failed_tasks = self.write_in(&txn, &fail, TaskEventKind::Updated).await?;
+        let failed_tasks = self
+            .writer
+            .rows_in(&txn, &fail, TaskEventKind::Updated)
+            .await?;
         txn.commit().await?;
         let (requeued, failed) = (requeued_tasks.len(), failed_tasks.len());
-        for task in requeued_tasks.into_iter().chain(failed_tasks) {
-            self.publish(TaskEventKind::Updated, task);
-        }
+        self.writer.publish(TaskEventKind::Updated, &requeued_tasks);
+        self.writer.publish(TaskEventKind::Updated, &failed_tasks);
         if requeued + failed > 0 {
             tracing::info!(requeued, failed, "reaped expired leases");
         }
@@ -730,7 +783,11 @@ impl TaskService for SeaTaskService {
                 .filter(Expr::col(Column::Id).in_subquery(batch))
                 .into_query();
             delete.returning_all();
-            let count = self.write(&delete, TaskEventKind::Deleted).await?.len();
+            let count = self
+                .writer
+                .commit(&delete, TaskEventKind::Deleted)
+                .await?
+                .len();
             total += count;
             if (count as u64) < PRUNE_BATCH {
                 break;
@@ -740,7 +797,7 @@ impl TaskService for SeaTaskService {
     }
 
     fn events(&self) -> &EventBus {
-        &self.events
+        &self.writer.events
     }
 }
 

@@ -6,6 +6,7 @@ pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 pub const MAX_RESULT_ID_LEN: usize = 255;
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1000;
 pub const MAX_KEY_LEN: usize = 255;
+pub const MAX_WORKER_ID_LEN: usize = 255;
 
 pub fn task_type(value: &str) -> TaskResult<()> {
     let len = value.chars().count();

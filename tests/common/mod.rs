@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use taskql::auth::CurrentUser;
+use taskql::db::{Db, PoolSettings};
 use taskql::events::EventBus;
-use taskql::service::{SeaTaskService, TaskService};
+use taskql::service::{SeaTaskService, TaskService, Worker};
 
 pub const PG_ENV: &str = "TASKQL_TEST_DATABASE_URL";
 
@@ -55,14 +56,21 @@ impl TestDb {
         }
     }
 
+    /// A SeaORM pool on the migrated database, for set-up and checks.
     pub async fn connect(&self) -> DatabaseConnection {
         let db = taskql::db::connect(&self.url, 16).await.expect("connect");
         taskql::db::migrate(&db).await.expect("migrate");
         db
     }
 
-    pub async fn service(&self) -> (Arc<SeaTaskService>, DatabaseConnection) {
-        let db = self.connect().await;
+    /// The service on the migrated database, as the server runs it.
+    pub async fn service(&self) -> (Arc<SeaTaskService>, Db) {
+        self.connect().await.close().await.expect("close");
+        let settings = PoolSettings {
+            max_connections: 16,
+            ..PoolSettings::default()
+        };
+        let db = Db::connect(&self.url, settings).await.expect("connect");
         let service = Arc::new(SeaTaskService::new(db.clone(), EventBus::default()));
         (service, db)
     }
@@ -91,7 +99,12 @@ pub fn worker() -> CurrentUser {
     CurrentUser::service("worker-1")
 }
 
-pub async fn count_rows(db: &DatabaseConnection) -> i64 {
+/// The worker capability of `worker()`.
+pub fn as_worker() -> Worker {
+    Worker::new(&worker()).expect("worker-1 has the service role")
+}
+
+pub async fn count_rows(db: &impl ConnectionTrait) -> i64 {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
@@ -129,7 +142,7 @@ pub struct TestApp {
     pub ws_url: String,
     pub http: reqwest::Client,
     pub service: Arc<SeaTaskService>,
-    pub db: DatabaseConnection,
+    pub db: Db,
     pub database: Arc<TestDb>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
