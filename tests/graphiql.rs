@@ -3,7 +3,6 @@
 //! create a task, and watch a subscription reach COMPLETED.
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -11,18 +10,12 @@ use taskql::service::TaskService;
 
 #[tokio::test]
 async fn graphiql_runs_queries_and_subscriptions_in_a_browser() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("tests/browser/graphiql.mjs");
-    assert!(
-        root.join("tests/browser/node_modules/playwright-core")
-            .exists(),
-        "run `npm ci --prefix tests/browser` first (.ci/run does)"
-    );
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        Path::new(&chromium).exists(),
-        "install Debian's chromium (`apt-get install chromium`; .ci/run does) or set CHROMIUM"
-    );
+    let Some(chromium) =
+        js::chromium_or_skip("graphiql_runs_queries_and_subscriptions_in_a_browser")
+    else {
+        return;
+    };
+    let script = js::npm_package("tests/browser").join("graphiql.mjs");
     let app = spawn_app().await;
     let screenshot = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
     let output = tokio::process::Command::from({

@@ -6,7 +6,6 @@ mod common;
 mod ws;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -699,12 +698,7 @@ async fn stopping_the_server_closes_live_subscriptions() {
 
 #[tokio::test]
 async fn real_javascript_clients_follow_a_task_to_completion() {
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    assert!(
-        js.join("node_modules/graphql-ws").is_dir()
-            && js.join("node_modules/subscriptions-transport-ws").is_dir(),
-        "tests/js/node_modules is missing: run `npm ci --prefix tests/js` first"
-    );
+    let js = common::js::npm_package("tests/js");
     let app = spawn_app().await;
     let run = tokio::process::Command::new("node")
         .arg(js.join("follow_task.mjs"))

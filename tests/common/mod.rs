@@ -2,6 +2,7 @@
 //! PostgreSQL when `TASKQL_TEST_DATABASE_URL` is set.
 #![allow(dead_code)]
 
+pub mod js;
 use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
