@@ -108,6 +108,8 @@ impl Authenticator {
         validation.iss = None;
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp"]);
+        // A token is not usable before its `nbf` either (same leeway).
+        validation.validate_nbf = true;
         Ok(Self {
             key,
             validation,
@@ -136,6 +138,7 @@ impl Authenticator {
                 use jsonwebtoken::errors::ErrorKind;
                 let why = match err.kind() {
                     ErrorKind::ExpiredSignature => "the token has expired",
+                    ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
                     ErrorKind::InvalidSignature => "the token's signature does not verify",
                     ErrorKind::InvalidAlgorithm => "the token's algorithm is not accepted",
                     ErrorKind::InvalidIssuer => "the token's issuer is not accepted",

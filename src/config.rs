@@ -128,6 +128,42 @@ pub struct Settings {
         global = true
     )]
     pub max_subscriptions_per_connection: String,
+    /// Longest a client may take to send a request's head; idle connections
+    /// close after it too.
+    #[arg(
+        long,
+        env = "TASKQL_HEADER_TIMEOUT",
+        default_value = "10s",
+        global = true
+    )]
+    pub header_timeout: String,
+    /// Longest a client may take to send a request's body.
+    #[arg(
+        long,
+        env = "TASKQL_BODY_TIMEOUT",
+        default_value = "10s",
+        global = true
+    )]
+    pub body_timeout: String,
+    /// Most HTTP connections at once (default: from the open-file limit).
+    #[arg(long, env = "TASKQL_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<String>,
+    /// Most websockets at once.
+    #[arg(
+        long,
+        env = "TASKQL_MAX_WEBSOCKETS",
+        default_value = "10000",
+        global = true
+    )]
+    pub max_websockets: String,
+    /// Longest a shutdown waits for requests in flight.
+    #[arg(
+        long,
+        env = "TASKQL_SHUTDOWN_TIMEOUT",
+        default_value = "10s",
+        global = true
+    )]
+    pub shutdown_timeout: String,
     /// Log filter.
     #[arg(long = "log", env = "RUST_LOG", default_value = "info", global = true)]
     pub log: String,
@@ -149,6 +185,11 @@ impl Default for Settings {
             db_acquire_timeout: "3s".into(),
             db_statement_timeout: "10s".into(),
             max_subscriptions_per_connection: "200".into(),
+            header_timeout: "10s".into(),
+            body_timeout: "10s".into(),
+            max_connections: None,
+            max_websockets: "10000".into(),
+            shutdown_timeout: "10s".into(),
             log: "info".into(),
         }
     }
@@ -185,6 +226,12 @@ pub struct Config {
     pub db_acquire_timeout: Duration,
     pub db_statement_timeout: Duration,
     pub max_subscriptions_per_connection: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    /// `None`: sized from the open-file limit when serving.
+    pub max_connections: Option<usize>,
+    pub max_websockets: usize,
+    pub shutdown_timeout: Duration,
 }
 
 /// The longest retention or token lifetime, in days (100 years).
@@ -464,6 +511,18 @@ impl Config {
             &settings.max_subscriptions_per_connection,
             100_000,
         )? as usize;
+        let header_timeout = parse_timeout("TASKQL_HEADER_TIMEOUT", &settings.header_timeout)?;
+        let body_timeout = parse_timeout("TASKQL_BODY_TIMEOUT", &settings.body_timeout)?;
+        let max_connections = settings
+            .max_connections
+            .as_deref()
+            .map(|text| parse_positive("TASKQL_MAX_CONNECTIONS", text, 1_000_000))
+            .transpose()?
+            .map(|n| n as usize);
+        let max_websockets =
+            parse_positive("TASKQL_MAX_WEBSOCKETS", &settings.max_websockets, 1_000_000)? as usize;
+        let shutdown_timeout =
+            parse_timeout("TASKQL_SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?;
         let config = Self {
             database_url: url,
             listen,
@@ -478,6 +537,11 @@ impl Config {
             db_acquire_timeout,
             db_statement_timeout,
             max_subscriptions_per_connection,
+            header_timeout,
+            body_timeout,
+            max_connections,
+            max_websockets,
+            shutdown_timeout,
         };
         config.authenticator()?;
         Ok(config)

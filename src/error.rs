@@ -25,6 +25,17 @@ pub enum TaskError {
 
 pub type TaskResult<T> = Result<T, TaskError>;
 
+/// Most characters of a client's input an error message repeats.
+pub const MAX_ECHO_CHARS: usize = 100;
+
+/// `input` as an error message may quote it: cut to [`MAX_ECHO_CHARS`].
+pub fn echo(input: &str) -> std::borrow::Cow<'_, str> {
+    match input.char_indices().nth(MAX_ECHO_CHARS) {
+        Some((end, _)) => format!("{}…", &input[..end]).into(),
+        None => input.into(),
+    }
+}
+
 impl TaskError {
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::InvalidInput(message.into())

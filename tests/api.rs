@@ -279,6 +279,12 @@ async fn bad_tokens_are_unauthenticated_everywhere() {
     );
     let no_sub = sign(json!({ "exp": now() + 3600 }), &good, Algorithm::HS256);
     let no_exp = sign(json!({ "sub": "alice" }), &good, Algorithm::HS256);
+    // Not valid for another hour: beyond the leeway.
+    let not_yet = sign(
+        json!({ "sub": "alice", "exp": now() + 7200, "nbf": now() + 3600 }),
+        &good,
+        Algorithm::HS256,
+    );
     let hs384 = sign(
         json!({ "sub": "alice", "exp": now() + 3600 }),
         &EncodingKey::from_secret(TEST_SECRET.as_bytes()),
@@ -300,6 +306,7 @@ async fn bad_tokens_are_unauthenticated_everywhere() {
         format!("Bearer {wrong_key}"),
         format!("Bearer {no_sub}"),
         format!("Bearer {no_exp}"),
+        format!("Bearer {not_yet}"),
         format!("Bearer {hs384}"),
         format!("Bearer {none}"),
         "Bearer not-a-jwt".to_owned(),
@@ -337,6 +344,17 @@ async fn bad_tokens_are_unauthenticated_everywhere() {
         }
     }
     assert_eq!(count_rows(&app.db).await, 0, "nothing was created");
+
+    // A clock a few seconds ahead of ours is within the leeway.
+    let almost = sign(
+        json!({ "sub": "alice", "exp": now() + 3600, "nbf": now() + 10 }),
+        &good,
+        Algorithm::HS256,
+    );
+    let body = app
+        .gql(Some(&almost), "query { tasks { nodes { id } } }", json!({}))
+        .await;
+    assert_eq!(body["data"]["tasks"]["nodes"], json!([]), "{body}");
 }
 
 #[tokio::test]
@@ -602,7 +620,17 @@ async fn transport_errors_have_http_statuses() {
         metrics.contains("taskql_http_graphql_requests_total"),
         "{metrics}"
     );
-    let graphiql = app.http.get(&url).send().await.unwrap();
+    // A browser asking for a page gets GraphiQL.
+    let graphiql = app
+        .http
+        .get(&url)
+        .header(
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(graphiql.status(), 200);
     let page = graphiql.text().await.unwrap();
     assert!(page.contains("graphiql") && page.contains("/graphql/ws"));
@@ -737,4 +765,150 @@ async fn database_failures_are_internal_and_say_nothing_of_the_database() {
     }
     let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), 200, "the database itself is reachable");
+}
+
+/// GraphQL over HTTP as its spec has it (graphql-http's audits in
+/// tests/conformance.rs check the rest): media types, GET, and statuses.
+#[tokio::test]
+async fn graphql_over_http_negotiates_and_refuses_what_it_should() {
+    let app = spawn_app().await;
+    let url = format!("{}/graphql", app.base);
+    let token = app.user_token("alice");
+    let query = json!({ "query": "{ tasks { nodes { id } } }" }).to_string();
+    let post = |content_type: Option<&str>, accept: Option<&str>, body: String| {
+        let mut request = app.http.post(&url).bearer_auth(&token).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        request.send()
+    };
+    let content_type = |response: &reqwest::Response| {
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // Not JSON (none, text/plain, a form): 415, so no cross-site simple request runs.
+    for kind in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("application/json; charset=latin1"),
+    ] {
+        let response = post(kind, None, query.clone()).await.unwrap();
+        assert_eq!(response.status(), 415, "{kind:?}");
+    }
+
+    // The answer's media type follows Accept.
+    for (accept, expected) in [
+        (None, "application/json"),
+        (Some("*/*"), "application/json"),
+        (Some("application/json"), "application/json"),
+        (
+            Some("application/graphql-response+json"),
+            "application/graphql-response+json",
+        ),
+        (
+            Some("application/graphql-response+json, application/json;q=0.9"),
+            "application/graphql-response+json",
+        ),
+    ] {
+        let response = post(Some("application/json"), accept, query.clone())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{accept:?}");
+        assert!(
+            content_type(&response).starts_with(expected),
+            "{accept:?}: {}",
+            content_type(&response)
+        );
+    }
+    let response = post(Some("application/json"), Some("text/csv"), query.clone())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 406);
+
+    // A request error has no data; under the newer media type it is a 400.
+    for (body, accept, status) in [
+        ("{", "application/graphql-response+json", 400),
+        ("{ nope }", "application/graphql-response+json", 400),
+        ("{", "application/json", 200),
+    ] {
+        let response = post(
+            Some("application/json"),
+            Some(accept),
+            json!({ "query": body }).to_string(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), status, "{body} as {accept}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body.get("data").is_none(), "{body}");
+        assert_eq!(body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT");
+    }
+    // A field error is not a request error: data is there, status 200.
+    let response = post(
+        Some("application/json"),
+        Some("application/graphql-response+json"),
+        json!({ "query": "{ task(id: \"nope\") { id } }" }).to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert!(body.get("data").is_some(), "{body}");
+
+    // Not a GraphQL request: 400.
+    let response = post(
+        Some("application/json"),
+        None,
+        json!({ "notquery": "{ tasks { nodes { id } } }" }).to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 400);
+
+    // GET runs queries, refuses mutations with 405 and Allow: POST.
+    let get = |params: &[(&str, &str)]| {
+        app.http
+            .get(&url)
+            .bearer_auth(&token)
+            .header("accept", "application/graphql-response+json")
+            .query(params)
+            .send()
+    };
+    let response = get(&[("query", "{ tasks { nodes { id } } }")])
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"]["tasks"]["nodes"], json!([]), "{body}");
+    let response = get(&[(
+        "query",
+        "mutation { createTask(input: {type: \"x\"}) { id } }",
+    )])
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    let response = get(&[
+        (
+            "query",
+            "query($first: Int) { tasks(first: $first) { nodes { id } } }",
+        ),
+        ("variables", "{\"first\": 5}"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = get(&[("query", "{ tasks { nodes { id } } }"), ("variables", "[1")])
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let response = get(&[]).await.unwrap();
+    assert_eq!(response.status(), 400);
 }

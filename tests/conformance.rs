@@ -219,3 +219,28 @@ fn every_allowed_audit_failure_says_why() {
         );
     }
 }
+
+/// What introspection tells a client is what schema.graphql says: no
+/// description of the engine's own, `@specifiedBy` on DateTime.
+#[tokio::test]
+async fn introspection_describes_the_schema_in_schema_graphql() {
+    let js = common::js::npm_package("tests/js");
+    let app = spawn_app().await;
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(js.join("schema_check.mjs"))
+        .env("TASKQL_URL", &app.base)
+        .env("TASKQL_TOKEN", app.user_token("alice"))
+        .env(
+            "SCHEMA_FILE",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema.graphql"),
+        );
+    let report = run_node(command).await;
+    assert_eq!(
+        report["equal"],
+        json!(true),
+        "introspection:\n{}\nschema.graphql:\n{}\n{report}",
+        report["introspected"].as_str().unwrap_or_default(),
+        report["file"].as_str().unwrap_or_default()
+    );
+}

@@ -2,19 +2,17 @@
 //! through `/graphql/ws` with the `graphql-transport-ws` protocol, on the
 //! real server. On PostgreSQL, also across two instances on one database.
 mod common;
-#[path = "common/ws.rs"]
-mod ws;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::ws::{self, DEADLINE, Event, WsClient};
 use common::{TestApp, TestDb, alice, as_worker, postgres_url_or_skip, spawn_app, spawn_app_with};
 use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value, json};
 use taskql::service::{NewTask, StatusUpdate, TaskService};
-use ws::{DEADLINE, Event, WsClient};
 
 const WATCH: &str = "subscription Watch($id: ID!) {
   taskUpdated(id: $id) { id status progress resultId errorMessage }
@@ -302,9 +300,8 @@ async fn another_users_task_is_not_found_but_a_worker_may_watch_any_task() {
 }
 
 #[tokio::test]
-async fn without_a_valid_token_subscriptions_are_unauthenticated() {
+async fn a_connection_init_without_a_valid_token_is_closed_with_4403() {
     let app = spawn_app().await;
-    let id = create_task(&app, &app.user_token("alice")).await;
     let forged = taskql::auth::issue_token(
         "another-secret-entirely-0123456789",
         "alice",
@@ -314,6 +311,7 @@ async fn without_a_valid_token_subscriptions_are_unauthenticated() {
         None,
     )
     .expect("token");
+    let expired = common::expired_token_for("alice");
 
     let cases = [
         ("no payload", Value::Null),
@@ -327,6 +325,7 @@ async fn without_a_valid_token_subscriptions_are_unauthenticated() {
             json!({ "Authorization": format!("Bearer {forged}") }),
         ),
         ("forged bare token", json!({ "token": forged })),
+        ("expired token", json!({ "token": expired })),
         (
             "not bearer",
             json!({ "Authorization": "Basic YWxpY2U6c2VjcmV0" }),
@@ -334,25 +333,113 @@ async fn without_a_valid_token_subscriptions_are_unauthenticated() {
         ("token not a string", json!({ "token": 42 })),
     ];
     for (case, payload) in cases {
-        let client = WsClient::connect(&app.ws_url, payload).await;
-        let mut watch = client.subscribe(WATCH, json!({ "id": id }));
-        let mut events = client.subscribe(EVENTS, json!({}));
-        for sub in [&mut watch, &mut events] {
-            let event = sub.next().await;
-            assert_eq!(
-                event.error_code(),
-                Some("UNAUTHENTICATED"),
-                "{case}: expected UNAUTHENTICATED, got {event:?}"
-            );
-            assert!(
-                event.data().is_none(),
-                "{case}: no data without a token: {event:?}"
-            );
-            if !matches!(event, Event::Error(_)) {
-                assert_eq!(sub.next().await, Event::Complete, "{case}");
-            }
-        }
+        // graphql-transport-ws: 4403, the close clients refresh their token on.
+        let mut client = WsClient::open(&app.ws_url).await;
+        client.send(json!({ "type": "connection_init", "payload": payload.clone() }));
+        let (code, reason) = client.closed(Duration::from_secs(10)).await;
+        assert_eq!(code, Some(4403), "{case}: {reason}");
+        assert!(reason.starts_with("Forbidden"), "{case}: {reason}");
+        assert_eq!(
+            client.control_message().await,
+            None,
+            "{case}: no connection_ack"
+        );
+
+        // The legacy protocol says why in connection_error, then closes.
+        let mut legacy = WsClient::open_with(&app.ws_url, ws::LEGACY_WS).await;
+        legacy.send(json!({ "type": "connection_init", "payload": payload }));
+        let error = legacy
+            .control_message()
+            .await
+            .unwrap_or_else(|| panic!("{case}: connection_error before the close"));
+        assert_eq!(error["type"], "connection_error", "{case}: {error}");
+        assert!(
+            error["payload"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Forbidden")),
+            "{case}: {error}"
+        );
+        legacy.closed(Duration::from_secs(10)).await;
     }
+}
+
+#[tokio::test]
+async fn protocol_violations_close_with_the_protocols_codes() {
+    let app = spawn_app().await;
+    let alice = app.user_token("alice");
+    let id = create_task(&app, &alice).await;
+    let within = Duration::from_secs(10);
+
+    // A subscribe before connection_ack: 4401.
+    let mut early = WsClient::open(&app.ws_url).await;
+    let _never = early.subscribe(WATCH, json!({ "id": id }));
+    assert_eq!(early.closed(within).await.0, Some(4401));
+
+    // A second connection_init: 4429.
+    let mut twice = WsClient::connect_as(&app.ws_url, &alice).await;
+    twice.send(json!({ "type": "connection_init", "payload": { "token": alice } }));
+    assert_eq!(twice.closed(within).await.0, Some(4429));
+
+    // A second subscribe with the id of a live one: 4409, naming the id.
+    let mut duplicate = WsClient::connect_as(&app.ws_url, &alice).await;
+    let mut first = duplicate.subscribe(WATCH, json!({ "id": id }));
+    assert_eq!(first.next_data().await["taskUpdated"]["id"], id);
+    duplicate.send(json!({
+        "id": first.id,
+        "type": "subscribe",
+        "payload": { "query": WATCH, "variables": { "id": id } },
+    }));
+    let (code, reason) = duplicate.closed(within).await;
+    assert_eq!(code, Some(4409));
+    assert_eq!(
+        reason,
+        format!("Subscriber for {} already exists", first.id)
+    );
+
+    // Malformed messages: 4400.
+    for bad in [
+        json!("not an object"),
+        json!({ "type": "no_such_type" }),
+        json!({ "type": "subscribe", "id": "1" }),
+        json!({ "type": "subscribe", "id": "1", "payload": { "variables": {} } }),
+    ] {
+        let mut client = WsClient::connect_as(&app.ws_url, &alice).await;
+        client.send(bad.clone());
+        assert_eq!(client.closed(within).await.0, Some(4400), "{bad}");
+    }
+
+    // A ping is answered with a pong, before and after the handshake.
+    let mut pinger = WsClient::open(&app.ws_url).await;
+    pinger.send(json!({ "type": "ping" }));
+    assert_eq!(
+        pinger.control_message().await.map(|m| m["type"].clone()),
+        Some(json!("pong"))
+    );
+    pinger.init(json!({ "token": alice })).await;
+    pinger.send(json!({ "type": "ping", "payload": { "n": 1 } }));
+    assert_eq!(
+        pinger.control_message().await,
+        Some(json!({ "type": "pong", "payload": { "n": 1 } }))
+    );
+}
+
+#[tokio::test]
+async fn an_operation_that_does_not_validate_gets_an_error_message_not_next() {
+    let app = spawn_app().await;
+    let client = WsClient::connect_as(&app.ws_url, &app.user_token("alice")).await;
+    let mut bad = client.subscribe("subscription { noSuchField }", json!({}));
+    match bad.next().await {
+        Event::Error(errors) => {
+            assert_eq!(
+                errors[0]["extensions"]["code"], "BAD_USER_INPUT",
+                "{errors}"
+            );
+        }
+        other => panic!("expected an error message, got {other:?}"),
+    }
+    // The operation is over; the socket is not.
+    let mut good = client.subscribe(EVENTS, json!({}));
+    assert!(good.next_within(Duration::from_millis(300)).await.is_none());
 }
 
 #[tokio::test]
@@ -734,10 +821,12 @@ async fn real_javascript_clients_follow_a_task_to_completion() {
             "{client}: the server completes: {seen}"
         );
     }
+    // Without a token graphql-ws is closed with 4403 and sees nothing.
     let anonymous = &report["graphqlWsWithoutToken"];
-    assert_eq!(
-        anonymous["codes"],
-        json!(["UNAUTHENTICATED"]),
+    assert!(
+        anonymous["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.starts_with("closed 4403 Forbidden")),
         "{anonymous}"
     );
     assert_eq!(anonymous["statuses"], json!([]), "{anonymous}");

@@ -1,9 +1,17 @@
 //! The GraphQL API. Resolvers only translate: they take the caller from the
 //! request (or connection) data and call `TaskService`.
-use std::sync::Arc;
+//!
+//! What both transports (HTTP and websockets) do around the engine lives here
+//! too: parsed documents are cached by their text, and every error leaves
+//! with a stable `extensions.code`.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_graphql::{Context, ErrorExtensions, ID, Schema};
+use async_graphql::parser::types::{
+    DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
+};
+use async_graphql::{Context, ErrorExtensions, ID, Response, Schema, ServerError, Value};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -11,7 +19,6 @@ use crate::auth::CurrentUser;
 use crate::error::TaskError;
 use crate::service::{TaskService, Worker};
 
-mod error_codes;
 mod mutation;
 mod query;
 mod subscription;
@@ -57,15 +64,15 @@ pub fn build_schema(
         .limit_complexity(MAX_COMPLEXITY)
         .limit_recursive_depth(32)
         .limit_directives(16)
-        .extension(error_codes::ErrorCodes)
         .finish()
 }
 
-/// The SDL the server exports, as kept in `schema.graphql`.
+/// The SDL the server exports, as kept in `schema.graphql`: what
+/// introspection describes (`@specifiedBy` included).
 pub fn sdl() -> String {
     Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .finish()
-        .sdl()
+        .sdl_with_options(async_graphql::SDLExportOptions::new().include_specified_by())
 }
 
 pub(crate) fn gql(err: TaskError) -> async_graphql::Error {
@@ -99,7 +106,7 @@ pub(crate) fn task_id(id: &ID) -> async_graphql::Result<Uuid> {
     Uuid::parse_str(id.as_str()).map_err(|_| {
         gql(TaskError::invalid(format!(
             "'{}' is not a task id",
-            id.as_str()
+            crate::error::echo(id.as_str())
         )))
     })
 }
@@ -107,4 +114,198 @@ pub(crate) fn task_id(id: &ID) -> async_graphql::Result<Uuid> {
 /// `leaseSeconds` as a duration; the service says which are allowed.
 pub(crate) fn lease(seconds: Option<i32>) -> Option<Duration> {
     seconds.map(|s| Duration::from_secs(s.max(0) as u64))
+}
+
+/// Parsed documents by their text. Clients send the same few operations
+/// over and over; parsing one costs more than the rest of a small request.
+pub struct DocumentCache {
+    documents: Mutex<HashMap<Box<str>, Arc<ExecutableDocument>>>,
+}
+
+/// Documents the cache holds before it starts over.
+const CACHED_DOCUMENTS: usize = 512;
+/// Longer documents are parsed every time rather than kept.
+const MAX_CACHED_QUERY: usize = 16 * 1024;
+
+impl Default for DocumentCache {
+    fn default() -> Self {
+        Self {
+            documents: Mutex::new(HashMap::with_capacity(CACHED_DOCUMENTS)),
+        }
+    }
+}
+
+impl DocumentCache {
+    /// The parsed `query`, from the cache or parsed now; `None` when it
+    /// does not parse (the engine then reports why).
+    pub fn document(&self, query: &str) -> Option<ExecutableDocument> {
+        let lock = || self.documents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(document) = lock().get(query).cloned() {
+            return Some(ExecutableDocument::clone(&document));
+        }
+        let document = async_graphql::parser::parse_query(query).ok()?;
+        if query.len() <= MAX_CACHED_QUERY {
+            let mut documents = lock();
+            if documents.len() >= CACHED_DOCUMENTS {
+                // Many distinct documents: start over rather than track ages.
+                documents.clear();
+            }
+            documents.insert(query.into(), Arc::new(document.clone()));
+        }
+        Some(document)
+    }
+}
+
+/// The operation a document runs for `operation_name`, if it names one.
+pub fn operation_type(
+    document: &ExecutableDocument,
+    operation_name: Option<&str>,
+) -> Option<OperationType> {
+    match (&document.operations, operation_name) {
+        (DocumentOperations::Single(operation), _) => Some(operation.node.ty),
+        (DocumentOperations::Multiple(operations), Some(name)) => {
+            operations.get(name).map(|operation| operation.node.ty)
+        }
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => operations
+            .values()
+            .next()
+            .map(|operation| operation.node.ty),
+        (DocumentOperations::Multiple(_), None) => None,
+    }
+}
+
+/// Where a document asks for `__schema { description }`: pairs of response
+/// keys (the `__schema` field's, then the `description` field's).
+///
+/// The engine answers that field with a text of its own about schemas in
+/// general; taskql's schema has no description, so [`hide_schema_description`]
+/// answers null, as `schema.graphql` says.
+pub fn schema_description_keys(
+    document: &ExecutableDocument,
+    operation_name: Option<&str>,
+) -> Vec<(String, String)> {
+    let operation = match (&document.operations, operation_name) {
+        (DocumentOperations::Single(operation), _) => Some(operation),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name),
+        (DocumentOperations::Multiple(operations), None) => operations.values().next(),
+    };
+    let Some(operation) = operation else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    for schema in fields_named(document, &operation.node.selection_set.node, "__schema") {
+        for description in fields_named(document, &schema.selection_set.node, "description") {
+            keys.push((
+                schema.response_key().node.to_string(),
+                description.response_key().node.to_string(),
+            ));
+        }
+    }
+    keys
+}
+
+/// The fields called `name` in a selection set, through fragments.
+fn fields_named<'a>(
+    document: &'a ExecutableDocument,
+    set: &'a SelectionSet,
+    name: &str,
+) -> Vec<&'a async_graphql::parser::types::Field> {
+    let mut found = Vec::new();
+    for item in &set.items {
+        match &item.node {
+            Selection::Field(field) if field.node.name.node == name => found.push(&field.node),
+            Selection::Field(_) => {}
+            Selection::InlineFragment(fragment) => found.extend(fields_named(
+                document,
+                &fragment.node.selection_set.node,
+                name,
+            )),
+            Selection::FragmentSpread(spread) => {
+                if let Some(fragment) = document.fragments.get(&spread.node.fragment_name.node) {
+                    found.extend(fields_named(
+                        document,
+                        &fragment.node.selection_set.node,
+                        name,
+                    ));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Answers null at the keys [`schema_description_keys`] found.
+pub fn hide_schema_description(response: &mut Response, keys: &[(String, String)]) {
+    let Value::Object(data) = &mut response.data else {
+        return;
+    };
+    for (schema, description) in keys {
+        if let Some(Value::Object(fields)) = data.get_mut(schema.as_str())
+            && let Some(value) = fields.get_mut(description.as_str())
+        {
+            *value = Value::Null;
+        }
+    }
+}
+
+/// Longest error message sent; longer ones (an engine error quoting a huge
+/// value) are cut.
+const MAX_MESSAGE_CHARS: usize = 500;
+
+/// Readies a response for the wire: errors the engine raised itself
+/// (syntax, validation, limits, mistyped arguments) are the client's input,
+/// so BAD_USER_INPUT; ours carry their code already. Overlong messages are cut.
+pub fn finish(response: &mut Response) {
+    for error in &mut response.errors {
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", Value::from("BAD_USER_INPUT"));
+        }
+        if error.message.chars().count() > MAX_MESSAGE_CHARS {
+            error.message = error
+                .message
+                .chars()
+                .take(MAX_MESSAGE_CHARS)
+                .collect::<String>()
+                + "…";
+        }
+    }
+}
+
+/// Whether the operation never ran: the document did not parse or validate,
+/// or its variables did not fit. Such a response carries no `data` at all.
+/// Errors raised while running always have a path; these never do.
+pub fn is_request_error(response: &Response) -> bool {
+    !response.errors.is_empty()
+        && response.data == Value::Null
+        && response.errors.iter().all(|error| error.path.is_empty())
+}
+
+/// The code of an error (after [`finish`]).
+pub fn error_code(error: &ServerError) -> &str {
+    match error.extensions.as_ref().and_then(|e| e.get("code")) {
+        Some(Value::String(code)) => code,
+        _ => "BAD_USER_INPUT",
+    }
+}
+
+/// A response as sent: without `data` when the operation never ran.
+#[derive(serde::Serialize)]
+pub struct WireResponse<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a Value>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [ServerError],
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    extensions: &'a std::collections::BTreeMap<String, Value>,
+}
+
+impl<'a> From<&'a Response> for WireResponse<'a> {
+    fn from(response: &'a Response) -> Self {
+        Self {
+            data: (!is_request_error(response)).then_some(&response.data),
+            errors: &response.errors,
+            extensions: &response.extensions,
+        }
+    }
 }

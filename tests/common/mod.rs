@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod js;
+pub mod ws;
 use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
@@ -203,6 +204,17 @@ pub fn token_for(user: &str, role: Option<&str>) -> String {
         std::time::Duration::from_secs(3600),
         None,
         None,
+    )
+    .expect("token")
+}
+
+/// A token of `user` that expired an hour ago (well past the leeway).
+pub fn expired_token_for(user: &str) -> String {
+    let exp = chrono::Utc::now().timestamp() - 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({ "sub": user, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
     )
     .expect("token")
 }

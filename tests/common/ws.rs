@@ -222,6 +222,12 @@ impl WsClient {
             .expect("no connection_ack within the deadline")
     }
 
+    /// The next message without an id (`connection_ack`, `pong`,
+    /// `connection_error`), or `None` once the socket closed without one.
+    pub async fn control_message(&mut self) -> Option<Value> {
+        self.next_control().await
+    }
+
     /// Starts an operation; its messages go to the returned handle.
     pub fn subscribe(&self, query: &str, variables: Value) -> Subscription {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();

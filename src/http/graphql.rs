@@ -1,0 +1,437 @@
+//! GraphQL over HTTP, as its spec (and graphql-http's audit suite) asks:
+//!
+//! - `POST /graphql` takes `application/json` only (anything else is 415:
+//!   no cross-site "simple" requests), one operation or a batch;
+//! - `GET /graphql?query=…` runs queries (urql sends short ones this way);
+//!   a mutation over GET is 405 with `Allow: POST`; a browser asking for
+//!   HTML gets GraphiQL instead;
+//! - the answer is `application/graphql-response+json` when the client
+//!   accepts it, else `application/json`, else 406;
+//! - a request error (the document does not parse or validate, or its
+//!   variables do not fit) has no `data`, and under the newer media type is
+//!   a 400; a request that failed only because the database is unavailable
+//!   is a 503.
+use std::time::Instant;
+
+use async_graphql::parser::types::OperationType;
+use async_graphql::{Response, Variables};
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use serde::Deserialize;
+use std::sync::Arc;
+
+use super::{HttpState, MAX_BATCH, caller_from_headers, request_error};
+use crate::graphql::{self, WireResponse};
+
+const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json; charset=utf-8";
+const JSON: &str = "application/json; charset=utf-8";
+
+/// The media type an answer is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MediaType {
+    /// `application/graphql-response+json`: statuses say what happened.
+    GraphqlResponse,
+    /// `application/json`: 200 for every well-formed request.
+    Json,
+}
+
+/// The quality (`q`) the `Accept` header gives each media range we serve.
+struct Accepts {
+    graphql_response: f32,
+    json: f32,
+    html: f32,
+}
+
+fn accepts(headers: &HeaderMap) -> Option<Accepts> {
+    let header = headers.get(header::ACCEPT)?.to_str().ok()?;
+    let mut accepts = Accepts {
+        graphql_response: 0.0,
+        json: 0.0,
+        html: 0.0,
+    };
+    for range in header.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/graphql-response+json" => {
+                accepts.graphql_response = accepts.graphql_response.max(q)
+            }
+            "application/json" | "application/*" | "*/*" => accepts.json = accepts.json.max(q),
+            "text/html" => accepts.html = accepts.html.max(q),
+            _ => {}
+        }
+    }
+    Some(accepts)
+}
+
+/// The media type to answer in; `None` when the client accepts neither.
+fn negotiate(headers: &HeaderMap) -> Option<MediaType> {
+    let Some(accepts) = accepts(headers) else {
+        return Some(MediaType::Json);
+    };
+    if accepts.graphql_response > 0.0 && accepts.graphql_response >= accepts.json {
+        Some(MediaType::GraphqlResponse)
+    } else if accepts.json > 0.0 {
+        Some(MediaType::Json)
+    } else {
+        None
+    }
+}
+
+/// Whether a GET comes from a browser that wants a page, not data.
+pub fn wants_html(headers: &HeaderMap) -> bool {
+    accepts(headers)
+        .is_some_and(|a| a.html > 0.0 && a.html >= a.graphql_response && a.html >= a.json)
+}
+
+/// One operation as a client sends it, in a POST body or a GET query string.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct WireRequest {
+    query: Option<String>,
+    #[serde(default)]
+    operation_name: Option<String>,
+    #[serde(default)]
+    variables: Option<Variables>,
+    #[serde(default)]
+    extensions: Option<std::collections::HashMap<String, async_graphql::Value>>,
+}
+
+/// Why a request is not a well-formed GraphQL-over-HTTP request: a 400.
+pub(crate) struct Malformed(String);
+
+impl IntoResponse for Malformed {
+    fn into_response(self) -> HttpResponse {
+        request_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", self.0)
+    }
+}
+
+fn malformed(message: String) -> Malformed {
+    Malformed(message)
+}
+
+impl WireRequest {
+    pub(crate) fn into_request(self) -> Result<async_graphql::Request, Malformed> {
+        let Some(query) = self.query else {
+            return Err(malformed(
+                "the request has no query: send {\"query\": \"…\"}".into(),
+            ));
+        };
+        let mut request = async_graphql::Request::new(query);
+        if let Some(name) = self.operation_name {
+            request = request.operation_name(name);
+        }
+        if let Some(variables) = self.variables {
+            request = request.variables(variables);
+        }
+        if let Some(extensions) = self.extensions {
+            request.extensions = async_graphql::Extensions(extensions);
+        }
+        Ok(request)
+    }
+}
+
+/// What the log line says of an operation, and what its answer needs.
+struct Operation {
+    name: Option<String>,
+    kind: Option<OperationType>,
+    /// Introspection of the schema's description (see `hide_schema_description`).
+    schema_description: Vec<(String, String)>,
+}
+
+/// Hands the engine the cached parse of the request's document.
+fn prepare(
+    state: &HttpState,
+    mut request: async_graphql::Request,
+) -> (async_graphql::Request, Operation) {
+    let mut operation = Operation {
+        name: request.operation_name.clone(),
+        kind: None,
+        schema_description: Vec::new(),
+    };
+    if let Some(document) = state.documents.document(&request.query) {
+        operation.kind = graphql::operation_type(&document, operation.name.as_deref());
+        if request.query.contains("__schema") {
+            operation.schema_description =
+                graphql::schema_description_keys(&document, operation.name.as_deref());
+        }
+        request.set_parsed_query(document);
+    }
+    (request, operation)
+}
+
+fn kind_name(kind: Option<OperationType>) -> &'static str {
+    match kind {
+        Some(OperationType::Query) => "query",
+        Some(OperationType::Mutation) => "mutation",
+        Some(OperationType::Subscription) => "subscription",
+        None => "-",
+    }
+}
+
+/// Logs one line per operation: who asked what, how long it took, and how it ended.
+fn log_operation(request_id: &str, operation: &Operation, response: &Response, started: Instant) {
+    let outcome = response
+        .errors
+        .first()
+        .map(graphql::error_code)
+        .unwrap_or("ok");
+    tracing::info!(
+        target: "taskql::request",
+        request_id,
+        operation = operation.name.as_deref().unwrap_or("-"),
+        kind = kind_name(operation.kind),
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        outcome,
+        "graphql"
+    );
+}
+
+/// The status an answer gets.
+fn status_of(responses: &[Response], media: MediaType, batch: bool) -> StatusCode {
+    if batch {
+        return StatusCode::OK;
+    }
+    let Some(response) = responses.first() else {
+        return StatusCode::OK;
+    };
+    let unavailable = !response.errors.is_empty()
+        && response.data == async_graphql::Value::Null
+        && response
+            .errors
+            .iter()
+            .all(|e| graphql::error_code(e) == "SERVICE_UNAVAILABLE");
+    if unavailable {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if media == MediaType::GraphqlResponse && graphql::is_request_error(response) {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    }
+}
+
+fn answer(responses: Vec<Response>, media: MediaType, batch: bool) -> HttpResponse {
+    let status = status_of(&responses, media, batch);
+    let body = if batch {
+        let wire: Vec<WireResponse<'_>> = responses.iter().map(WireResponse::from).collect();
+        serde_json::to_vec(&wire)
+    } else {
+        serde_json::to_vec(&WireResponse::from(&responses[0]))
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot serialize a GraphQL response");
+            return request_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL_SERVER_ERROR",
+                "internal server error".into(),
+            );
+        }
+    };
+    let content_type = match media {
+        MediaType::GraphqlResponse => GRAPHQL_RESPONSE_JSON,
+        MediaType::Json => JSON,
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
+}
+
+fn request_id(headers: &HeaderMap) -> &str {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+}
+
+/// Runs the operations and answers in `media`.
+async fn run(
+    state: &HttpState,
+    headers: &HeaderMap,
+    requests: Vec<async_graphql::Request>,
+    media: MediaType,
+    batch: bool,
+) -> HttpResponse {
+    let caller = caller_from_headers(&state.auth, headers);
+    let request_id = request_id(headers);
+    let mut responses = Vec::with_capacity(requests.len());
+    for request in requests {
+        let started = Instant::now();
+        let (request, operation) = prepare(state, request);
+        let mut response = state.schema.execute(request.data(caller.clone())).await;
+        graphql::hide_schema_description(&mut response, &operation.schema_description);
+        graphql::finish(&mut response);
+        log_operation(request_id, &operation, &response, started);
+        responses.push(response);
+    }
+    answer(responses, media, batch)
+}
+
+fn not_acceptable() -> HttpResponse {
+    request_error(
+        StatusCode::NOT_ACCEPTABLE,
+        "NOT_ACCEPTABLE",
+        "accept application/graphql-response+json or application/json".into(),
+    )
+}
+
+/// Whether the body is declared JSON (any charset other than UTF-8 is not).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mut parts = value.split(';');
+    let media = parts.next().unwrap_or_default().trim();
+    media.eq_ignore_ascii_case("application/json")
+        && parts.all(|param| match param.split_once('=') {
+            Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+                value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+            }
+            _ => true,
+        })
+}
+
+pub async fn post(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> HttpResponse {
+    state
+        .metrics
+        .http_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if !is_json(&headers) {
+        return request_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the request as JSON with Content-Type: application/json".into(),
+        );
+    }
+    let Some(media) = negotiate(&headers) else {
+        return not_acceptable();
+    };
+    let bytes = match super::read_body(&state, &headers, body).await {
+        Ok(bytes) => bytes,
+        Err(response) => return response,
+    };
+    let (requests, batch) = match parse_body(&bytes) {
+        Ok(parsed) => parsed,
+        Err(malformed) => return malformed.into_response(),
+    };
+    run(&state, &headers, requests, media, batch).await
+}
+
+fn parse_body(bytes: &Bytes) -> Result<(Vec<async_graphql::Request>, bool), Malformed> {
+    let not_json = |err: serde_json::Error| {
+        malformed(format!(
+            "the body is not a GraphQL request in JSON: {}",
+            crate::error::echo(&err.to_string())
+        ))
+    };
+    let batch = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'[');
+    if batch {
+        let list: Vec<WireRequest> = serde_json::from_slice(bytes).map_err(not_json)?;
+        if list.is_empty() || list.len() > MAX_BATCH {
+            return Err(malformed(format!(
+                "a batch must hold 1 to {MAX_BATCH} operations"
+            )));
+        }
+        let requests = list
+            .into_iter()
+            .map(WireRequest::into_request)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((requests, true))
+    } else {
+        let single: WireRequest = serde_json::from_slice(bytes).map_err(not_json)?;
+        Ok((vec![single.into_request()?], false))
+    }
+}
+
+/// `GET /graphql`: GraphiQL for a browser, else the query in the URL.
+pub async fn get(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> HttpResponse {
+    if wants_html(&headers) {
+        return super::graphiql().await.into_response();
+    }
+    state
+        .metrics
+        .http_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let Some(media) = negotiate(&headers) else {
+        return not_acceptable();
+    };
+    let request = match parse_query_string(query.as_deref().unwrap_or_default()) {
+        Ok(request) => request,
+        Err(malformed) => return malformed.into_response(),
+    };
+    // Only queries over GET: a GET must not change anything.
+    if let Some(document) = state.documents.document(&request.query)
+        && graphql::operation_type(&document, request.operation_name.as_deref())
+            == Some(OperationType::Mutation)
+    {
+        let mut response = request_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "mutations must be sent with POST".into(),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    run(&state, &headers, vec![request], media, false).await
+}
+
+/// A GET's `query`, `operationName`, and JSON-encoded `variables` and `extensions`.
+fn parse_query_string(query: &str) -> Result<async_graphql::Request, Malformed> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Params {
+        query: Option<String>,
+        operation_name: Option<String>,
+        variables: Option<String>,
+        extensions: Option<String>,
+    }
+    let params: Params = serde_urlencoded::from_str(query)
+        .map_err(|err| malformed(format!("the query string does not parse: {err}")))?;
+    fn json<T: serde::de::DeserializeOwned>(
+        field: &str,
+        text: Option<String>,
+    ) -> Result<Option<T>, Malformed> {
+        match text.as_deref().map(str::trim) {
+            None | Some("") | Some("null") => Ok(None),
+            Some(text) => serde_json::from_str(text).map(Some).map_err(|err| {
+                malformed(format!(
+                    "{field} must be a JSON object: {}",
+                    crate::error::echo(&err.to_string())
+                ))
+            }),
+        }
+    }
+    WireRequest {
+        query: params.query,
+        operation_name: params.operation_name.filter(|name| !name.is_empty()),
+        variables: json("variables", params.variables)?,
+        extensions: json("extensions", params.extensions)?,
+    }
+    .into_request()
+}
