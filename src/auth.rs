@@ -1,5 +1,7 @@
 //! Who is calling: a verified JWT becomes a `CurrentUser`.
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -71,6 +73,36 @@ pub struct Authenticator {
     issuer: Option<String>,
     audience: Option<String>,
     service_role: String,
+    verified: Arc<VerifiedTokens>,
+}
+
+/// Tokens that verified, with the caller each makes. A client sends the same
+/// token with every request until it expires; checking its signature and
+/// claims again costs more than a small request's own work. Only an exact
+/// token string finds its entry, and `exp` is checked on every use.
+#[derive(Default)]
+struct VerifiedTokens(Mutex<HashMap<Box<str>, CurrentUser>>);
+
+/// Tokens kept before the cache starts over.
+const VERIFIED_TOKENS: usize = 4096;
+
+impl VerifiedTokens {
+    fn get(&self, token: &str) -> Option<CurrentUser> {
+        let user = self.lock().get(token).cloned()?;
+        (!user.has_expired()).then_some(user)
+    }
+
+    fn insert(&self, token: &str, user: &CurrentUser) {
+        let mut tokens = self.lock();
+        if tokens.len() >= VERIFIED_TOKENS {
+            tokens.clear();
+        }
+        tokens.insert(token.into(), user.clone());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, CurrentUser>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +148,7 @@ impl Authenticator {
             issuer: issuer.map(str::to_owned),
             audience: audience.map(str::to_owned),
             service_role: service_role.to_owned(),
+            verified: Default::default(),
         })
     }
 
@@ -133,6 +166,15 @@ impl Authenticator {
     }
 
     pub fn authenticate_token(&self, token: &str) -> Result<CurrentUser, TaskError> {
+        if let Some(user) = self.verified.get(token) {
+            return Ok(user);
+        }
+        let user = self.verify(token)?;
+        self.verified.insert(token, &user);
+        Ok(user)
+    }
+
+    fn verify(&self, token: &str) -> Result<CurrentUser, TaskError> {
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|err| {
                 use jsonwebtoken::errors::ErrorKind;

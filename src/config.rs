@@ -148,14 +148,9 @@ pub struct Settings {
     /// Most HTTP connections at once (default: from the open-file limit).
     #[arg(long, env = "TASKQL_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<String>,
-    /// Most websockets at once.
-    #[arg(
-        long,
-        env = "TASKQL_MAX_WEBSOCKETS",
-        default_value = "10000",
-        global = true
-    )]
-    pub max_websockets: String,
+    /// Most websockets at once (default: from the open-file limit, at most 10000).
+    #[arg(long, env = "TASKQL_MAX_WEBSOCKETS", global = true)]
+    pub max_websockets: Option<String>,
     /// Longest a shutdown waits for requests in flight.
     #[arg(
         long,
@@ -188,7 +183,7 @@ impl Default for Settings {
             header_timeout: "10s".into(),
             body_timeout: "10s".into(),
             max_connections: None,
-            max_websockets: "10000".into(),
+            max_websockets: None,
             shutdown_timeout: "10s".into(),
             log: "info".into(),
         }
@@ -230,7 +225,8 @@ pub struct Config {
     pub body_timeout: Duration,
     /// `None`: sized from the open-file limit when serving.
     pub max_connections: Option<usize>,
-    pub max_websockets: usize,
+    /// `None`: sized from the open-file limit when serving.
+    pub max_websockets: Option<usize>,
     pub shutdown_timeout: Duration,
 }
 
@@ -519,8 +515,12 @@ impl Config {
             .map(|text| parse_positive("TASKQL_MAX_CONNECTIONS", text, 1_000_000))
             .transpose()?
             .map(|n| n as usize);
-        let max_websockets =
-            parse_positive("TASKQL_MAX_WEBSOCKETS", &settings.max_websockets, 1_000_000)? as usize;
+        let max_websockets = settings
+            .max_websockets
+            .as_deref()
+            .map(|text| parse_positive("TASKQL_MAX_WEBSOCKETS", text, 1_000_000))
+            .transpose()?
+            .map(|n| n as usize);
         let shutdown_timeout =
             parse_timeout("TASKQL_SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?;
         let config = Self {
@@ -559,6 +559,19 @@ impl Config {
 
     pub fn is_postgres(&self) -> bool {
         !self.database_url.starts_with("sqlite:")
+    }
+
+    /// Caps on HTTP connections and websockets: as set, else sized from the
+    /// open-file limit.
+    pub fn connection_caps(&self) -> (usize, usize) {
+        let (connections, websockets) = crate::http::serve::default_caps(
+            crate::http::serve::open_file_limit(),
+            self.db_max_connections as usize,
+        );
+        (
+            self.max_connections.unwrap_or(connections),
+            self.max_websockets.unwrap_or(websockets),
+        )
     }
 
     /// How the service's database connections behave.

@@ -49,6 +49,9 @@ pub struct App {
     pub router: Router,
     pub service: Arc<SeaTaskService>,
     pub db: Db,
+    limits: http::serve::ServeLimits,
+    /// Permits of the websockets the server may hold, and how many.
+    websockets: (Arc<tokio::sync::Semaphore>, usize),
     shutdown: watch::Sender<bool>,
     background: Vec<JoinHandle<()>>,
 }
@@ -92,6 +95,8 @@ impl App {
             )));
         }
 
+        let (max_connections, max_websockets) = config.connection_caps();
+        let websocket_slots = Arc::new(tokio::sync::Semaphore::new(max_websockets));
         let live_subscriptions = LiveSubscriptions::default();
         let schema_service: Arc<dyn TaskService> = service.clone();
         let schema = graphql::build_schema(
@@ -106,7 +111,7 @@ impl App {
             documents: Default::default(),
             live_subscriptions,
             max_subscriptions_per_connection: config.max_subscriptions_per_connection,
-            websocket_slots: Arc::new(tokio::sync::Semaphore::new(config.max_websockets)),
+            websocket_slots: websocket_slots.clone(),
             body_timeout: config.body_timeout,
             shutdown: shutdown_rx,
             metrics: Arc::new(Metrics::default()),
@@ -116,31 +121,33 @@ impl App {
             router: http::router(state),
             service,
             db,
+            limits: http::serve::ServeLimits {
+                header_timeout: config.header_timeout,
+                max_connections,
+                shutdown_timeout: config.shutdown_timeout,
+            },
+            websockets: (websocket_slots, max_websockets),
             shutdown,
             background,
         })
     }
 
-    /// Ends live subscriptions and closes websockets.
-    pub fn begin_shutdown(&self) {
-        let _ = self.shutdown.send(true);
-    }
-
-    /// Serves until `signal` resolves; in-flight requests finish first.
+    /// Serves until `signal` resolves, then shuts down within the
+    /// configured deadline (see `http::serve`).
     pub async fn serve(
         self,
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let shutdown = self.shutdown.clone();
-        let router = self.router.clone();
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                signal.await;
-                tracing::info!("shutting down: finishing in-flight requests");
-                let _ = shutdown.send(true);
-            })
-            .await;
+        let result = http::serve::run(
+            listener,
+            self.router.clone(),
+            self.limits,
+            self.shutdown.clone(),
+            self.websockets.clone(),
+            signal,
+        )
+        .await;
         drop(self);
         result
     }

@@ -709,3 +709,24 @@ async fn workers_list_every_users_tasks() {
         .expect("a long repeated status list is fine");
     assert_eq!(page.edges.len(), 1);
 }
+
+/// Rows are read by position (`Task::from_row`): the table's columns, a
+/// select of the entity and `RETURNING *` must all come in the entity's order.
+#[tokio::test]
+async fn the_table_columns_come_in_the_order_rows_are_read() {
+    let test = TestDb::new().await;
+    let (service, db) = test.service().await;
+    let task = new_task(service.as_ref(), &alice(), "order.check").await;
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT * FROM tasks",
+        ))
+        .await
+        .unwrap()
+        .expect("a row");
+    assert_eq!(row.column_names(), entity::Task::COLUMNS);
+    assert_eq!(entity::Task::from_row(&row).unwrap(), task);
+    let found = service.get_task(task.id, &alice()).await.unwrap();
+    assert_eq!(found, task);
+}

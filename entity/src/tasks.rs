@@ -69,6 +69,54 @@ pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
 
+impl Model {
+    /// The columns in the order of the table (and of [`Column`]), which
+    /// `SELECT *`, `RETURNING *` and SeaORM's selects of this entity all use.
+    pub const COLUMNS: [&'static str; 17] = [
+        "id",
+        "user_id",
+        "type",
+        "status",
+        "result_id",
+        "error_message",
+        "metadata",
+        "progress",
+        "attempts",
+        "idempotency_key",
+        "worker_id",
+        "lease_expires_at",
+        "created_at",
+        "updated_at",
+        "started_at",
+        "completed_at",
+        "version",
+    ];
+
+    /// Reads a row of [`Self::COLUMNS`] by position: the derived reader
+    /// finds every column by name, which costs more than the decoding.
+    pub fn from_row(row: &QueryResult) -> Result<Self, DbErr> {
+        Ok(Self {
+            id: row.try_get_by_index(0)?,
+            user_id: row.try_get_by_index(1)?,
+            task_type: row.try_get_by_index(2)?,
+            status: row.try_get_by_index(3)?,
+            result_id: row.try_get_by_index(4)?,
+            error_message: row.try_get_by_index(5)?,
+            metadata: row.try_get_by_index(6)?,
+            progress: row.try_get_by_index(7)?,
+            attempts: row.try_get_by_index(8)?,
+            idempotency_key: row.try_get_by_index(9)?,
+            worker_id: row.try_get_by_index(10)?,
+            lease_expires_at: row.try_get_by_index(11)?,
+            created_at: row.try_get_by_index(12)?,
+            updated_at: row.try_get_by_index(13)?,
+            started_at: row.try_get_by_index(14)?,
+            completed_at: row.try_get_by_index(15)?,
+            version: row.try_get_by_index(16)?,
+        })
+    }
+}
+
 impl ActiveModel {
     /// A new PENDING task, as every create stores it: never claimed, version 1.
     pub fn pending(

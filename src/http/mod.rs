@@ -21,6 +21,7 @@ use crate::auth::Authenticator;
 use crate::graphql::{Caller, DocumentCache, LiveSubscriptions, TaskSchema};
 
 pub mod graphql;
+pub mod serve;
 pub mod ws;
 
 pub use ws::{CONNECTION_INIT_TIMEOUT, PING_INTERVAL};

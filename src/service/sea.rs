@@ -106,14 +106,12 @@ fn stamp_change(update: &mut UpdateStatement, at: DateTime<Utc>) {
         .value(Column::UpdatedAt, at);
 }
 
-/// Decodes the tasks a `… RETURNING *` statement wrote.
+/// The tasks a statement returns (`RETURNING *`, or a select of the entity).
 async fn rows_of<C: ConnectionTrait>(conn: &C, statement: Statement) -> TaskResult<Vec<Task>> {
     conn.query_all_raw(statement)
         .await?
         .iter()
-        .map(|row| {
-            <Task as sea_orm::FromQueryResult>::from_query_result(row, "").map_err(TaskError::from)
-        })
+        .map(|row| Task::from_row(row).map_err(TaskError::from))
         .collect()
 }
 
@@ -287,8 +285,18 @@ impl SeaTaskService {
         Ok(row.try_get::<bool>("", "locked")?)
     }
 
+    /// The tasks `select` finds.
+    async fn select(&self, select: sea_orm::Select<Tasks>) -> TaskResult<Vec<Task>> {
+        rows_of(self.db(), select.build(self.db().get_database_backend())).await
+    }
+
+    /// The first task `select` finds.
+    async fn select_one(&self, select: sea_orm::Select<Tasks>) -> TaskResult<Option<Task>> {
+        Ok(self.select(select.limit(1)).await?.pop())
+    }
+
     async fn find(&self, task_id: Uuid) -> TaskResult<Option<Task>> {
-        Ok(Tasks::find_by_id(task_id).one(self.db()).await?)
+        self.select_one(Tasks::find_by_id(task_id)).await
     }
 
     /// The task if `user` may see it: their own, or any for a service.
@@ -317,11 +325,12 @@ impl SeaTaskService {
     }
 
     async fn find_by_key(&self, user: &CurrentUser, key: &str) -> TaskResult<Option<Task>> {
-        Ok(Tasks::find()
-            .filter(Column::UserId.eq(&user.id))
-            .filter(Column::IdempotencyKey.eq(key))
-            .one(self.db())
-            .await?)
+        self.select_one(
+            Tasks::find()
+                .filter(Column::UserId.eq(&user.id))
+                .filter(Column::IdempotencyKey.eq(key)),
+        )
+        .await
     }
 }
 
@@ -528,11 +537,13 @@ impl TaskService for SeaTaskService {
                 ),
             );
         }
-        let mut tasks = query
-            .order_by(Column::CreatedAt, Order::Desc)
-            .order_by(Column::Id, Order::Desc)
-            .limit(first + 1)
-            .all(self.db())
+        let mut tasks = self
+            .select(
+                query
+                    .order_by(Column::CreatedAt, Order::Desc)
+                    .order_by(Column::Id, Order::Desc)
+                    .limit(first + 1),
+            )
             .await?;
         let has_next_page = tasks.len() as u64 > first;
         tasks.truncate(first as usize);
@@ -557,12 +568,13 @@ impl TaskService for SeaTaskService {
         if !user.is_service {
             query = query.filter(Column::UserId.eq(&user.id));
         }
-        Ok(query
-            .filter(Column::ResultId.eq(result_id))
-            .order_by(Column::CreatedAt, Order::Desc)
-            .order_by(Column::Id, Order::Desc)
-            .one(self.db())
-            .await?)
+        self.select_one(
+            query
+                .filter(Column::ResultId.eq(result_id))
+                .order_by(Column::CreatedAt, Order::Desc)
+                .order_by(Column::Id, Order::Desc),
+        )
+        .await
     }
 
     #[instrument(skip_all, fields(user = %user.id))]
@@ -572,14 +584,15 @@ impl TaskService for SeaTaskService {
         since: DateTime<Utc>,
         limit: u64,
     ) -> TaskResult<Vec<Task>> {
-        Ok(Tasks::find()
-            .filter(Column::UserId.eq(&user.id))
-            .filter(Column::UpdatedAt.gte(since))
-            .order_by(Column::UpdatedAt, Order::Asc)
-            .order_by(Column::Id, Order::Asc)
-            .limit(limit)
-            .all(self.db())
-            .await?)
+        self.select(
+            Tasks::find()
+                .filter(Column::UserId.eq(&user.id))
+                .filter(Column::UpdatedAt.gte(since))
+                .order_by(Column::UpdatedAt, Order::Asc)
+                .order_by(Column::Id, Order::Asc)
+                .limit(limit),
+        )
+        .await
     }
 
     #[instrument(skip_all, fields(%task_id, user = %user.id))]
