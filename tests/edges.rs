@@ -11,10 +11,14 @@ mod ws;
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use common::edge::{Server, SlowClients, begin, wait_until};
+use common::edge::{
+    Server, SlowClients, Upgrade, begin, open_uninitialised_socket, read_response, wait_until,
+};
 use common::{TestDb, token_for};
 
 /// The short timeouts the tests run with, instead of the 10 s defaults.
@@ -398,5 +402,300 @@ async fn sigterm_closes_websockets_with_1001_and_exits_0_despite_half_sent_reque
     assert_eq!(code, Some(1001), "close code ({reason})");
     let status = exit.expect("taskql did not exit within the shutdown timeout and a margin");
     assert_eq!(status.code(), Some(0), "{status:?}");
+    drop(run);
+}
+
+#[tokio::test]
+async fn a_5_mib_body_gets_a_readable_413_after_the_client_sends_it_all() {
+    let run = begin("a_5_mib_body_gets_a_readable_413").await;
+    let db = TestDb::new().await;
+    let server = Server::start(&db.url, &[]).await;
+    let token = token_for("alice", None);
+    let body = json!({
+        "query": "query($blob: String) { __typename }",
+        "variables": { "blob": "x".repeat(5 * 1024 * 1024) },
+    })
+    .to_string()
+    .into_bytes();
+
+    let mut results = Vec::new();
+    for chunked in [false, true] {
+        let framing = if chunked {
+            "Transfer-Encoding: chunked".to_owned()
+        } else {
+            format!("Content-Length: {}", body.len())
+        };
+        let head = format!(
+            "POST /graphql HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\n{framing}\r\n\r\n",
+            server.addr
+        );
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let started = Instant::now();
+        let mut sent = 0;
+        let write = async {
+            stream.write_all(head.as_bytes()).await?;
+            for piece in body.chunks(64 * 1024) {
+                if chunked {
+                    stream
+                        .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                        .await?;
+                    stream.write_all(piece).await?;
+                    stream.write_all(b"\r\n").await?;
+                } else {
+                    stream.write_all(piece).await?;
+                }
+                sent += piece.len();
+            }
+            if chunked {
+                stream.write_all(b"0\r\n\r\n").await?;
+            }
+            stream.flush().await
+        };
+        let wrote = match tokio::time::timeout(Duration::from_secs(10), write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(format!("{err} after {sent} of {} body bytes", body.len())),
+            Err(_) => Err(format!("stuck after {sent} of {} body bytes", body.len())),
+        };
+        let response = read_response(&mut stream, Duration::from_secs(10)).await;
+        let framing = if chunked { "chunked" } else { "Content-Length" };
+        eprintln!(
+            "5 MiB by {framing}: sending {wrote:?} in {}; response {:?}",
+            seconds(started.elapsed()),
+            response
+                .as_ref()
+                .map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned())),
+        );
+        results.push((framing, wrote, response));
+    }
+
+    for (framing, wrote, response) in results {
+        assert_eq!(
+            wrote,
+            Ok(()),
+            "{framing}: the client could not send its body"
+        );
+        let response = response.unwrap_or_else(|e| panic!("{framing}: no response: {e}"));
+        assert_eq!(response.status, 413, "{framing}: {response:?}");
+        assert_eq!(
+            response.error_code().as_deref(),
+            Some("PAYLOAD_TOO_LARGE"),
+            "{framing}: {response:?}"
+        );
+    }
+    drop(run);
+}
+
+#[tokio::test]
+async fn websockets_beyond_the_cap_get_503_and_uninitialised_ones_close_with_4408() {
+    let run = begin("websockets_beyond_the_cap_get_503").await;
+    let db = TestDb::new().await;
+    let mut server = Server::start(&db.url, &[("TASKQL_MAX_WEBSOCKETS", "100")]).await;
+    let token = token_for("alice", None);
+    let warm = server
+        .graphql(&token, LIST_TASKS, json!({}), Duration::from_secs(5))
+        .await;
+    assert!(matches!(warm, Ok((200, _))), "{warm:?}");
+    // One websocket first, so the baseline holds what the first one allocates
+    // once; it must be gone before counting starts.
+    let fds = server.open_fds();
+    let warm = ws::WsClient::connect_as(&server.ws_url, &token).await;
+    drop(warm);
+    assert!(
+        wait_until(Duration::from_secs(2), || server.open_fds() <= fds).await,
+        "the warm-up websocket was not closed"
+    );
+    let rss_before = server.rss_kib();
+
+    let opening = Instant::now();
+    let upgrades: Vec<Upgrade> = futures::stream::iter(0..300)
+        .map(|_| open_uninitialised_socket(&server.ws_url))
+        .buffer_unordered(20)
+        .collect()
+        .await;
+    let opened_in = opening.elapsed();
+    let rss_open = server.rss_kib();
+    let mut sockets = Vec::new();
+    let mut refused = Vec::new();
+    let mut failed = Vec::new();
+    for upgrade in upgrades {
+        match upgrade {
+            Upgrade::Open(socket) => sockets.push(socket),
+            Upgrade::Refused(status, body) => refused.push((status, body)),
+            Upgrade::Failed(err) => failed.push(err),
+        }
+    }
+    let accepted = sockets.len();
+    let refused_503 = refused
+        .iter()
+        .filter(|(status, body)| {
+            *status == 503
+                && body
+                    .as_ref()
+                    .and_then(|b| b["errors"][0]["extensions"]["code"].as_str())
+                    == Some("SERVICE_UNAVAILABLE")
+        })
+        .count();
+
+    // connection_init is due within 10 s.
+    let init_deadline = Duration::from_secs(10) + MARGIN;
+    wait_until(init_deadline.saturating_sub(opening.elapsed()), || {
+        sockets.iter().all(|s| s.is_finished())
+    })
+    .await;
+    let mut codes = std::collections::BTreeMap::new();
+    let mut last_close = None;
+    let mut unclosed = 0;
+    for socket in sockets {
+        if socket.is_finished() {
+            let (code, at) = socket.await.expect("socket reader");
+            *codes.entry(code).or_insert(0) += 1;
+            last_close = last_close.max(Some(at.duration_since(opening)));
+        } else {
+            socket.abort();
+            unclosed += 1;
+        }
+    }
+    let mut rss_after = server.rss_kib();
+    // Generous: the allocator keeps freed pages (a second round of 300
+    // sockets on today's server reuses them, so this is no leak), so what
+    // comes back is bounded by the peak that the cap allows.
+    let rss_limit = rss_before + 32 * 1024;
+    wait_until(Duration::from_secs(5), || {
+        rss_after = server.rss_kib();
+        rss_after <= rss_limit
+    })
+    .await;
+    eprintln!(
+        "300 websockets without connection_init, at most 100: {accepted} opened, {} refused \
+         ({refused_503} with 503 SERVICE_UNAVAILABLE; statuses {:?}), {} failed {:?}, in {}; \
+         close codes {codes:?} (last after {last_close:?}), {unclosed} still open; \
+         RSS {rss_before} KiB before, {rss_open} KiB with them open, {rss_after} KiB after",
+        refused.len(),
+        refused
+            .iter()
+            .map(|(s, _)| *s)
+            .collect::<std::collections::BTreeSet<_>>(),
+        failed.len(),
+        failed.first(),
+        seconds(opened_in),
+    );
+
+    assert_eq!(accepted, 100, "websockets opened with a cap of 100");
+    assert_eq!(
+        refused_503, 200,
+        "upgrades beyond the cap get 503 SERVICE_UNAVAILABLE"
+    );
+    assert_eq!(unclosed, 0, "uninitialised sockets must be closed");
+    assert_eq!(codes.get(&Some(4408)), Some(&100), "close codes {codes:?}");
+    assert!(
+        rss_after <= rss_limit,
+        "RSS {rss_after} KiB after the sockets closed; {rss_before} KiB before"
+    );
+    // The slots are free again.
+    let socket = ws::WsClient::connect_as(&server.ws_url, &token).await;
+    assert!(!socket.is_closed());
+    assert!(server.is_running());
+    drop(run);
+}
+
+#[tokio::test]
+async fn errors_quote_at_most_a_short_piece_of_a_huge_input() {
+    let run = begin("errors_quote_at_most_a_short_piece_of_a_huge_input").await;
+    let db = TestDb::new().await;
+    let server = Server::start(&db.url, &[]).await;
+    let token = token_for("alice", None);
+    let huge = "x".repeat(100 * 1024);
+    let upper = "X".repeat(100 * 1024);
+    let cases: Vec<(&str, String, Value, Option<String>)> = vec![
+        (
+            "inline task id",
+            format!("{{ task(id: \"{huge}\") {{ id }} }}"),
+            json!({}),
+            None,
+        ),
+        (
+            "task id variable",
+            "query($id: ID!) { task(id: $id) { id } }".into(),
+            json!({ "id": huge }),
+            None,
+        ),
+        (
+            "createTask type",
+            format!("mutation {{ createTask(input: {{type: \"{huge}\"}}) {{ id }} }}"),
+            json!({}),
+            None,
+        ),
+        (
+            "taskByResultId",
+            format!("{{ taskByResultId(resultId: \"{huge}\") {{ id }} }}"),
+            json!({}),
+            None,
+        ),
+        ("unknown field", format!("{{ {huge} }}"), json!({}), None),
+        (
+            "unknown enum value",
+            format!("{{ tasks(status: [{upper}]) {{ nodes {{ id }} }} }}"),
+            json!({}),
+            None,
+        ),
+        (
+            "syntax error",
+            format!("{{ task(id: \"{huge}\") {{ id }}"),
+            json!({}),
+            None,
+        ),
+        (
+            "wrongly typed variable",
+            "query($n: Int) { tasks(first: $n) { nodes { id } } }".into(),
+            json!({ "n": huge }),
+            None,
+        ),
+        (
+            "unknown operation name",
+            "query A { tasks { nodes { id } } }".into(),
+            json!({}),
+            Some(huge.clone()),
+        ),
+    ];
+    let http = common::edge::http_client(Duration::from_secs(10));
+    let mut failures = Vec::new();
+    for (what, query, variables, operation) in cases {
+        let mut request = json!({ "query": query, "variables": variables });
+        if let Some(operation) = operation {
+            request["operationName"] = json!(operation);
+        }
+        let response = http
+            .post(format!("{}/graphql", server.base))
+            .bearer_auth(&token)
+            .json(&request)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let longest = body["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["message"].as_str())
+            .map(|m| m.chars().count())
+            .max();
+        let codes = error_codes(&body);
+        eprintln!(
+            "{what}: HTTP {status}, codes {codes:?}, longest message {longest:?} chars, body {} bytes",
+            text.len()
+        );
+        let short = longest.is_some_and(|n| n <= 200) && text.len() <= 4096;
+        if !short || codes.is_empty() || codes.iter().any(|c| c != "BAD_USER_INPUT") {
+            failures.push(format!(
+                "{what}: {codes:?}, longest message {longest:?} chars, body {} bytes: {}",
+                text.len(),
+                text.chars().take(300).collect::<String>()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(run);
 }

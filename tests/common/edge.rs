@@ -554,3 +554,51 @@ async fn slow_client(
         sent,
     }
 }
+
+/// How a websocket upgrade went.
+pub enum Upgrade {
+    /// 101: the socket is open; the task ends with the close code the server
+    /// sent (`None`: closed without a code) and when.
+    Open(tokio::task::JoinHandle<(Option<u16>, Instant)>),
+    /// The server answered the upgrade with this status and body.
+    Refused(u16, Option<Value>),
+    /// Anything else (a reset, a timeout).
+    Failed(String),
+}
+
+/// Opens a `graphql-transport-ws` socket and never sends `connection_init`.
+pub async fn open_uninitialised_socket(ws_url: &str) -> Upgrade {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{Error, Message, http::HeaderValue};
+
+    let mut request = ws_url.into_client_request().expect("a websocket url");
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("graphql-transport-ws"),
+    );
+    let connect = tokio_tungstenite::connect_async(request);
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Err(_) => Upgrade::Failed("no answer to the upgrade within 5 s".into()),
+        Ok(Err(Error::Http(response))) => {
+            let body = response
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok());
+            Upgrade::Refused(response.status().as_u16(), body)
+        }
+        Ok(Err(err)) => Upgrade::Failed(err.to_string()),
+        Ok(Ok((mut socket, _))) => Upgrade::Open(tokio::spawn(async move {
+            while let Some(message) = socket.next().await {
+                match message {
+                    Ok(Message::Close(frame)) => {
+                        return (frame.map(|f| u16::from(f.code)), Instant::now());
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            (None, Instant::now())
+        })),
+    }
+}
