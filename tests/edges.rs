@@ -17,9 +17,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use common::edge::{
-    Server, SlowClients, Upgrade, begin, open_uninitialised_socket, read_response, wait_until,
+    Proxy, ProxyMode, Server, SlowClients, Upgrade, begin, host_port, open_uninitialised_socket,
+    read_response, through, wait_until,
 };
-use common::{TestDb, token_for};
+use common::{TestDb, postgres_url_or_skip, token_for};
 
 /// The short timeouts the tests run with, instead of the 10 s defaults.
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -698,4 +699,183 @@ async fn errors_quote_at_most_a_short_piece_of_a_huge_input() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(run);
+}
+
+/// One request during the outage: what an operator sees of it.
+#[derive(Debug)]
+struct OutageAnswer {
+    what: &'static str,
+    status: Option<u16>,
+    codes: Vec<String>,
+    has_data: bool,
+    took: Duration,
+}
+
+async fn survives_a_postgres_outage(name: &'static str, mode: ProxyMode) {
+    if postgres_url_or_skip(name).is_none() {
+        return;
+    }
+    let run = begin(name).await;
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(&host_port(&db.url)).await;
+    let mut server = Server::start(
+        &through(&db.url, proxy.addr),
+        &[
+            ("TASKQL_DB_ACQUIRE_TIMEOUT", "1s"),
+            ("TASKQL_DB_STATEMENT_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    let token = token_for("alice", None);
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        let (status, body) = server
+            .graphql(&token, CREATE_TASK, json!({}), Duration::from_secs(5))
+            .await
+            .expect("create before the outage");
+        assert_eq!(status, 200, "{body}");
+        created.push(
+            body["data"]["createTask"]["id"]
+                .as_str()
+                .expect("an id")
+                .to_owned(),
+        );
+    }
+
+    proxy.set(mode);
+    let probe = Duration::from_secs(15);
+    let asked = Instant::now();
+    let healthz = (server.get_status("/healthz", probe).await, asked.elapsed());
+    let asked = Instant::now();
+    let readyz = (server.get_status("/readyz", probe).await, asked.elapsed());
+    let mut answers = Vec::new();
+    for (what, query) in [
+        ("list", LIST_TASKS),
+        ("create", CREATE_TASK),
+        ("list again", LIST_TASKS),
+    ] {
+        let asked = Instant::now();
+        let result = server.graphql(&token, query, json!({}), probe).await;
+        let took = asked.elapsed();
+        answers.push(match result {
+            Ok((status, body)) => OutageAnswer {
+                what,
+                status: Some(status),
+                codes: error_codes(&body),
+                has_data: !body["data"].is_null(),
+                took,
+            },
+            Err(err) => OutageAnswer {
+                what,
+                status: None,
+                codes: vec![err],
+                has_data: false,
+                took,
+            },
+        });
+    }
+
+    proxy.set(ProxyMode::Forward);
+    let restored = Instant::now();
+    let mut recovered_after = None;
+    let mut listed = Value::Null;
+    while restored.elapsed() < Duration::from_secs(15) {
+        if let Ok((200, body)) = server
+            .graphql(&token, LIST_TASKS, json!({}), Duration::from_secs(5))
+            .await
+            && body["errors"].is_null()
+        {
+            recovered_after = Some(restored.elapsed());
+            listed = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let readyz_after = server.get_status("/readyz", Duration::from_secs(5)).await;
+    let direct = common::count_rows(&db.connect().await).await;
+    eprintln!(
+        "{mode:?}: /healthz {:?} in {}, /readyz {:?} in {}; during the outage {answers:?}; \
+         recovered {recovered_after:?} after the restore; /readyz then {readyz_after:?}; \
+         {direct} rows in the database; alive: {}",
+        healthz.0,
+        seconds(healthz.1),
+        readyz.0,
+        seconds(readyz.1),
+        server.is_running(),
+    );
+
+    assert_eq!(
+        healthz.0,
+        Ok(200),
+        "/healthz does not depend on the database"
+    );
+    assert!(healthz.1 < Duration::from_secs(1));
+    assert_eq!(readyz.0, Ok(503), "/readyz during the outage");
+    assert!(
+        readyz.1 < Duration::from_millis(1500),
+        "/readyz took {:?}",
+        readyz.1
+    );
+    // A statement already sent on a silent connection waits for the statement
+    // timeout (1 s) and the client's grace (2 s); anything else, for the
+    // acquire timeout (1 s).
+    let limit = match mode {
+        ProxyMode::Partition => Duration::from_secs(5),
+        _ => Duration::from_millis(2500),
+    };
+    for answer in &answers {
+        let what = answer.what;
+        assert_eq!(answer.status, Some(503), "{what}: {answer:?}");
+        assert!(
+            !answer.codes.is_empty() && answer.codes.iter().all(|c| c == "SERVICE_UNAVAILABLE"),
+            "{answer:?}"
+        );
+        assert!(!answer.has_data, "{answer:?}");
+        assert!(answer.took < limit, "{answer:?}: over {limit:?}");
+    }
+    let recovered_after = recovered_after.expect("requests succeed again after the restore");
+    assert!(
+        recovered_after < Duration::from_secs(5),
+        "recovered only after {recovered_after:?}"
+    );
+    let ids: Vec<&str> = listed["data"]["tasks"]["nodes"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    for id in &created {
+        assert!(ids.contains(&id.as_str()), "task {id} was lost: {ids:?}");
+    }
+    assert_eq!(direct, ids.len() as i64, "rows in the database vs listed");
+    assert_eq!(readyz_after, Ok(200));
+    assert!(server.is_running());
+    drop(run);
+}
+
+#[tokio::test]
+async fn postgres_refusing_connections_gives_503_then_recovers_without_losing_tasks() {
+    survives_a_postgres_outage(
+        "postgres_refusing_connections_gives_503_then_recovers_without_losing_tasks",
+        ProxyMode::Refuse,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_blackholed_gives_503_then_recovers_without_losing_tasks() {
+    survives_a_postgres_outage(
+        "postgres_blackholed_gives_503_then_recovers_without_losing_tasks",
+        ProxyMode::Blackhole,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_partitioned_mid_connection_gives_503_then_recovers_without_losing_tasks() {
+    survives_a_postgres_outage(
+        "postgres_partitioned_mid_connection_gives_503_then_recovers_without_losing_tasks",
+        ProxyMode::Partition,
+    )
+    .await;
 }
