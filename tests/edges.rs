@@ -6,8 +6,6 @@
 //! Each test prints what it measured (`cargo test --test edges -- --nocapture`)
 //! before it asserts, so a failure still shows the numbers.
 mod common;
-#[path = "common/ws.rs"]
-mod ws;
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +18,7 @@ use common::edge::{
     Proxy, ProxyMode, Server, SlowClients, Upgrade, begin, host_port, open_uninitialised_socket,
     read_response, through, wait_until,
 };
-use common::{TestDb, postgres_url_or_skip, token_for};
+use common::{TestDb, postgres_url_or_skip, token_for, ws};
 
 /// The short timeouts the tests run with, instead of the 10 s defaults.
 const TIMEOUT: Duration = Duration::from_secs(2);
