@@ -2,6 +2,7 @@
 //! PostgreSQL when `TASKQL_TEST_DATABASE_URL` is set.
 #![allow(dead_code)]
 
+pub mod edge;
 pub mod js;
 pub mod ws;
 use std::sync::Arc;
