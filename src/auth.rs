@@ -101,7 +101,9 @@ impl VerifiedTokens {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, CurrentUser>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -51,8 +51,7 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
     let app = taskql::App::build(&config)
         .await
         .map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = taskql::http::serve::bind(config.listen)
         .map_err(|e| format!("TASKQL_LISTEN: cannot listen on {}: {e}", config.listen))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%address, "taskql is serving");

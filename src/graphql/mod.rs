@@ -248,28 +248,46 @@ pub fn hide_schema_description(response: &mut Response, keys: &[(String, String)
     }
 }
 
-/// Longest error message sent; longer ones (an engine error quoting a huge
-/// value) are cut.
-const MAX_MESSAGE_CHARS: usize = 500;
+/// Longest error message sent; longer ones (an engine error pointing into
+/// a huge document) are cut.
+const MAX_MESSAGE_CHARS: usize = 300;
 
 /// Readies a response for the wire: errors the engine raised itself
 /// (syntax, validation, limits, mistyped arguments) are the client's input,
-/// so BAD_USER_INPUT; ours carry their code already. Overlong messages are cut.
+/// so BAD_USER_INPUT; ours carry their code already. Messages quote at most
+/// [`crate::error::MAX_ECHO_CHARS`] of any input.
 pub fn finish(response: &mut Response) {
     for error in &mut response.errors {
         let extensions = error.extensions.get_or_insert_with(Default::default);
         if extensions.get("code").is_none() {
             extensions.set("code", Value::from("BAD_USER_INPUT"));
         }
-        if error.message.chars().count() > MAX_MESSAGE_CHARS {
-            error.message = error
-                .message
-                .chars()
-                .take(MAX_MESSAGE_CHARS)
-                .collect::<String>()
-                + "…";
+        if error.message.len() > crate::error::MAX_ECHO_CHARS {
+            error.message = shorten_message(&error.message);
         }
     }
+}
+
+/// Cuts every quoted piece of `message` (the engine quotes names and
+/// values the client sent) to [`crate::error::MAX_ECHO_CHARS`], and the
+/// whole to [`MAX_MESSAGE_CHARS`].
+fn shorten_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(4 * MAX_MESSAGE_CHARS));
+    for (i, piece) in message.split('"').enumerate() {
+        if i > 0 {
+            out.push('"');
+        }
+        // Odd pieces are inside quotes.
+        if i % 2 == 1 {
+            out.push_str(&crate::error::echo(piece));
+        } else {
+            out.push_str(piece);
+        }
+    }
+    if out.chars().count() > MAX_MESSAGE_CHARS {
+        out = out.chars().take(MAX_MESSAGE_CHARS).collect::<String>() + "…";
+    }
+    out
 }
 
 /// Whether the operation never ran: the document did not parse or validate,
@@ -307,5 +325,26 @@ impl<'a> From<&'a Response> for WireResponse<'a> {
             errors: &response.errors,
             extensions: &response.extensions,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_quote_little_of_the_input() {
+        let huge = "x".repeat(100_000);
+        let message = format!("Unknown field \"{huge}\" on type \"Query\".");
+        let short = shorten_message(&message);
+        assert!(short.starts_with("Unknown field \"xxx"), "{short}");
+        assert!(short.ends_with("…\" on type \"Query\"."), "{short}");
+        assert!(short.chars().count() < 160, "{}", short.chars().count());
+        let caret = format!(
+            " --> 1:9\n  |\n1 | {{ {huge}\n  |{}^---",
+            " ".repeat(100_000)
+        );
+        assert!(shorten_message(&caret).chars().count() <= MAX_MESSAGE_CHARS + 1);
+        assert_eq!(shorten_message("plain"), "plain");
     }
 }

@@ -4,16 +4,24 @@
 //! clients are let go), accept errors that are survived rather than looped
 //! on, and a shutdown that waits for requests in flight only so long.
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Sleep;
+use tower::ServiceExt;
 
 /// How the accept loop bounds its clients.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +40,22 @@ const RESERVED_DESCRIPTORS: usize = 32;
 /// Connection caps when the open-file limit is unknown or very high.
 const MAX_DEFAULT_CONNECTIONS: usize = 50_000;
 const MAX_DEFAULT_WEBSOCKETS: usize = 10_000;
+
+/// Connections the kernel may hold, accepted, until the loop takes them:
+/// clients beyond the connection cap wait here rather than time out.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `address` with a deep backlog (tokio's own is 128).
+pub fn bind(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// The process's soft limit on open files (Linux: /proc/self/limits).
 pub fn open_file_limit() -> Option<usize> {
@@ -66,7 +90,10 @@ struct AcceptErrors {
 impl AcceptErrors {
     async fn note(&mut self, err: std::io::Error) {
         self.count += 1;
-        if self.since.is_none_or(|since| since.elapsed() > Duration::from_secs(5)) {
+        if self
+            .since
+            .is_none_or(|since| since.elapsed() > Duration::from_secs(5))
+        {
             tracing::warn!(error = %err, errors = self.count, "cannot accept connections");
             self.since = Some(Instant::now());
             self.count = 0;
@@ -123,7 +150,9 @@ pub async fn run(
             _ = &mut signal => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let activity = Arc::new(Activity::default());
+        let stream = Watched::new(stream, activity.clone(), limits.header_timeout);
+        let service = TowerToHyperService::new(counted(router.clone(), activity));
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
@@ -156,6 +185,150 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// What a connection is doing, as its requests see it.
+#[derive(Default)]
+struct Activity {
+    /// Requests being answered.
+    busy: AtomicUsize,
+    /// Switched protocols (a websocket): its own pings judge it from then on.
+    upgraded: AtomicBool,
+}
+
+/// Counts a request as busy until its response is ready (or it is dropped).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The router, marking the connection busy while it answers.
+fn counted(
+    router: Router,
+    activity: Arc<Activity>,
+) -> impl tower::Service<
+    axum::http::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
+> + Clone {
+    tower::service_fn(move |request: axum::http::Request<Incoming>| {
+        activity.busy.fetch_add(1, Ordering::Relaxed);
+        let busy = Busy(activity.clone());
+        let answer = router.clone().oneshot(request.map(Body::new));
+        async move {
+            let response = answer.await;
+            if let Ok(response) = &response
+                && response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                busy.0.upgraded.store(true, Ordering::Relaxed);
+            }
+            drop(busy);
+            response
+        }
+    })
+}
+
+/// A client connection that is let go once it has been quiet for the
+/// header timeout while no request of its is being answered: one that
+/// never sends anything, or idles between requests. (hyper's own header
+/// timeout only starts at a request's first byte.)
+struct Watched<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+    quiet: Pin<Box<Sleep>>,
+    limit: Duration,
+}
+
+impl<IO> Watched<IO> {
+    fn new(io: IO, activity: Arc<Activity>, limit: Duration) -> Self {
+        Self {
+            io,
+            activity,
+            quiet: Box::pin(tokio::time::sleep(limit)),
+            limit,
+        }
+    }
+
+    fn heard(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.limit;
+        self.quiet.as_mut().reset(deadline);
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.heard();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let idle = self.activity.busy.load(Ordering::Relaxed) == 0
+                    && !self.activity.upgraded.load(Ordering::Relaxed);
+                if idle && self.quiet.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent nothing within the header timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written
+            && n > 0
+        {
+            self.heard();
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written
+            && n > 0
+        {
+            self.heard();
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
