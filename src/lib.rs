@@ -12,6 +12,7 @@ pub mod http;
 pub mod pg_events;
 pub mod pg_listener;
 pub mod service;
+pub mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
