@@ -1,8 +1,8 @@
 //! The task event bus: every committed change of a task, in process.
 //!
-//! Subscribers listen on a topic (one task, or one user's tasks), so a change
-//! wakes only those who watch it: 10k watchers of 10k tasks cost one wake-up
-//! per change, not 10k. On PostgreSQL, changes also travel between instances
+//! Subscribers listen on a topic (one task, one user's tasks, or every task
+//! for workers), so a change wakes only those who watch it: 10k watchers of
+//! 10k tasks cost one wake-up per change, not 10k. On PostgreSQL, changes also travel between instances
 //! through LISTEN/NOTIFY (see `crate::pg_listener`).
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,12 +51,16 @@ pub enum Topic {
     Task(Uuid),
     /// Changes of every task one user owns.
     User(String),
+    /// Changes of every task: a worker's `taskEvents`.
+    All,
 }
 
 /// Events a slow task watcher may fall behind by before it re-reads instead.
 const TASK_TOPIC_CAPACITY: usize = 32;
 /// Events a slow `taskEvents` subscriber may fall behind by.
 const USER_TOPIC_CAPACITY: usize = 1024;
+/// Events a slow worker's `taskEvents` (every user's changes) may fall behind by.
+const ALL_TOPIC_CAPACITY: usize = 4096;
 
 struct Inner {
     topics: Mutex<HashMap<Topic, broadcast::Sender<Arc<TaskEvent>>>>,
@@ -105,7 +109,7 @@ impl EventBus {
         let user_topic = Topic::User(event.task.user_id.clone());
         let event = Arc::new(event);
         let topics = self.topics();
-        for topic in [task_topic, user_topic] {
+        for topic in [task_topic, user_topic, Topic::All] {
             if let Some(sender) = topics.get(&topic) {
                 // Nobody left listening is fine.
                 let _ = sender.send(event.clone());
@@ -118,6 +122,7 @@ impl EventBus {
         let capacity = match topic {
             Topic::Task(_) => TASK_TOPIC_CAPACITY,
             Topic::User(_) => USER_TOPIC_CAPACITY,
+            Topic::All => ALL_TOPIC_CAPACITY,
         };
         let receiver = topics
             .entry(topic.clone())

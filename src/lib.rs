@@ -12,6 +12,7 @@ pub mod http;
 pub mod pg_events;
 pub mod pg_listener;
 pub mod service;
+pub mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ use crate::service::{SeaTaskService, TaskService};
 pub const REAPER_INTERVAL: Duration = Duration::from_millis(500);
 /// How often retention runs, when configured.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+/// How often (on PostgreSQL) task count deltas are folded into the counters.
+pub const FOLD_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -87,6 +90,7 @@ impl App {
             background.push(tokio::spawn(prune_forever(service.clone(), retention)));
         }
         if config.is_postgres() {
+            background.push(tokio::spawn(fold_counts_forever(service.clone())));
             background.push(tokio::spawn(pg_listener::run(
                 config.database_url.clone(),
                 db.clone(),
@@ -169,6 +173,17 @@ async fn reap_forever(service: Arc<SeaTaskService>, max_attempts: i32) {
         ticker.tick().await;
         if let Err(err) = service.reap_expired_leases(max_attempts).await {
             tracing::warn!(error = %err, "lease reaper pass failed; retrying");
+        }
+    }
+}
+
+async fn fold_counts_forever(service: Arc<SeaTaskService>) {
+    let mut ticker = tokio::time::interval(FOLD_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(err) = service.fold_count_deltas().await {
+            tracing::warn!(error = %err, "folding task count deltas failed; retrying");
         }
     }
 }

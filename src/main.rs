@@ -80,6 +80,20 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
         say(format!("  http://{address}/graphql#token={token}"));
         say("Token (for the Authorization: Bearer header):".into());
         say(format!("  {token}"));
+        // A worker token: the dashboard shows (and can change) every user's tasks.
+        let dashboard = taskql::auth::issue_token(
+            secret,
+            "dashboard",
+            Some(&config.service_role),
+            std::time::Duration::from_secs(7 * 86_400),
+            config.jwt_issuer.as_deref(),
+            config.jwt_audience.as_deref(),
+        )?;
+        say(format!(
+            "Dashboard, signed in for 7 days as worker 'dashboard' (role '{}': sees and changes every user's tasks):",
+            config.service_role
+        ));
+        say(format!("  http://{address}/ui#token={dashboard}"));
     }
     app.serve(listener, shutdown)
         .await

@@ -414,3 +414,44 @@ fn token_ttl_is_at_most_100_years() {
         36_500 * 86_400
     );
 }
+
+#[tokio::test]
+async fn the_local_secret_banner_links_the_dashboard_as_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = taskql(dir.path())
+        .env("TASKQL_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut base = None;
+    let mut said = Vec::new();
+    let mut link = None;
+    while let Some(Ok(line)) = lines.next() {
+        if let Some(url) = line.strip_prefix("taskql is serving on ") {
+            base = Some(url.trim().to_owned());
+        }
+        if let Some((_, token)) = line.split_once("/ui#token=") {
+            link = Some((line.trim().to_owned(), token.trim().to_owned()));
+            break;
+        }
+        said.push(line);
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let base = base.expect("printed its URL");
+    let (link, token) = link.expect("printed a dashboard link");
+    assert_eq!(link, format!("{base}/ui#token={token}"));
+    let intro = said.last().unwrap();
+    assert!(
+        intro.contains("Dashboard") && intro.contains("worker 'dashboard'"),
+        "{intro}"
+    );
+    // The token is a worker's: it may claim (and sees every user's tasks).
+    let http = reqwest::Client::new();
+    let claimed = graphql(&http, &base, &token, "mutation { claimTask { id } }").await;
+    assert!(claimed["errors"].is_null(), "{claimed}");
+    let page = http.get(format!("{base}/ui")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(terminate(&mut child).success());
+}

@@ -433,6 +433,7 @@ async fn pagination_gives_each_task_once_newest_first() {
             TaskFilter {
                 statuses: vec![],
                 task_type: Some("image".into()),
+                ..Default::default()
             },
             100,
             None,
@@ -456,7 +457,7 @@ async fn pagination_gives_each_task_once_newest_first() {
             &user,
             TaskFilter {
                 statuses: vec![TaskStatus::Processing, TaskStatus::Cancelled],
-                task_type: None,
+                ..Default::default()
             },
             100,
             None,
@@ -701,7 +702,7 @@ async fn workers_list_every_users_tasks() {
     assert_eq!(page.edges.len(), 2);
     let repeated = TaskFilter {
         statuses: vec![TaskStatus::Pending; 70_000],
-        task_type: None,
+        ..Default::default()
     };
     let page = service
         .get_tasks_by_user(&alice(), repeated, 10, None)

@@ -3,6 +3,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_create_tasks;
 mod m20261126_000002_index_created_at;
+mod m20261127_000003_task_counts;
 
 pub struct Migrator;
 
@@ -12,6 +13,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261126_000001_create_tasks::Migration),
             Box::new(m20261126_000002_index_created_at::Migration),
+            Box::new(m20261127_000003_task_counts::Migration),
         ]
     }
 }

@@ -28,6 +28,16 @@ impl MutationRoot {
         Ok(task.into())
     }
 
+    /// Puts your FAILED or CANCELLED task back to PENDING, as new: attempts
+    /// 0, no error, result, worker or progress. Any task, for a worker.
+    /// CONFLICT in any other status.
+    async fn retry_task(&self, ctx: &Context<'_>, id: ID) -> Result<Task> {
+        let user = caller(ctx)?;
+        let id = task_id(&id)?;
+        let task = service(ctx).retry_task(id, user).await.map_err(gql)?;
+        Ok(task.into())
+    }
+
     /// Deletes your task, whatever its status.
     async fn delete_task(&self, ctx: &Context<'_>, id: ID) -> Result<bool> {
         let user = caller(ctx)?;

@@ -1,8 +1,8 @@
 use async_graphql::{Context, ID, Object, Result};
 
-use super::types::{Task, TaskConnection, TaskStatus};
+use super::types::{Task, TaskConnection, TaskStats, TaskStatus};
 use super::{caller, gql, service, task_id};
-use crate::service::{MAX_PAGE_SIZE, TaskFilter};
+use crate::service::{MAX_PAGE_SIZE, StatsRequest, TaskFilter};
 
 pub struct QueryRoot;
 
@@ -16,7 +16,8 @@ impl QueryRoot {
         Ok(Some(task.into()))
     }
 
-    /// Your tasks, newest first.
+    /// Your tasks, newest first. `userId` picks one owner's tasks (for
+    /// workers, who see every user's).
     #[graphql(
         complexity = "(first.unwrap_or(10).clamp(1, MAX_PAGE_SIZE as i32) as usize) * child_complexity"
     )]
@@ -25,6 +26,7 @@ impl QueryRoot {
         ctx: &Context<'_>,
         status: Option<Vec<TaskStatus>>,
         #[graphql(name = "type")] task_type: Option<String>,
+        user_id: Option<String>,
         #[graphql(default = 10)] first: Option<i32>,
         after: Option<String>,
     ) -> Result<TaskConnection> {
@@ -37,6 +39,7 @@ impl QueryRoot {
                 .map(Into::into)
                 .collect(),
             task_type,
+            user_id,
         };
         let page = service(ctx)
             .get_tasks_by_user(user, filter, first, after.as_deref())
@@ -57,5 +60,36 @@ impl QueryRoot {
             .await
             .map_err(gql)?;
         Ok(task.map(Into::into))
+    }
+
+    /// Counts, throughput, durations, the oldest wait and the workers with
+    /// leases: of your tasks, or of every user's for a worker.
+    async fn task_stats(&self, ctx: &Context<'_>) -> Result<TaskStats> {
+        let user = caller(ctx)?;
+        // Only what the query selects is computed.
+        let selected = ctx.look_ahead();
+        let mut throughput_minutes = Vec::new();
+        for field in selected.field("throughput").selection_fields() {
+            let minutes = field
+                .arguments()?
+                .into_iter()
+                .find(|(name, _)| name.as_str() == "minutes")
+                .and_then(|(_, value)| match value {
+                    async_graphql::Value::Number(n) => Some(n.as_i64().unwrap_or(0)),
+                    // An absent variable or null: the default.
+                    _ => None,
+                })
+                .unwrap_or(60);
+            throughput_minutes.push(i32::try_from(minutes).unwrap_or(0));
+        }
+        let request = StatsRequest {
+            counts: selected.field("byStatus").exists() || selected.field("byType").exists(),
+            throughput_minutes,
+            durations: selected.field("durations").exists(),
+            oldest_pending: selected.field("oldestPendingAgeSeconds").exists(),
+            workers: selected.field("workers").exists(),
+        };
+        let stats = service(ctx).task_stats(user, request).await.map_err(gql)?;
+        Ok(TaskStats(stats))
     }
 }

@@ -209,7 +209,8 @@ impl SubscriptionRoot {
         })
     }
 
-    /// Every create, update and delete of the caller's tasks.
+    /// Every create, update and delete of the caller's tasks; for a worker,
+    /// of every user's tasks.
     async fn task_events(
         &self,
         ctx: &Context<'_>,
@@ -218,7 +219,13 @@ impl SubscriptionRoot {
         let service = service(ctx).clone();
         let mut shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
         let slot = take_slot(ctx)?;
-        let mut events = service.events().subscribe(Topic::User(user.id.clone()));
+        // A worker sees every task, so its stream carries every user's changes.
+        let topic = if user.is_service {
+            Topic::All
+        } else {
+            Topic::User(user.id.clone())
+        };
+        let mut events = service.events().subscribe(topic);
         let mut resyncs = service.events().resyncs();
         let mut seen = SeenVersions::since(chrono::Utc::now());
         let reads = ctx.data_opt::<StreamReads>().cloned().unwrap_or_default();

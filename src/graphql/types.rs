@@ -1,5 +1,5 @@
 //! The API shape of tasks. Storage rows convert into these; they are not rows.
-use async_graphql::{Enum, ID, InputObject, Json, SimpleObject};
+use async_graphql::{Enum, ID, InputObject, Json, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use entity::TaskStatus as StoredStatus;
 
@@ -58,6 +58,15 @@ pub struct Task {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The owner (the `sub` of the token that created the task): for a user
+    /// always themselves; workers see every user's tasks.
+    pub user_id: String,
+    /// Who holds or last held the task's lease, as its claim named it;
+    /// cleared when a lease expires.
+    pub worker_id: Option<String>,
+    /// When the lease of a PROCESSING task runs out unless its worker
+    /// sends a heartbeat.
+    pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
 impl From<entity::Task> for Task {
@@ -75,6 +84,9 @@ impl From<entity::Task> for Task {
             updated_at: task.updated_at,
             started_at: task.started_at,
             completed_at: task.completed_at,
+            user_id: task.user_id,
+            worker_id: task.worker_id,
+            lease_expires_at: task.lease_expires_at,
         }
     }
 }
@@ -154,7 +166,8 @@ pub enum TaskEventKind {
     Deleted,
 }
 
-/// A change to one of the caller's tasks. DELETED carries the last state.
+/// A change to one of the caller's tasks (any user's, for a worker).
+/// DELETED carries the last state.
 #[derive(SimpleObject, Clone, Debug)]
 pub struct TaskEvent {
     pub kind: TaskEventKind,
@@ -171,5 +184,156 @@ impl From<&BusEvent> for TaskEvent {
             },
             task: event.task.clone().into(),
         }
+    }
+}
+
+/// How many tasks are in one status.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct StatusCount {
+    pub status: TaskStatus,
+    pub count: i32,
+}
+
+/// How many tasks of one type are in each status.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct TypeCounts {
+    #[graphql(name = "type")]
+    pub task_type: String,
+    pub pending: i32,
+    pub processing: i32,
+    pub completed: i32,
+    pub failed: i32,
+    pub cancelled: i32,
+}
+
+/// One minute: tasks created in it, and tasks that became COMPLETED or
+/// FAILED in it, of the tasks that still exist.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct ThroughputPoint {
+    /// The start of the minute.
+    pub at: DateTime<Utc>,
+    pub created: i32,
+    pub completed: i32,
+    pub failed: i32,
+}
+
+/// Percentiles, in milliseconds, over the tasks of one type COMPLETED or
+/// FAILED in the last hour (the latest 20,000 at most): wait is from
+/// creation to the first claim, run from the first claim to the end. Null
+/// when no such task has the times.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct TypeDurations {
+    #[graphql(name = "type")]
+    pub task_type: String,
+    pub wait_p50_ms: Option<f64>,
+    pub wait_p95_ms: Option<f64>,
+    pub run_p50_ms: Option<f64>,
+    pub run_p95_ms: Option<f64>,
+    pub run_p99_ms: Option<f64>,
+}
+
+/// A worker holding unexpired leases, as its claims named it.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct WorkerLease {
+    pub worker_id: String,
+    /// PROCESSING tasks it holds.
+    pub tasks: i32,
+    /// The earliest of their leases to run out.
+    pub next_lease_expiry: Option<DateTime<Utc>>,
+}
+
+/// A count as GraphQL's Int (32 bits): more than two billion shows as the most.
+fn int(n: i64) -> i32 {
+    i32::try_from(n).unwrap_or(if n < 0 { i32::MIN } else { i32::MAX })
+}
+
+/// What the caller's tasks (every user's, for a worker) are doing.
+pub struct TaskStats(pub crate::service::TaskStats);
+
+#[Object]
+impl TaskStats {
+    /// Every status, zeros included.
+    async fn by_status(&self) -> Vec<StatusCount> {
+        crate::service::stats::STATUSES
+            .iter()
+            .zip(self.0.by_status)
+            .map(|(status, count)| StatusCount {
+                status: (*status).into(),
+                count: int(count),
+            })
+            .collect()
+    }
+
+    /// Types that have tasks, by name.
+    async fn by_type(&self) -> Vec<TypeCounts> {
+        self.0
+            .by_type
+            .iter()
+            .map(|t| TypeCounts {
+                task_type: t.task_type.clone(),
+                pending: int(t.counts[0]),
+                processing: int(t.counts[1]),
+                completed: int(t.counts[2]),
+                failed: int(t.counts[3]),
+                cancelled: int(t.counts[4]),
+            })
+            .collect()
+    }
+
+    /// One point per minute of the last `minutes` (1 to 1440), oldest
+    /// first; the last is the current minute.
+    async fn throughput(
+        &self,
+        #[graphql(default = 60)] minutes: Option<i32>,
+    ) -> Vec<ThroughputPoint> {
+        // The service computed the longest window asked for (and checked
+        // every one): this window is its last minutes.
+        let points = &self.0.throughput;
+        let wanted = usize::try_from(minutes.unwrap_or(60))
+            .unwrap_or(0)
+            .min(points.len());
+        points[points.len() - wanted..]
+            .iter()
+            .map(|p| ThroughputPoint {
+                at: p.at,
+                created: int(p.created),
+                completed: int(p.completed),
+                failed: int(p.failed),
+            })
+            .collect()
+    }
+
+    /// Wait and run times of the tasks finished in the last hour, by type.
+    async fn durations(&self) -> Vec<TypeDurations> {
+        self.0
+            .durations
+            .iter()
+            .map(|d| TypeDurations {
+                task_type: d.task_type.clone(),
+                wait_p50_ms: d.wait_p50_ms,
+                wait_p95_ms: d.wait_p95_ms,
+                run_p50_ms: d.run_p50_ms,
+                run_p95_ms: d.run_p95_ms,
+                run_p99_ms: d.run_p99_ms,
+            })
+            .collect()
+    }
+
+    /// Seconds the oldest PENDING task has waited; null when none is pending.
+    async fn oldest_pending_age_seconds(&self) -> Option<f64> {
+        self.0.oldest_pending_age_seconds
+    }
+
+    /// Workers holding a lease now, by id.
+    async fn workers(&self) -> Vec<WorkerLease> {
+        self.0
+            .workers
+            .iter()
+            .map(|w| WorkerLease {
+                worker_id: w.worker_id.clone(),
+                tasks: int(w.tasks),
+                next_lease_expiry: w.next_lease_expiry,
+            })
+            .collect()
     }
 }

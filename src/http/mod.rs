@@ -79,6 +79,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::routes())
         .with_state(state)
         // Frontends on other origins send the token in a header, never in a
         // cookie, so any origin may call; nothing ambient is exposed.

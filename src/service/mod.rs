@@ -11,9 +11,11 @@ use crate::error::{TaskError, TaskResult};
 use crate::events::EventBus;
 
 mod sea;
+pub mod stats;
 pub mod validate;
 
 pub use sea::SeaTaskService;
+pub use stats::{StatsRequest, TaskStats};
 
 /// Largest page `get_tasks_by_user` returns.
 pub const MAX_PAGE_SIZE: u64 = 100;
@@ -86,6 +88,8 @@ pub struct TaskFilter {
     /// Empty means any status.
     pub statuses: Vec<TaskStatus>,
     pub task_type: Option<String>,
+    /// The owner; a user's own tasks are the only ones they see anyway.
+    pub user_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -143,7 +147,8 @@ pub trait TaskService: Send + Sync {
         user: &CurrentUser,
     ) -> TaskResult<Option<Task>>;
 
-    /// The user's tasks changed at or after `since`, oldest change first, at
+    /// The tasks changed at or after `since` that `taskEvents` carries to
+    /// `user` (their own; every user's for a worker), oldest change first, at
     /// most `limit`: how a `taskEvents` stream catches up after it may have
     /// missed events.
     async fn get_tasks_changed_since(
@@ -156,6 +161,14 @@ pub trait TaskService: Send + Sync {
     async fn delete_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<bool>;
 
     async fn cancel_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
+
+    /// Puts a FAILED or CANCELLED task back to PENDING, as if new: attempts
+    /// 0, no error, result, worker, lease, times or progress.
+    async fn retry_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
+
+    /// Counts, throughput, durations, the oldest wait and the workers with
+    /// leases, of the user's tasks (every user's for a worker).
+    async fn task_stats(&self, user: &CurrentUser, request: StatsRequest) -> TaskResult<TaskStats>;
 
     /// Takes the oldest pending task (of the given types) under a lease.
     async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>>;

@@ -29,7 +29,8 @@ use uuid::Uuid;
 
 use super::{
     ClaimRequest, DEFAULT_LEASE, Heartbeat, MAX_LEASE, MAX_PAGE_SIZE, NewTask, ReapOutcome,
-    StatusUpdate, TaskFilter, TaskPage, TaskService, Worker, validate,
+    StatsRequest, StatusUpdate, TaskFilter, TaskPage, TaskService, TaskStats, Worker, stats,
+    validate,
 };
 use crate::auth::CurrentUser;
 use crate::db::{Backend, Db, DbTransaction};
@@ -43,6 +44,8 @@ const PRUNE_BATCH: u64 = 500;
 const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
 /// Most creates one statement inserts.
 const MAX_CREATE_BATCH: usize = 64;
+/// PostgreSQL advisory lock key ("taskql" + 2) held by the instance folding count deltas.
+const FOLD_LOCK: i64 = 0x7461_736b_716c_0002;
 
 pub struct SeaTaskService {
     writer: Writer,
@@ -254,6 +257,26 @@ impl SeaTaskService {
 
     pub fn instance_id(&self) -> Uuid {
         self.writer.instance_id
+    }
+
+    /// Folds the task count deltas that PostgreSQL's triggers append into
+    /// the counters, so that `taskStats` sums a few rows; returns how many
+    /// it folded. Counts are exact either way. One instance folds at a time;
+    /// on SQLite the triggers keep the counters themselves and this does
+    /// nothing.
+    #[instrument(skip_all)]
+    pub async fn fold_count_deltas(&self) -> TaskResult<u64> {
+        if self.db().backend() != Backend::Postgres {
+            return Ok(0);
+        }
+        let txn = self.db().begin().await?;
+        if !self.try_exclusive(&txn, FOLD_LOCK).await? {
+            txn.rollback().await?;
+            return Ok(0);
+        }
+        let folded = stats::fold_count_deltas(&txn).await?;
+        txn.commit().await?;
+        Ok(folded)
     }
 
     fn db(&self) -> &Db {
@@ -527,6 +550,10 @@ impl TaskService for SeaTaskService {
             validate::task_type(task_type)?;
             query = query.filter(Column::TaskType.eq(task_type.as_str()));
         }
+        if let Some(owner) = &filter.user_id {
+            validate::label("userId", owner, validate::MAX_USER_ID_LEN)?;
+            query = query.filter(Column::UserId.eq(owner.as_str()));
+        }
         if let Some(cursor) = after {
             let (created_at, id) = decode_cursor(cursor)?;
             query = query.filter(
@@ -584,9 +611,12 @@ impl TaskService for SeaTaskService {
         since: DateTime<Utc>,
         limit: u64,
     ) -> TaskResult<Vec<Task>> {
+        let mut query = Tasks::find();
+        if !user.is_service {
+            query = query.filter(Column::UserId.eq(&user.id));
+        }
         self.select(
-            Tasks::find()
-                .filter(Column::UserId.eq(&user.id))
+            query
                 .filter(Column::UpdatedAt.gte(since))
                 .order_by(Column::UpdatedAt, Order::Asc)
                 .order_by(Column::Id, Order::Asc)
@@ -642,6 +672,42 @@ impl TaskService for SeaTaskService {
                 api_name(status)
             ))),
         }
+    }
+
+    #[instrument(skip_all, fields(%task_id, user = %user.id))]
+    async fn retry_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
+        let at = now();
+        let mut stmt = self.update_of(task_id);
+        stmt.value(Column::Status, TaskStatus::Pending.as_str())
+            .value(Column::Attempts, 0)
+            .value(Column::Progress, Option::<i32>::None)
+            .value(Column::ResultId, Option::<String>::None)
+            .value(Column::ErrorMessage, Option::<String>::None)
+            .value(Column::WorkerId, Option::<String>::None)
+            .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None)
+            .value(Column::StartedAt, Option::<DateTime<Utc>>::None)
+            .value(Column::CompletedAt, Option::<DateTime<Utc>>::None)
+            .and_where(
+                Expr::col(Column::Status)
+                    .is_in(statuses(&[TaskStatus::Failed, TaskStatus::Cancelled])),
+            );
+        if !user.is_service {
+            stmt.and_where(Expr::col(Column::UserId).eq(user.id.as_str()));
+        }
+        stamp_change(&mut stmt, at);
+        if let Some(task) = self.update_rows(stmt).await?.pop() {
+            return Ok(task);
+        }
+        let task = self.unchanged(task_id, Some(user)).await?;
+        Err(TaskError::conflict(format!(
+            "task is {}; only FAILED or CANCELLED tasks can be retried",
+            api_name(task.status)
+        )))
+    }
+
+    #[instrument(skip_all, fields(user = %user.id))]
+    async fn task_stats(&self, user: &CurrentUser, request: StatsRequest) -> TaskResult<TaskStats> {
+        stats::task_stats(self.db(), user, &request).await
     }
 
     #[instrument(skip_all, fields(worker = worker.id()))]

@@ -7,6 +7,8 @@ pub const MAX_RESULT_ID_LEN: usize = 255;
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1000;
 pub const MAX_KEY_LEN: usize = 255;
 pub const MAX_WORKER_ID_LEN: usize = 255;
+/// A token's `sub`, which owns the tasks: at most 255 bytes.
+pub const MAX_USER_ID_LEN: usize = 255;
 
 pub fn task_type(value: &str) -> TaskResult<()> {
     let len = value.chars().count();

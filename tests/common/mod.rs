@@ -171,15 +171,31 @@ pub async fn spawn_app_with(
     database: Arc<TestDb>,
     tweak: impl FnOnce(&mut taskql::config::Settings),
 ) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    serve_on(database, listener, tweak).await
+}
+
+/// Serves on `database` at `address`: a server restarted where it was.
+pub async fn spawn_app_at(database: Arc<TestDb>, address: &str) -> TestApp {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .expect("bind the same address again");
+    serve_on(database, listener, |_| {}).await
+}
+
+async fn serve_on(
+    database: Arc<TestDb>,
+    listener: tokio::net::TcpListener,
+    tweak: impl FnOnce(&mut taskql::config::Settings),
+) -> TestApp {
     let mut settings = settings_for(&database.url);
     tweak(&mut settings);
     let config = taskql::config::Config::from_settings(&settings).expect("valid test config");
     let app = taskql::App::build(&config).await.expect("app builds");
     let service = app.service.clone();
     let db = app.db.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.serve(listener, async move {

@@ -1,0 +1,433 @@
+//! `taskStats`: what the dashboard shows, computed without reading the whole
+//! `tasks` table. Counts come from counters that database triggers keep
+//! (see the `task_counts` migration); the rest are range scans bounded by a
+//! time window or by the tasks being processed now, each on an index.
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use entity::TaskStatus;
+use sea_orm::{ConnectionTrait, DatabaseBackend, Statement, Value};
+
+use crate::auth::CurrentUser;
+use crate::db::{Backend, Db, DbTransaction};
+use crate::error::{TaskError, TaskResult};
+
+/// Every status, in the order counts are kept and shown.
+pub const STATUSES: [TaskStatus; 5] = [
+    TaskStatus::Pending,
+    TaskStatus::Processing,
+    TaskStatus::Completed,
+    TaskStatus::Failed,
+    TaskStatus::Cancelled,
+];
+/// Longest throughput window: one day of minutes.
+pub const MAX_THROUGHPUT_MINUTES: i32 = 1440;
+/// Durations are taken over the tasks finished this recently…
+pub const DURATION_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+/// …and over at most this many of them (the latest), so that one request
+/// costs the same however busy the hour was.
+pub const MAX_DURATION_SAMPLE: u64 = 20_000;
+
+/// What a `taskStats` query asks for: nothing it leaves out is computed.
+#[derive(Debug, Clone, Default)]
+pub struct StatsRequest {
+    /// `byStatus` and `byType`.
+    pub counts: bool,
+    /// Every throughput window asked for, in minutes (each 1 to 1440). The
+    /// longest is computed; shorter ones are its last minutes.
+    pub throughput_minutes: Vec<i32>,
+    pub durations: bool,
+    pub oldest_pending: bool,
+    pub workers: bool,
+}
+
+impl StatsRequest {
+    /// Everything, with one throughput window.
+    pub fn all(minutes: i32) -> Self {
+        Self {
+            counts: true,
+            throughput_minutes: vec![minutes],
+            durations: true,
+            oldest_pending: true,
+            workers: true,
+        }
+    }
+}
+
+/// Counts of one task type, by status in [`STATUSES`] order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeCounts {
+    pub task_type: String,
+    pub counts: [i64; 5],
+}
+
+/// One minute: tasks created in it, and tasks that became COMPLETED or
+/// FAILED in it (by `completed_at`), of the tasks that still exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThroughputPoint {
+    pub at: DateTime<Utc>,
+    pub created: i64,
+    pub completed: i64,
+    pub failed: i64,
+}
+
+/// Wait (created to started) and run (started to finished) percentiles of
+/// one type, in milliseconds; `None` when no finished task had the times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeDurations {
+    pub task_type: String,
+    pub wait_p50_ms: Option<f64>,
+    pub wait_p95_ms: Option<f64>,
+    pub run_p50_ms: Option<f64>,
+    pub run_p95_ms: Option<f64>,
+    pub run_p99_ms: Option<f64>,
+}
+
+/// A worker holding at least one unexpired lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerLease {
+    pub worker_id: String,
+    pub tasks: i64,
+    pub next_lease_expiry: Option<DateTime<Utc>>,
+}
+
+/// What `task_stats` found; the parts not asked for are empty.
+#[derive(Debug, Clone, Default)]
+pub struct TaskStats {
+    /// By status, in [`STATUSES`] order.
+    pub by_status: [i64; 5],
+    /// Types with at least one task, by name.
+    pub by_type: Vec<TypeCounts>,
+    /// The longest window asked for, one point per minute, oldest first;
+    /// the last point is the current minute.
+    pub throughput: Vec<ThroughputPoint>,
+    /// Types with a task COMPLETED or FAILED in the last hour, by name.
+    pub durations: Vec<TypeDurations>,
+    /// Seconds the oldest PENDING task has waited.
+    pub oldest_pending_age_seconds: Option<f64>,
+    /// By worker id.
+    pub workers: Vec<WorkerLease>,
+}
+
+/// Checks every window asked for and returns the longest.
+pub fn throughput_window(minutes: &[i32]) -> TaskResult<Option<i32>> {
+    for &m in minutes {
+        if !(1..=MAX_THROUGHPUT_MINUTES).contains(&m) {
+            return Err(TaskError::invalid(format!(
+                "minutes must be between 1 and {MAX_THROUGHPUT_MINUTES}, got {m}"
+            )));
+        }
+    }
+    Ok(minutes.iter().copied().max())
+}
+
+/// A statement with `$n` placeholders (both databases accept them).
+fn statement(db: &Db, sql: String, values: Vec<Value>) -> Statement {
+    Statement::from_sql_and_values(db.get_database_backend(), sql, values)
+}
+
+/// `AND user_id = $n` for a user; nothing for a worker, who sees every task.
+fn owner_filter(user: &CurrentUser, values: &mut Vec<Value>) -> String {
+    if user.is_service {
+        String::new()
+    } else {
+        values.push(user.id.clone().into());
+        format!(" AND user_id = ${}", values.len())
+    }
+}
+
+/// The minute since the epoch of a timestamp column, in SQL.
+fn minute_of(backend: Backend, column: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("floor(extract(epoch FROM {column}) / 60)::bigint"),
+        Backend::Sqlite => format!("(CAST(strftime('%s', {column}) AS INTEGER) / 60)"),
+    }
+}
+
+/// Milliseconds from one timestamp column to another, in SQL.
+fn millis_between(backend: Backend, from: &str, to: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("(extract(epoch FROM {to} - {from}) * 1000)::float8"),
+        Backend::Sqlite => format!("((julianday({to}) - julianday({from})) * 86400000.0)"),
+    }
+}
+
+pub async fn task_stats(
+    db: &Db,
+    user: &CurrentUser,
+    request: &StatsRequest,
+) -> TaskResult<TaskStats> {
+    let minutes = throughput_window(&request.throughput_minutes)?;
+    let now = super::sea::now();
+    let mut stats = TaskStats::default();
+    if request.counts {
+        (stats.by_status, stats.by_type) = counts(db, user).await?;
+    }
+    if let Some(minutes) = minutes {
+        stats.throughput = throughput(db, user, minutes, now).await?;
+    }
+    if request.durations {
+        stats.durations = durations(db, user, now).await?;
+    }
+    if request.oldest_pending {
+        stats.oldest_pending_age_seconds = oldest_pending(db, user)
+            .await?
+            .map(|created| (now - created).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+    }
+    if request.workers {
+        stats.workers = workers(db, user, now).await?;
+    }
+    Ok(stats)
+}
+
+fn status_index(status: &str) -> Option<usize> {
+    STATUSES.iter().position(|s| s.as_str() == status)
+}
+
+/// Exact counts from the trigger-kept counters (plus, on PostgreSQL, the
+/// deltas not folded in yet, read in the same statement: one snapshot).
+async fn counts(db: &Db, user: &CurrentUser) -> TaskResult<([i64; 5], Vec<TypeCounts>)> {
+    let mut values = Vec::new();
+    let postgres = db.backend() == Backend::Postgres;
+    let sql = if user.is_service {
+        let deltas = if postgres {
+            " UNION ALL SELECT type, status, delta FROM task_count_deltas"
+        } else {
+            ""
+        };
+        format!(
+            "SELECT type, status, CAST(SUM(n) AS BIGINT) AS n FROM \
+             (SELECT type, status, count AS n FROM task_type_counts{deltas}) AS c \
+             GROUP BY type, status"
+        )
+    } else {
+        values.push(user.id.clone().into());
+        let deltas = if postgres {
+            " UNION ALL SELECT type, status, delta FROM task_count_deltas WHERE user_id = $1"
+        } else {
+            ""
+        };
+        format!(
+            "SELECT type, status, CAST(SUM(n) AS BIGINT) AS n FROM \
+             (SELECT type, status, count AS n FROM task_counts WHERE user_id = $1{deltas}) AS c \
+             GROUP BY type, status"
+        )
+    };
+    let rows = db.query_all_raw(statement(db, sql, values)).await?;
+    let mut by_type: BTreeMap<String, [i64; 5]> = BTreeMap::new();
+    for row in rows {
+        let task_type: String = row.try_get("", "type")?;
+        let status: String = row.try_get("", "status")?;
+        let n: i64 = row.try_get("", "n")?;
+        if let Some(i) = status_index(&status)
+            && n != 0
+        {
+            by_type.entry(task_type).or_default()[i] += n;
+        }
+    }
+    let mut by_status = [0; 5];
+    for counts in by_type.values() {
+        for (total, n) in by_status.iter_mut().zip(counts) {
+            *total += n;
+        }
+    }
+    let by_type = by_type
+        .into_iter()
+        .filter(|(_, counts)| counts.iter().any(|&n| n != 0))
+        .map(|(task_type, counts)| TypeCounts { task_type, counts })
+        .collect();
+    Ok((by_status, by_type))
+}
+
+/// Created, completed and failed per minute over the last `minutes`, from
+/// the `created_at` and `completed_at` indexes: the rows read are those of
+/// the window, never the whole table.
+async fn throughput(
+    db: &Db,
+    user: &CurrentUser,
+    minutes: i32,
+    now: DateTime<Utc>,
+) -> TaskResult<Vec<ThroughputPoint>> {
+    let last_minute = now.timestamp().div_euclid(60);
+    let first_minute = last_minute - i64::from(minutes) + 1;
+    let since = DateTime::from_timestamp(first_minute * 60, 0).unwrap_or(now);
+    let mut values: Vec<Value> = vec![since.into()];
+    let owner = owner_filter(user, &mut values);
+    let backend = db.backend();
+    let sql = format!(
+        "SELECT 'created' AS kind, {created} AS minute, COUNT(*) AS n FROM tasks \
+         WHERE created_at >= $1{owner} GROUP BY {created} \
+         UNION ALL \
+         SELECT status AS kind, {finished} AS minute, COUNT(*) AS n FROM tasks \
+         WHERE completed_at >= $1 AND status IN ('completed', 'failed'){owner} \
+         GROUP BY status, {finished}",
+        created = minute_of(backend, "created_at"),
+        finished = minute_of(backend, "completed_at"),
+    );
+    let mut points: Vec<ThroughputPoint> = (first_minute..=last_minute)
+        .map(|minute| ThroughputPoint {
+            at: DateTime::from_timestamp(minute * 60, 0).unwrap_or(now),
+            created: 0,
+            completed: 0,
+            failed: 0,
+        })
+        .collect();
+    for row in db.query_all_raw(statement(db, sql, values)).await? {
+        let kind: String = row.try_get("", "kind")?;
+        let minute: i64 = row.try_get("", "minute")?;
+        let n: i64 = row.try_get("", "n")?;
+        // A clock a little ahead on another instance lands in the last minute.
+        let index = (minute - first_minute).clamp(0, i64::from(minutes) - 1) as usize;
+        let point = &mut points[index];
+        match kind.as_str() {
+            "created" => point.created += n,
+            "completed" => point.completed += n,
+            "failed" => point.failed += n,
+            _ => {}
+        }
+    }
+    Ok(points)
+}
+
+/// Percentiles of wait and run times by type, over the latest (at most
+/// [`MAX_DURATION_SAMPLE`]) tasks COMPLETED or FAILED in the last hour, read
+/// through the `completed_at` index.
+async fn durations(
+    db: &Db,
+    user: &CurrentUser,
+    now: DateTime<Utc>,
+) -> TaskResult<Vec<TypeDurations>> {
+    let mut values: Vec<Value> = vec![(now - DURATION_WINDOW).into()];
+    let owner = owner_filter(user, &mut values);
+    let backend = db.backend();
+    let sql = format!(
+        "SELECT type, {wait} AS wait_ms, {run} AS run_ms FROM tasks \
+         WHERE completed_at >= $1 AND status IN ('completed', 'failed'){owner} \
+         ORDER BY completed_at DESC LIMIT {MAX_DURATION_SAMPLE}",
+        wait = millis_between(backend, "created_at", "started_at"),
+        run = millis_between(backend, "started_at", "completed_at"),
+    );
+    let mut by_type: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for row in db.query_all_raw(statement(db, sql, values)).await? {
+        let task_type: String = row.try_get("", "type")?;
+        let (waits, runs) = by_type.entry(task_type).or_default();
+        if let Some(wait) = row.try_get::<Option<f64>>("", "wait_ms")? {
+            waits.push(wait);
+        }
+        if let Some(run) = row.try_get::<Option<f64>>("", "run_ms")? {
+            runs.push(run);
+        }
+    }
+    Ok(by_type
+        .into_iter()
+        .map(|(task_type, (mut waits, mut runs))| {
+            waits.sort_by(f64::total_cmp);
+            runs.sort_by(f64::total_cmp);
+            TypeDurations {
+                task_type,
+                wait_p50_ms: percentile(&waits, 0.50),
+                wait_p95_ms: percentile(&waits, 0.95),
+                run_p50_ms: percentile(&runs, 0.50),
+                run_p95_ms: percentile(&runs, 0.95),
+                run_p99_ms: percentile(&runs, 0.99),
+            }
+        })
+        .collect())
+}
+
+/// The `p` percentile of sorted values, interpolated between the two
+/// nearest ranks (as PostgreSQL's `percentile_cont`).
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    let rank = p.clamp(0.0, 1.0) * last as f64;
+    let below = rank.floor() as usize;
+    let above = rank.ceil() as usize;
+    let fraction = rank - below as f64;
+    Some(sorted[below] + (sorted[above] - sorted[below]) * fraction)
+}
+
+/// The `created_at` of the oldest PENDING task, from the (status,
+/// created_at) index, or the (user, status, created_at) one for a user.
+async fn oldest_pending(db: &Db, user: &CurrentUser) -> TaskResult<Option<DateTime<Utc>>> {
+    let mut values = Vec::new();
+    let owner = owner_filter(user, &mut values);
+    let sql = format!(
+        "SELECT created_at FROM tasks WHERE status = 'pending'{owner} ORDER BY created_at LIMIT 1"
+    );
+    match db.query_one_raw(statement(db, sql, values)).await? {
+        Some(row) => Ok(Some(row.try_get("", "created_at")?)),
+        None => Ok(None),
+    }
+}
+
+/// Workers holding unexpired leases, from the (status, lease) index: the
+/// rows read are the tasks being processed now.
+async fn workers(db: &Db, user: &CurrentUser, now: DateTime<Utc>) -> TaskResult<Vec<WorkerLease>> {
+    let mut values: Vec<Value> = vec![now.into()];
+    let owner = owner_filter(user, &mut values);
+    let sql = format!(
+        "SELECT worker_id, COUNT(*) AS tasks, MIN(lease_expires_at) AS next_expiry FROM tasks \
+         WHERE status = 'processing' AND lease_expires_at > $1 AND worker_id IS NOT NULL{owner} \
+         GROUP BY worker_id ORDER BY worker_id"
+    );
+    db.query_all_raw(statement(db, sql, values))
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(WorkerLease {
+                worker_id: row.try_get("", "worker_id")?,
+                tasks: row.try_get("", "tasks")?,
+                next_lease_expiry: row.try_get("", "next_expiry")?,
+            })
+        })
+        .collect()
+}
+
+/// Folds the deltas PostgreSQL's triggers appended into the counters, in
+/// one statement (readers see the deltas or the counters they became, never
+/// both), and returns how many it folded. Only one instance folds at a time:
+/// the caller holds an advisory lock in `txn`.
+pub async fn fold_count_deltas(txn: &DbTransaction) -> TaskResult<u64> {
+    let sql = "WITH moved AS (DELETE FROM task_count_deltas RETURNING user_id, type, status, delta), \
+         by_user AS (INSERT INTO task_counts AS c (user_id, type, status, count) \
+             SELECT user_id, type, status, SUM(delta) FROM moved GROUP BY user_id, type, status \
+             ON CONFLICT (user_id, type, status) DO UPDATE SET count = c.count + excluded.count), \
+         by_type AS (INSERT INTO task_type_counts AS c (type, status, count) \
+             SELECT type, status, SUM(delta) FROM moved GROUP BY type, status \
+             ON CONFLICT (type, status) DO UPDATE SET count = c.count + excluded.count) \
+         SELECT COUNT(*) AS n FROM moved";
+    let row = txn
+        .query_one_raw(Statement::from_string(DatabaseBackend::Postgres, sql))
+        .await?;
+    Ok(match row {
+        Some(row) => row.try_get::<i64>("", "n")?.max(0) as u64,
+        None => 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_percentile_cont() {
+        let values: Vec<f64> = (1..=100).map(|i| f64::from(i) * 10.0).collect();
+        assert_eq!(percentile(&values, 0.5), Some(505.0));
+        assert!((percentile(&values, 0.95).unwrap() - 950.5).abs() < 1e-9);
+        assert!((percentile(&values, 0.99).unwrap() - 990.1).abs() < 1e-9);
+        assert_eq!(percentile(&[7.0], 0.99), Some(7.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn throughput_windows_are_checked() {
+        assert_eq!(throughput_window(&[]).unwrap(), None);
+        assert_eq!(throughput_window(&[60, 1440, 1]).unwrap(), Some(1440));
+        for bad in [0, -1, 1441] {
+            assert!(matches!(
+                throughput_window(&[60, bad]),
+                Err(TaskError::InvalidInput(_))
+            ));
+        }
+    }
+}
