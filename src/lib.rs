@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod graphql;
 pub mod http;
+pub mod metrics;
 pub mod pg_events;
 pub mod pg_listener;
 pub mod service;
@@ -27,7 +28,8 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::events::EventBus;
 use crate::graphql::LiveSubscriptions;
-use crate::http::{HttpState, Metrics};
+use crate::http::HttpState;
+use crate::metrics::Metrics;
 use crate::service::{SeaTaskService, TaskService};
 
 /// How often each instance returns expired leases to PENDING.
@@ -78,13 +80,19 @@ impl App {
             .await
             .map_err(|e| StartError::Database(e.to_string()))?;
         let events = EventBus::new();
-        let service = Arc::new(SeaTaskService::new(db.clone(), events.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let service =
+            Arc::new(SeaTaskService::new(db.clone(), events.clone()).with_metrics(metrics.clone()));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut background = Vec::new();
         background.push(tokio::spawn(reap_forever(
             service.clone(),
             config.max_attempts,
+        )));
+        background.push(tokio::spawn(count_tasks_forever(
+            service.clone(),
+            metrics.clone(),
         )));
         if let Some(retention) = config.retention {
             background.push(tokio::spawn(prune_forever(service.clone(), retention)));
@@ -96,6 +104,7 @@ impl App {
                 db.clone(),
                 events.clone(),
                 service.instance_id(),
+                metrics.clone(),
             )));
         }
 
@@ -118,8 +127,7 @@ impl App {
             websocket_slots: websocket_slots.clone(),
             body_timeout: config.body_timeout,
             shutdown: shutdown_rx,
-            metrics: Arc::new(Metrics::default()),
-            events,
+            metrics,
         });
         Ok(Self {
             router: http::router(state),
@@ -184,6 +192,32 @@ async fn fold_counts_forever(service: Arc<SeaTaskService>) {
         ticker.tick().await;
         if let Err(err) = service.fold_count_deltas().await {
             tracing::warn!(error = %err, "folding task count deltas failed; retrying");
+        }
+    }
+}
+
+/// Keeps the tasks-by-status gauge current, from the counters the
+/// database keeps (never a count of the table).
+async fn count_tasks_forever(service: Arc<SeaTaskService>, metrics: Arc<Metrics>) {
+    let everyone = auth::CurrentUser::service("metrics");
+    let request = service::StatsRequest {
+        counts: true,
+        ..Default::default()
+    };
+    let mut ticker = tokio::time::interval(metrics::TASK_COUNTS_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match service.task_stats(&everyone, request.clone()).await {
+            Ok(stats) => {
+                let counts: Vec<(&str, i64)> = service::stats::STATUSES
+                    .iter()
+                    .zip(stats.by_status)
+                    .map(|(status, count)| (status.as_str(), count))
+                    .collect();
+                metrics.set_task_counts(&counts);
+            }
+            Err(err) => tracing::debug!(error = %err, "cannot count tasks for /metrics"),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! commits with it; every instance LISTENs on a dedicated connection and
 //! republishes other instances' changes on its own bus.
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use entity::{Task, Tasks};
@@ -11,6 +12,7 @@ use uuid::Uuid;
 
 use crate::db::Db;
 use crate::events::{EventBus, TaskEvent, TaskEventKind};
+use crate::metrics::Metrics;
 use crate::pg_events::{self, Notice};
 
 /// Every instance NOTIFYs a ping this often, so a healthy listener never
@@ -22,7 +24,7 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(65);
 /// Keeps one LISTEN connection alive for the life of the process. Each time
 /// it (re)connects it asks live streams to re-read, since NOTIFYs sent while
 /// it was away are gone.
-pub async fn run(url: String, db: Db, bus: EventBus, instance: Uuid) {
+pub async fn run(url: String, db: Db, bus: EventBus, instance: Uuid, metrics: Arc<Metrics>) {
     let pinger = async {
         let mut ticker = tokio::time::interval(PING_EVERY);
         loop {
@@ -42,11 +44,11 @@ pub async fn run(url: String, db: Db, bus: EventBus, instance: Uuid) {
     // Both run in this task; the listener is never interrupted to ping.
     tokio::select! {
         _ = pinger => {}
-        _ = listen(url, &db, &bus, instance) => {}
+        _ = listen(url, &db, &bus, instance, &metrics) => {}
     }
 }
 
-async fn listen(url: String, db: &Db, bus: &EventBus, instance: Uuid) {
+async fn listen(url: String, db: &Db, bus: &EventBus, instance: Uuid, metrics: &Metrics) {
     let mut backoff = Duration::from_millis(100);
     let mut connected_before = false;
     // Last version republished per task, so a re-read never goes out twice.
@@ -63,6 +65,7 @@ async fn listen(url: String, db: &Db, bus: &EventBus, instance: Uuid) {
         };
         backoff = Duration::from_millis(100);
         if connected_before {
+            metrics.listener_reconnects.inc();
             tracing::info!("event listener reconnected; live streams re-read their tasks");
         }
         // Also on the first connect: a stream may have started (and read its
@@ -90,7 +93,15 @@ async fn listen(url: String, db: &Db, bus: &EventBus, instance: Uuid) {
                         published.clear();
                     }
                     if !pg_events::is_ping(notification.payload()) {
-                        handle(notification.payload(), db, bus, instance, &mut published).await;
+                        handle(
+                            notification.payload(),
+                            db,
+                            bus,
+                            instance,
+                            &mut published,
+                            metrics,
+                        )
+                        .await;
                     }
                 }
                 Ok(None) => {
@@ -127,6 +138,7 @@ async fn handle(
     bus: &EventBus,
     instance: Uuid,
     published: &mut HashMap<Uuid, i64>,
+    metrics: &Metrics,
 ) {
     let Some(notice) = Notice::decode(payload) else {
         tracing::warn!("ignoring a malformed task notice");
@@ -134,6 +146,13 @@ async fn handle(
     };
     if notice.instance == instance {
         return; // Published locally already, right after commit.
+    }
+    if let Some(task) = &notice.task {
+        // Clocks of instances differ a little; a negative lag counts as none.
+        let lag = (chrono::Utc::now() - task.updated_at)
+            .num_microseconds()
+            .unwrap_or(0);
+        metrics.notice_lag.observe(lag.max(0) as f64 / 1e6);
     }
     let kind = notice.kind;
     // Already republished (a re-read ran ahead of its notice).

@@ -175,19 +175,33 @@ fn kind_name(kind: Option<OperationType>) -> &'static str {
     }
 }
 
-/// Logs one line per operation: who asked what, how long it took, and how it ended.
-fn log_operation(request_id: &str, operation: &Operation, response: &Response, started: Instant) {
+/// Logs one line per operation (who asked what, how long it took, how it
+/// ended) and counts it in the metrics.
+fn record_operation(
+    state: &HttpState,
+    request_id: &str,
+    operation: &Operation,
+    response: &Response,
+    started: Instant,
+) {
+    let seconds = started.elapsed().as_secs_f64();
     let outcome = response
         .errors
         .first()
         .map(graphql::error_code)
         .unwrap_or("ok");
+    state
+        .metrics
+        .request(kind_name(operation.kind), outcome, seconds);
+    for error in &response.errors {
+        state.metrics.error(graphql::error_code(error));
+    }
     tracing::info!(
         target: "taskql::request",
         request_id,
         operation = operation.name.as_deref().unwrap_or("-"),
         kind = kind_name(operation.kind),
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = seconds * 1000.0,
         outcome,
         "graphql"
     );
@@ -271,7 +285,7 @@ async fn run(
         let mut response = state.schema.execute(request.data(caller.clone())).await;
         graphql::hide_schema_description(&mut response, &operation.schema_description);
         graphql::finish(&mut response);
-        log_operation(request_id, &operation, &response, started);
+        record_operation(state, request_id, &operation, &response, started);
         responses.push(response);
     }
     answer(responses, media, batch)
@@ -309,10 +323,7 @@ pub async fn post(
     headers: HeaderMap,
     body: Body,
 ) -> HttpResponse {
-    state
-        .metrics
-        .http_requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.http_requests.inc();
     if !is_json(&headers) {
         return request_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -372,10 +383,7 @@ pub async fn get(
     if wants_html(&headers) {
         return super::graphiql().await.into_response();
     }
-    state
-        .metrics
-        .http_requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.http_requests.inc();
     let Some(media) = negotiate(&headers) else {
         return not_acceptable();
     };

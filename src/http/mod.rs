@@ -1,7 +1,7 @@
 //! HTTP transport: routes, auth extraction, request bodies, limits.
 //! GraphQL over HTTP is in `graphql`, websockets in `ws`.
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -19,6 +19,7 @@ use tower_http::request_id::{
 
 use crate::auth::Authenticator;
 use crate::graphql::{Caller, DocumentCache, LiveSubscriptions, TaskSchema};
+use crate::metrics::Metrics;
 
 pub mod graphql;
 pub mod serve;
@@ -49,14 +50,6 @@ pub struct HttpState {
     pub body_timeout: Duration,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
-    pub events: crate::events::EventBus,
-}
-
-#[derive(Default)]
-pub struct Metrics {
-    pub http_requests: AtomicU64,
-    pub websocket_connections: AtomicU64,
-    pub websocket_connections_total: AtomicU64,
 }
 
 #[derive(Clone, Default)]
@@ -243,27 +236,20 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
-    let m = &state.metrics;
-    let body = format!(
-        "# TYPE taskql_http_graphql_requests_total counter\n\
-         taskql_http_graphql_requests_total {}\n\
-         # TYPE taskql_websocket_connections gauge\n\
-         taskql_websocket_connections {}\n\
-         # TYPE taskql_websocket_connections_total counter\n\
-         taskql_websocket_connections_total {}\n\
-         # TYPE taskql_subscriptions gauge\n\
-         taskql_subscriptions {}\n\
-         # TYPE taskql_task_events_total counter\n\
-         taskql_task_events_total {}\n\
-         # TYPE taskql_event_topics gauge\n\
-         taskql_event_topics {}\n",
-        m.http_requests.load(Ordering::Relaxed),
-        m.websocket_connections.load(Ordering::Relaxed),
-        m.websocket_connections_total.load(Ordering::Relaxed),
-        state.live_subscriptions.0.load(Ordering::Relaxed),
-        state.events.published_count(),
-        state.events.topic_count(),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+/// `/metrics`: OpenMetrics to a scraper that asks for it (Prometheus does),
+/// else the classic text format.
+async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    let live = state.live_subscriptions.0.load(Ordering::Relaxed);
+    state.metrics.subscriptions.set(live as i64);
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let body = state.metrics.render(state.db.stats(), openmetrics);
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }

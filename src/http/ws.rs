@@ -14,7 +14,6 @@
 //! and with 4403 when the token expires.
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
@@ -112,12 +111,8 @@ async fn serve(
     _slot: OwnedSemaphorePermit,
 ) {
     let metrics = state.metrics.clone();
-    metrics
-        .websocket_connections
-        .fetch_add(1, Ordering::Relaxed);
-    metrics
-        .websocket_connections_total
-        .fetch_add(1, Ordering::Relaxed);
+    metrics.websockets.inc();
+    metrics.websockets_opened.inc();
     let (mut sink, mut source) = socket.split();
     let ended = match handshake(&state, &mut sink, &mut source, protocol).await {
         Ok(user) => {
@@ -130,9 +125,7 @@ async fn serve(
         let _ = sink.send(close(code, reason)).await;
     }
     let _ = sink.close().await;
-    metrics
-        .websocket_connections
-        .fetch_sub(1, Ordering::Relaxed);
+    metrics.websockets.dec();
 }
 
 /// A client message, in either protocol.

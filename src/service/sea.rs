@@ -10,6 +10,7 @@
 //! the next statement: one commit (and on PostgreSQL one turn of NOTIFY's
 //! commit lock, which serializes every notifying transaction) for all of
 //! them, instead of one each.
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,6 +37,7 @@ use crate::auth::CurrentUser;
 use crate::db::{Backend, Db, DbTransaction};
 use crate::error::{TaskError, TaskResult};
 use crate::events::{EventBus, TaskEvent, TaskEventKind};
+use crate::metrics::{Metrics, Transition};
 use crate::pg_events;
 
 /// Rows a single retention pass deletes before it lets others write.
@@ -49,6 +51,7 @@ const FOLD_LOCK: i64 = 0x7461_736b_716c_0002;
 
 pub struct SeaTaskService {
     writer: Writer,
+    metrics: Arc<Metrics>,
     /// Creates waiting to be inserted (see [`insert_queued`]).
     creates: mpsc::UnboundedSender<QueuedCreate>,
 }
@@ -252,7 +255,17 @@ impl SeaTaskService {
         };
         let (creates, queue) = mpsc::unbounded_channel();
         tokio::spawn(insert_queued(writer.clone(), queue));
-        Self { writer, creates }
+        Self {
+            writer,
+            creates,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Counts claims, completions and the other transitions into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn instance_id(&self) -> Uuid {
@@ -481,6 +494,16 @@ impl TaskService for SeaTaskService {
         }
         let stmt = self.status_change(&update, error_message.as_deref(), now());
         if let Some(task) = self.update_rows(stmt).await?.pop() {
+            match to {
+                TaskStatus::Completed => self
+                    .metrics
+                    .transition(Transition::completed, &task.task_type),
+                TaskStatus::Failed => self.metrics.transition(Transition::failed, &task.task_type),
+                TaskStatus::Cancelled => self
+                    .metrics
+                    .transition(Transition::cancelled, &task.task_type),
+                _ => {}
+            }
             return Ok(task);
         }
 
@@ -661,6 +684,8 @@ impl TaskService for SeaTaskService {
         }
         stamp_change(&mut stmt, at);
         if let Some(task) = self.update_rows(stmt).await?.pop() {
+            self.metrics
+                .transition(Transition::cancelled, &task.task_type);
             return Ok(task);
         }
         let task = self.unchanged(task_id, Some(user)).await?;
@@ -696,6 +721,8 @@ impl TaskService for SeaTaskService {
         }
         stamp_change(&mut stmt, at);
         if let Some(task) = self.update_rows(stmt).await?.pop() {
+            self.metrics
+                .transition(Transition::retried, &task.task_type);
             return Ok(task);
         }
         let task = self.unchanged(task_id, Some(user)).await?;
@@ -747,7 +774,12 @@ impl TaskService for SeaTaskService {
             .value(Column::LeaseExpiresAt, lease_deadline(at, lease))
             .value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at));
         stamp_change(&mut stmt, at);
-        Ok(self.update_rows(stmt).await?.pop())
+        let claimed = self.update_rows(stmt).await?.pop();
+        if let Some(task) = &claimed {
+            self.metrics
+                .transition(Transition::claimed, &task.task_type);
+        }
+        Ok(claimed)
     }
 
     #[instrument(skip_all, fields(task_id = %heartbeat.task_id))]
@@ -832,6 +864,13 @@ impl TaskService for SeaTaskService {
         let (requeued, failed) = (requeued_tasks.len(), failed_tasks.len());
         self.writer.publish(TaskEventKind::Updated, &requeued_tasks);
         self.writer.publish(TaskEventKind::Updated, &failed_tasks);
+        for task in &requeued_tasks {
+            self.metrics
+                .transition(Transition::requeued, &task.task_type);
+        }
+        for task in &failed_tasks {
+            self.metrics.transition(Transition::failed, &task.task_type);
+        }
         if requeued + failed > 0 {
             tracing::info!(requeued, failed, "reaped expired leases");
         }

@@ -1,0 +1,195 @@
+//! `/metrics` as a Prometheus user reads it: the series an operator
+//! graphs, with values that follow what the server did, in a format
+//! `promtool check metrics` accepts.
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::spawn_app;
+use serde_json::json;
+
+/// The value of the series `name{labels}` (labels as written, sorted as the
+/// server writes them), if present.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// promtool (Debian's `prometheus` package), or `None` after saying why the
+/// check is skipped; with `CI` set a missing promtool fails instead.
+fn promtool_or_skip(test: &str) -> Option<PathBuf> {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "/usr/bin/promtool".into());
+    if Path::new(&promtool).is_file() {
+        return Some(promtool.into());
+    }
+    let reason =
+        format!("no promtool at {promtool} (`apt-get install prometheus`, or set PROMTOOL to one)");
+    if std::env::var("CI").is_ok_and(|ci| !ci.is_empty()) {
+        panic!("{test}: {reason}, and CI is set");
+    }
+    eprintln!("skipped {test}: {reason}");
+    None
+}
+
+#[tokio::test]
+async fn metrics_follow_requests_tasks_and_connections() {
+    let app = spawn_app().await;
+    let alice = app.user_token("alice");
+    let worker = app.worker_token();
+    let create = "mutation { createTask(input: {type: \"metrics.test\"}) { id } }";
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let created = app.gql(Some(&alice), create, json!({})).await;
+        ids.push(
+            created["data"]["createTask"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let claimed = app
+        .gql(
+            Some(&worker),
+            "mutation { claimTask(types: [\"metrics.test\"]) { id attempts } }",
+            json!({}),
+        )
+        .await;
+    let claimed_id = claimed["data"]["claimTask"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = app
+        .gql(
+            Some(&worker),
+            "mutation($id: ID!) { updateTaskStatus(input: {id: $id, status: COMPLETED, resultId: \"r\"}) { status } }",
+            json!({ "id": claimed_id }),
+        )
+        .await;
+    assert_eq!(done["data"]["updateTaskStatus"]["status"], "COMPLETED");
+    let pending = ids.iter().find(|id| **id != claimed_id).expect("one left");
+    let cancelled = app
+        .gql(
+            Some(&alice),
+            "mutation($id: ID!) { cancelTask(id: $id) { status } }",
+            json!({ "id": pending }),
+        )
+        .await;
+    assert_eq!(cancelled["data"]["cancelTask"]["status"], "CANCELLED");
+    // An error of the client's and one of authentication.
+    app.gql(Some(&alice), "{ nope }", json!({})).await;
+    app.gql(None, "{ tasks { nodes { id } } }", json!({})).await;
+
+    // A Prometheus server asks for OpenMetrics and gets it.
+    let scrape = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    let content_type = scrape.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(scrape.text().await.unwrap().ends_with("# EOF\n"));
+    // Anyone else (curl, promtool) gets the classic text format.
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let text = response.text().await.unwrap();
+
+    let ok_mutations = value(
+        &text,
+        "taskql_graphql_request_duration_seconds_count{operation_type=\"mutation\",outcome=\"ok\"}",
+    );
+    assert!(ok_mutations.is_some_and(|n| n >= 4.0), "{text}");
+    for code in ["BAD_USER_INPUT", "UNAUTHENTICATED"] {
+        let errors = value(
+            &text,
+            &format!("taskql_graphql_errors_total{{code=\"{code}\"}}"),
+        );
+        assert_eq!(errors, Some(1.0), "{code}: {text}");
+    }
+    for transition in ["claimed", "completed", "cancelled"] {
+        let counted = value(
+            &text,
+            &format!(
+                "taskql_task_transitions_total{{transition=\"{transition}\",type=\"metrics.test\"}}"
+            ),
+        );
+        assert_eq!(counted, Some(1.0), "{transition}: {text}");
+    }
+    assert!(
+        value(&text, "taskql_db_pool_max_connections").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        value(&text, "taskql_db_pool_acquires_total").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    for series in [
+        "taskql_http_graphql_requests_total",
+        "taskql_websocket_connections",
+        "taskql_subscriptions",
+        "taskql_listener_reconnects_total",
+        "taskql_db_pool_in_use_connections",
+        "taskql_db_pool_acquire_timeouts_total",
+    ] {
+        assert!(value(&text, series).is_some(), "{series}: {text}");
+    }
+
+    // The tasks-by-status gauge comes from the counters within a few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        if value(&text, "taskql_tasks{status=\"completed\"}") == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tasks{{status=\"completed\"}} 1 within 15 s: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+
+    let Some(promtool) = promtool_or_skip("metrics_follow_requests_tasks_and_connections") else {
+        return;
+    };
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write the metrics");
+    let output = check.wait_with_output().expect("promtool finishes");
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
