@@ -160,6 +160,8 @@ async fn metrics_follow_requests_tasks_and_connections() {
     loop {
         let text = app.get("/metrics").await.text().await.unwrap();
         if value(&text, "taskql_tasks{status=\"completed\"}") == Some(1.0) {
+            // Everything the shipped Grafana dashboard plots is there by now.
+            assert_dashboard_plots_exported_series(&text);
             break;
         }
         assert!(
@@ -192,4 +194,37 @@ async fn metrics_follow_requests_tasks_and_connections() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Checks that every series the shipped Grafana dashboard plots is in `text`.
+fn assert_dashboard_plots_exported_series(text: &str) {
+    let exported: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut plotted = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("taskql_") {
+                    continue;
+                }
+                let family = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|suffix| word.strip_suffix(suffix))
+                    .unwrap_or(word);
+                assert!(
+                    exported.contains(family),
+                    "docs/grafana-dashboard.json plots {word}, which /metrics does not have:\n{text}"
+                );
+                plotted += 1;
+            }
+        }
+    }
+    assert!(plotted >= 10, "the dashboard plots {plotted} series");
 }
