@@ -6,11 +6,6 @@ use taskql::config::{
     Cli, Command, Config, log_filter, parse_bounded_duration, validate_database_url,
 };
 
-// Most of a request's allocations are short-lived and small; mimalloc keeps
-// them cheaper than the system allocator does.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {

@@ -277,7 +277,7 @@ impl SeaTaskService {
     /// it folded. Counts are exact either way. One instance folds at a time;
     /// on SQLite the triggers keep the counters themselves and this does
     /// nothing.
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     pub async fn fold_count_deltas(&self) -> TaskResult<u64> {
         if self.db().backend() != Backend::Postgres {
             return Ok(0);
@@ -438,7 +438,7 @@ impl SeaTaskService {
 
 #[async_trait]
 impl TaskService for SeaTaskService {
-    #[instrument(skip_all, fields(user = %user.id, task_type = %new.task_type))]
+    #[instrument(level = "debug", skip_all, fields(user = %user.id, task_type = %new.task_type))]
     async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task> {
         validate::task_type(&new.task_type)?;
         let metadata = validate::metadata(new.metadata)?;
@@ -476,7 +476,7 @@ impl TaskService for SeaTaskService {
         Ok(existing)
     }
 
-    #[instrument(skip_all, fields(task_id = %update.task_id, status = update.status.as_str()))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %update.task_id, status = update.status.as_str()))]
     async fn update_task_status(&self, _worker: &Worker, update: StatusUpdate) -> TaskResult<Task> {
         let to = update.status;
         validate::progress(update.progress)?;
@@ -538,14 +538,14 @@ impl TaskService for SeaTaskService {
         )))
     }
 
-    #[instrument(skip_all, fields(%task_id, user = %user.id))]
+    #[instrument(level = "debug", skip_all, fields(%task_id, user = %user.id))]
     async fn get_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
         self.find_visible(task_id, user)
             .await?
             .ok_or(TaskError::NotFound)
     }
 
-    #[instrument(skip_all, fields(user = %user.id, first))]
+    #[instrument(level = "debug", skip_all, fields(user = %user.id, first))]
     async fn get_tasks_by_user(
         &self,
         user: &CurrentUser,
@@ -607,7 +607,7 @@ impl TaskService for SeaTaskService {
         })
     }
 
-    #[instrument(skip_all, fields(user = %user.id))]
+    #[instrument(level = "debug", skip_all, fields(user = %user.id))]
     async fn get_task_by_result_id(
         &self,
         result_id: &str,
@@ -627,7 +627,7 @@ impl TaskService for SeaTaskService {
         .await
     }
 
-    #[instrument(skip_all, fields(user = %user.id))]
+    #[instrument(level = "debug", skip_all, fields(user = %user.id))]
     async fn get_tasks_changed_since(
         &self,
         user: &CurrentUser,
@@ -648,7 +648,7 @@ impl TaskService for SeaTaskService {
         .await
     }
 
-    #[instrument(skip_all, fields(%task_id, user = %user.id))]
+    #[instrument(level = "debug", skip_all, fields(%task_id, user = %user.id))]
     async fn delete_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<bool> {
         let mut delete = Tasks::delete_many().filter(Column::Id.eq(task_id));
         if !user.is_service {
@@ -668,7 +668,7 @@ impl TaskService for SeaTaskService {
         }
     }
 
-    #[instrument(skip_all, fields(%task_id, user = %user.id))]
+    #[instrument(level = "debug", skip_all, fields(%task_id, user = %user.id))]
     async fn cancel_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
         let at = now();
         let mut stmt = self.update_of(task_id);
@@ -699,7 +699,7 @@ impl TaskService for SeaTaskService {
         }
     }
 
-    #[instrument(skip_all, fields(%task_id, user = %user.id))]
+    #[instrument(level = "debug", skip_all, fields(%task_id, user = %user.id))]
     async fn retry_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
         let at = now();
         let mut stmt = self.update_of(task_id);
@@ -732,12 +732,12 @@ impl TaskService for SeaTaskService {
         )))
     }
 
-    #[instrument(skip_all, fields(user = %user.id))]
+    #[instrument(level = "debug", skip_all, fields(user = %user.id))]
     async fn task_stats(&self, user: &CurrentUser, request: StatsRequest) -> TaskResult<TaskStats> {
         stats::task_stats(self.db(), user, &request).await
     }
 
-    #[instrument(skip_all, fields(worker = worker.id()))]
+    #[instrument(level = "debug", skip_all, fields(worker = worker.id()))]
     async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>> {
         for task_type in &request.types {
             validate::task_type(task_type)?;
@@ -782,7 +782,7 @@ impl TaskService for SeaTaskService {
         Ok(claimed)
     }
 
-    #[instrument(skip_all, fields(task_id = %heartbeat.task_id))]
+    #[instrument(level = "debug", skip_all, fields(task_id = %heartbeat.task_id))]
     async fn heartbeat_task(&self, _worker: &Worker, heartbeat: Heartbeat) -> TaskResult<Task> {
         validate::progress(heartbeat.progress)?;
         let lease = lease_of(heartbeat.lease)?;
@@ -813,7 +813,7 @@ impl TaskService for SeaTaskService {
         )))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn reap_expired_leases(&self, max_attempts: i32) -> TaskResult<ReapOutcome> {
         let at = now();
         let expired = |stmt: &mut UpdateStatement| {
@@ -877,7 +877,7 @@ impl TaskService for SeaTaskService {
         Ok(ReapOutcome { requeued, failed })
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize> {
         let cutoff = chrono::Duration::from_std(older_than)
             .ok()
