@@ -9,7 +9,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::TaskError;
 
 /// Longest `sub` accepted; it is stored with every task the user owns.
-const MAX_SUBJECT_LEN: usize = 255;
+pub const MAX_SUBJECT_LEN: usize = 255;
+
+/// A user id a token may carry: 1 to [`MAX_SUBJECT_LEN`] bytes, no control
+/// characters.
+pub fn is_valid_subject(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_SUBJECT_LEN && !id.chars().any(char::is_control)
+}
 /// Clock skew allowed on `exp`.
 pub const LEEWAY_SECS: u64 = 30;
 
@@ -113,13 +119,22 @@ pub enum JwtKey {
     PublicKeyPem(Vec<u8>),
 }
 
+/// Why a key cannot check tokens, or a token cannot be signed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("is not a PEM RSA or EC public key")]
+    NotAPublicKey,
+    #[error("cannot sign the token: {0}")]
+    Signing(#[from] jsonwebtoken::errors::Error),
+}
+
 impl Authenticator {
     pub fn new(
         key: &JwtKey,
         issuer: Option<&str>,
         audience: Option<&str>,
         service_role: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, AuthError> {
         let (key, algorithms) = match key {
             JwtKey::Secret(secret) => (
                 DecodingKey::from_secret(secret.as_bytes()),
@@ -131,7 +146,7 @@ impl Authenticator {
                 } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
                     (key, vec![Algorithm::ES256])
                 } else {
-                    return Err("is not a PEM RSA or EC public key".into());
+                    return Err(AuthError::NotAPublicKey);
                 }
             }
         };
@@ -220,10 +235,10 @@ impl Authenticator {
                 return Err(TaskError::Unauthenticated("the token has no sub".into()));
             }
         };
-        if id.is_empty() || id.len() > MAX_SUBJECT_LEN || id.chars().any(char::is_control) {
-            return Err(TaskError::Unauthenticated(
-                "the token's sub must be 1 to 255 bytes of printable text".into(),
-            ));
+        if !is_valid_subject(&id) {
+            return Err(TaskError::Unauthenticated(format!(
+                "the token's sub must be 1 to {MAX_SUBJECT_LEN} bytes of printable text"
+            )));
         }
         Ok(CurrentUser {
             id,
@@ -250,7 +265,7 @@ pub fn issue_token(
     ttl: std::time::Duration,
     issuer: Option<&str>,
     audience: Option<&str>,
-) -> Result<String, String> {
+) -> Result<String, AuthError> {
     let now = chrono::Utc::now().timestamp().max(0) as u64;
     let claims = Claims {
         sub: Some(user.to_owned()),
@@ -260,12 +275,11 @@ pub fn issue_token(
         aud: audience.map(|a| serde_json::Value::String(a.to_owned())),
         iat: Some(now),
     };
-    jsonwebtoken::encode(
+    Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
         &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .map_err(|err| format!("cannot sign the token: {err}"))
+    )?)
 }
 
 /// Reads the local development secret beside the SQLite file, creating it

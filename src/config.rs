@@ -7,6 +7,7 @@ use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::JwtKey;
+use crate::db::Backend;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -162,31 +163,35 @@ pub struct Settings {
     /// Log filter.
     #[arg(long = "log", env = "RUST_LOG", default_value = "info", global = true)]
     pub log: String,
+    /// Log lines as text (coloured only on a terminal) or as JSON objects.
+    #[arg(
+        long,
+        env = "TASKQL_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            database_url: "sqlite://taskql.db?mode=rwc".into(),
-            listen: "127.0.0.1:8000".into(),
-            jwt_secret: None,
-            jwt_public_key_file: None,
-            jwt_issuer: None,
-            jwt_audience: None,
-            service_role: "service_role".into(),
-            max_attempts: "3".into(),
-            retention: None,
-            db_max_connections: "10".into(),
-            db_acquire_timeout: "3s".into(),
-            db_statement_timeout: "10s".into(),
-            max_subscriptions_per_connection: "200".into(),
-            header_timeout: "10s".into(),
-            body_timeout: "10s".into(),
-            max_connections: None,
-            max_websockets: None,
-            shutdown_timeout: "10s".into(),
-            log: "info".into(),
-        }
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+impl Settings {
+    /// The settings these command-line arguments (program name first) and
+    /// the environment give: the defaults live in the parser alone.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Cli::try_parse_from(args).map(|cli| cli.settings)
     }
 }
 
@@ -205,13 +210,24 @@ fn bad(setting: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Where the key that checks tokens comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// `TASKQL_JWT_SECRET` or `TASKQL_JWT_PUBLIC_KEY_FILE`.
+    Configured(JwtKey),
+    /// No JWT settings on SQLite: a secret kept in this file beside the
+    /// database, made the first time [`Config::load_key`] needs it.
+    LocalSecret(PathBuf),
+}
+
+/// Validated settings. Building one reads (a public key file) but never
+/// writes: the local secret is made by [`Config::load_key`], a step of its own.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
+    pub backend: Backend,
     pub listen: SocketAddr,
-    pub jwt_key: JwtKey,
-    /// Set when the key was made for local use beside a SQLite file.
-    pub local_secret_file: Option<PathBuf>,
+    pub key_source: KeySource,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub service_role: String,
@@ -311,8 +327,9 @@ fn not_blank<'a>(
     }
 }
 
-/// A checked `DATABASE_URL`: `sqlite:…`, `postgres://…` or `postgresql://…`.
-pub fn validate_database_url(text: &str) -> Result<String, ConfigError> {
+/// A checked `DATABASE_URL` (`sqlite:…`, `postgres://…` or
+/// `postgresql://…`) and the database it names.
+pub fn validate_database_url(text: &str) -> Result<(Backend, String), ConfigError> {
     let url = text.trim();
     if url.is_empty() {
         return Err(bad(
@@ -320,16 +337,13 @@ pub fn validate_database_url(text: &str) -> Result<String, ConfigError> {
             "is set but empty; unset it for sqlite://taskql.db?mode=rwc",
         ));
     }
-    if !url.starts_with("sqlite:")
-        && !url.starts_with("postgres://")
-        && !url.starts_with("postgresql://")
-    {
-        return Err(bad(
+    match Backend::of_url(url) {
+        Some(backend) => Ok((backend, url.to_owned())),
+        None => Err(bad(
             "DATABASE_URL",
             "must start with sqlite:// or postgres://",
-        ));
+        )),
     }
-    Ok(url.to_owned())
 }
 
 /// The `RUST_LOG` filter, e.g. `info` or `taskql=debug,warn`.
@@ -396,11 +410,10 @@ fn local_secret_path(database: &Path) -> PathBuf {
 }
 
 impl Config {
-    /// Validates every setting. With no JWT settings on SQLite, a local
-    /// secret beside the database file is made (or reused).
+    /// Validates every setting. With no JWT settings on SQLite, the key is
+    /// a local secret beside the database file, which is not made here.
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
-        let url = validate_database_url(&settings.database_url)?;
-        let is_sqlite = url.starts_with("sqlite:");
+        let (backend, url) = validate_database_url(&settings.database_url)?;
         let listen: SocketAddr = settings.listen.trim().parse().map_err(|_| {
             bad(
                 "TASKQL_LISTEN",
@@ -434,8 +447,7 @@ impl Config {
             "give the required `aud`, or unset it to accept any",
         )?
         .map(str::to_owned);
-        let mut local_secret_file = None;
-        let jwt_key = match (secret, public_key_file) {
+        let key_source = match (secret, public_key_file) {
             (Some(_), Some(_)) => {
                 return Err(bad(
                     "TASKQL_JWT_SECRET",
@@ -446,7 +458,7 @@ impl Config {
                 if secret.len() < 16 {
                     return Err(bad("TASKQL_JWT_SECRET", "must be at least 16 bytes long"));
                 }
-                JwtKey::Secret(secret.to_owned())
+                KeySource::Configured(JwtKey::Secret(secret.to_owned()))
             }
             (None, Some(path)) => {
                 let pem = std::fs::read(path).map_err(|err| {
@@ -455,22 +467,11 @@ impl Config {
                         format!("cannot read {}: {err}", path.display()),
                     )
                 })?;
-                JwtKey::PublicKeyPem(pem)
+                KeySource::Configured(JwtKey::PublicKeyPem(pem))
             }
-            (None, None) if is_sqlite => {
+            (None, None) if backend == Backend::Sqlite => {
                 let database = sqlite_file(&url).unwrap_or_else(|| PathBuf::from("taskql.db"));
-                let path = local_secret_path(&database);
-                let secret = crate::auth::load_or_create_local_secret(&path).map_err(|err| {
-                    bad(
-                        "TASKQL_JWT_SECRET",
-                        format!(
-                            "unset, and the local secret {} cannot be written: {err}",
-                            path.display()
-                        ),
-                    )
-                })?;
-                local_secret_file = Some(path);
-                JwtKey::Secret(secret)
+                KeySource::LocalSecret(local_secret_path(&database))
             }
             (None, None) => {
                 return Err(bad(
@@ -525,9 +526,9 @@ impl Config {
             parse_timeout("TASKQL_SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?;
         let config = Self {
             database_url: url,
+            backend,
             listen,
-            jwt_key,
-            local_secret_file,
+            key_source,
             jwt_issuer,
             jwt_audience,
             service_role,
@@ -543,22 +544,48 @@ impl Config {
             max_websockets,
             shutdown_timeout,
         };
-        config.authenticator()?;
+        // A key that does not parse is a start-up error, not a 401 later.
+        if let KeySource::Configured(key) = &config.key_source {
+            config.authenticator(key)?;
+        }
         Ok(config)
     }
 
-    pub fn authenticator(&self) -> Result<crate::auth::Authenticator, ConfigError> {
+    /// The key that checks (and, for a secret, signs) tokens. For a local
+    /// secret this is the step that makes its file, or reads it back.
+    pub fn load_key(&self) -> Result<JwtKey, ConfigError> {
+        match &self.key_source {
+            KeySource::Configured(key) => Ok(key.clone()),
+            KeySource::LocalSecret(path) => crate::auth::load_or_create_local_secret(path)
+                .map(JwtKey::Secret)
+                .map_err(|err| {
+                    bad(
+                        "TASKQL_JWT_SECRET",
+                        format!(
+                            "unset, and the local secret {} cannot be written: {err}",
+                            path.display()
+                        ),
+                    )
+                }),
+        }
+    }
+
+    pub fn authenticator(&self, key: &JwtKey) -> Result<crate::auth::Authenticator, ConfigError> {
         crate::auth::Authenticator::new(
-            &self.jwt_key,
+            key,
             self.jwt_issuer.as_deref(),
             self.jwt_audience.as_deref(),
             &self.service_role,
         )
-        .map_err(|problem| bad("TASKQL_JWT_PUBLIC_KEY_FILE", problem))
+        .map_err(|problem| bad("TASKQL_JWT_PUBLIC_KEY_FILE", problem.to_string()))
     }
 
-    pub fn is_postgres(&self) -> bool {
-        !self.database_url.starts_with("sqlite:")
+    /// The local secret's file, when the key is one.
+    pub fn local_secret_file(&self) -> Option<&Path> {
+        match &self.key_source {
+            KeySource::LocalSecret(path) => Some(path),
+            KeySource::Configured(_) => None,
+        }
     }
 
     /// Caps on HTTP connections and websockets: as set, else sized from the
@@ -649,10 +676,9 @@ mod tests {
 
     #[test]
     fn empty_settings_are_errors_not_unset() {
-        let base = Settings {
-            jwt_secret: Some("0123456789abcdef0123456789abcdef".into()),
-            ..Settings::default()
-        };
+        let base =
+            Settings::from_args(["taskql", "--jwt-secret", "0123456789abcdef0123456789abcdef"])
+                .unwrap();
         let cases: Vec<(Settings, &str)> = vec![
             (
                 // Not a cue to make a local secret on SQLite.
@@ -739,10 +765,9 @@ mod tests {
 
     #[test]
     fn bad_settings_name_themselves() {
-        let base = Settings {
-            jwt_secret: Some("0123456789abcdef0123456789abcdef".into()),
-            ..Settings::default()
-        };
+        let base =
+            Settings::from_args(["taskql", "--jwt-secret", "0123456789abcdef0123456789abcdef"])
+                .unwrap();
         let cases: Vec<(Settings, &str)> = vec![
             (
                 Settings {
@@ -819,5 +844,43 @@ mod tests {
             longest.retention,
             Some(Duration::from_secs(36_500 * 86_400))
         );
+    }
+
+    #[test]
+    fn defaults_come_from_the_parser() {
+        let settings = Settings::from_args(["taskql"]).unwrap();
+        assert_eq!(settings.max_attempts, "3");
+        assert_eq!(settings.service_role, "service_role");
+        assert_eq!(settings.shutdown_timeout, "10s");
+    }
+
+    #[test]
+    fn reading_the_settings_writes_no_file() {
+        let dir = std::env::temp_dir().join(format!("taskql-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let database = dir.join("tasks.db");
+        let url = format!("sqlite://{}?mode=rwc", database.display());
+        let config = Config::from_settings(
+            &Settings::from_args(["taskql", "--database-url", url.as_str()]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config.backend, Backend::Sqlite);
+        let secret_file = dir.join("tasks.db.jwt-secret");
+        assert_eq!(config.local_secret_file(), Some(secret_file.as_path()));
+        assert!(
+            !secret_file.exists(),
+            "parsing made {}",
+            secret_file.display()
+        );
+        // Loading the key is the step that makes it, and reads it back after.
+        let JwtKey::Secret(first) = config.load_key().unwrap() else {
+            panic!("a local secret")
+        };
+        assert!(secret_file.exists());
+        let JwtKey::Secret(again) = config.load_key().unwrap() else {
+            panic!("a local secret")
+        };
+        assert_eq!(first, again);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

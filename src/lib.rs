@@ -64,7 +64,7 @@ pub struct App {
 impl App {
     /// Connects, migrates, and starts the reaper, retention and (on
     /// PostgreSQL) the cross-instance event listener.
-    pub async fn build(config: &Config) -> Result<Self, StartError> {
+    pub async fn build(config: &Config, key: &crate::auth::JwtKey) -> Result<Self, StartError> {
         // Migrations run on a SeaORM connection of their own, closed after.
         let admin = db::connect(&config.database_url, 1)
             .await
@@ -97,7 +97,7 @@ impl App {
         if let Some(retention) = config.retention {
             background.push(tokio::spawn(prune_forever(service.clone(), retention)));
         }
-        if config.is_postgres() {
+        if config.backend == db::Backend::Postgres {
             background.push(tokio::spawn(fold_counts_forever(service.clone())));
             background.push(tokio::spawn(pg_listener::run(
                 config.database_url.clone(),
@@ -119,7 +119,7 @@ impl App {
         );
         let state = Arc::new(HttpState {
             schema,
-            auth: config.authenticator()?,
+            auth: config.authenticator(key)?,
             db: db.clone(),
             documents: Default::default(),
             live_subscriptions,

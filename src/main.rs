@@ -1,25 +1,51 @@
 //! The `taskql` binary: parses the command line and calls into the library.
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
+use taskql::StartError;
+use taskql::auth::AuthError;
 use taskql::config::{
-    Cli, Command, Config, log_filter, parse_bounded_duration, validate_database_url,
+    Cli, Command, Config, ConfigError, LogFormat, Settings, log_filter, parse_bounded_duration,
+    validate_database_url,
 };
+
+/// Why the command failed, as the one line it prints.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// A subcommand's own argument, e.g. `--user: …`.
+    #[error("{0}")]
+    Argument(String),
+    #[error("TASKQL_LISTEN: cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("taskql: {message}");
+        Err(err) => {
+            eprintln!("taskql: {err}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<(), CliError> {
     // Checked before any subcommand runs: a bad filter is never replaced.
-    init_tracing(&cli.settings.log)?;
+    init_tracing(&cli.settings.log, cli.settings.log_format)?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.settings).await,
         Command::Migrate => migrate(&cli.settings).await,
@@ -31,24 +57,35 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-fn init_tracing(filter: &str) -> Result<(), String> {
-    let filter = log_filter(filter).map_err(|e| e.to_string())?;
-    tracing_subscriber::fmt()
+/// Logs go to stderr: as text, coloured only when stderr is a terminal, or
+/// as one JSON object per line for log pipelines.
+fn init_tracing(filter: &str, format: LogFormat) -> Result<(), ConfigError> {
+    let filter = log_filter(filter)?;
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
     Ok(())
 }
 
-async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
-    let config = Config::from_settings(settings).map_err(|e| e.to_string())?;
+async fn serve(settings: &Settings) -> Result<(), CliError> {
+    let config = Config::from_settings(settings)?;
+    let key = config.load_key()?;
     let shutdown = taskql::shutdown_signal();
-    let app = taskql::App::build(&config)
-        .await
-        .map_err(|e| e.to_string())?;
-    let listener = taskql::http::serve::bind(config.listen)
-        .map_err(|e| format!("TASKQL_LISTEN: cannot listen on {}: {e}", config.listen))?;
-    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = taskql::App::build(&config, &key).await?;
+    let listen_error = |source| CliError::Listen {
+        address: config.listen,
+        source,
+    };
+    let listener = taskql::http::serve::bind(config.listen).map_err(listen_error)?;
+    let address = listener.local_addr().map_err(listen_error)?;
     tracing::info!(%address, "taskql is serving");
     // Printed with errors ignored: a closed stdout must not stop the server.
     let say = |line: String| {
@@ -56,17 +93,19 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
         let _ = writeln!(std::io::stdout(), "{line}");
     };
     say(format!("taskql is serving on http://{address}"));
-    if let (Some(path), taskql::auth::JwtKey::Secret(secret)) =
-        (&config.local_secret_file, &config.jwt_key)
-    {
-        let token = taskql::auth::issue_token(
-            secret,
-            "demo",
-            None,
-            std::time::Duration::from_secs(7 * 86_400),
-            config.jwt_issuer.as_deref(),
-            config.jwt_audience.as_deref(),
-        )?;
+    if let (Some(path), taskql::auth::JwtKey::Secret(secret)) = (config.local_secret_file(), &key) {
+        // Week-long tokens, for a person trying taskql on their own machine.
+        let sign = |user: &str, role: Option<&str>| {
+            taskql::auth::issue_token(
+                secret,
+                user,
+                role,
+                std::time::Duration::from_secs(7 * 86_400),
+                config.jwt_issuer.as_deref(),
+                config.jwt_audience.as_deref(),
+            )
+        };
+        let token = sign("demo", None)?;
         say(format!(
             "No JWT settings: signing tokens with the local secret in {}",
             path.display()
@@ -76,50 +115,41 @@ async fn serve(settings: &taskql::config::Settings) -> Result<(), String> {
         say("Token (for the Authorization: Bearer header):".into());
         say(format!("  {token}"));
         // A worker token: the dashboard shows (and can change) every user's tasks.
-        let dashboard = taskql::auth::issue_token(
-            secret,
-            "dashboard",
-            Some(&config.service_role),
-            std::time::Duration::from_secs(7 * 86_400),
-            config.jwt_issuer.as_deref(),
-            config.jwt_audience.as_deref(),
-        )?;
+        let dashboard = sign("dashboard", Some(&config.service_role))?;
         say(format!(
             "Dashboard, signed in for 7 days as worker 'dashboard' (role '{}': sees and changes every user's tasks):",
             config.service_role
         ));
         say(format!("  http://{address}/ui#token={dashboard}"));
     }
-    app.serve(listener, shutdown)
-        .await
-        .map_err(|e| format!("server error: {e}"))
+    app.serve(listener, shutdown).await.map_err(CliError::Serve)
 }
 
-async fn migrate(settings: &taskql::config::Settings) -> Result<(), String> {
-    let url = validate_database_url(&settings.database_url).map_err(|e| e.to_string())?;
+async fn migrate(settings: &Settings) -> Result<(), CliError> {
+    let (_, url) = validate_database_url(&settings.database_url)?;
     let db = taskql::db::connect(&url, 2)
         .await
-        .map_err(|e| format!("DATABASE_URL: cannot open the database: {e}"))?;
+        .map_err(|e| StartError::Database(e.to_string()))?;
     taskql::db::migrate(&db)
         .await
-        .map_err(|e| format!("migrations failed: {e}"))?;
+        .map_err(|e| StartError::Migration(e.to_string()))?;
     println!("migrations are up to date");
     Ok(())
 }
 
-fn token(
-    settings: &taskql::config::Settings,
-    user: &str,
-    role: Option<&str>,
-    ttl: &str,
-) -> Result<(), String> {
-    let ttl = parse_bounded_duration(ttl).map_err(|problem| format!("--ttl: {problem}"))?;
-    if user.is_empty() || user.len() > 255 {
-        return Err("--user: must be 1 to 255 bytes".into());
+fn token(settings: &Settings, user: &str, role: Option<&str>, ttl: &str) -> Result<(), CliError> {
+    let ttl = parse_bounded_duration(ttl)
+        .map_err(|problem| CliError::Argument(format!("--ttl: {problem}")))?;
+    if !taskql::auth::is_valid_subject(user) {
+        return Err(CliError::Argument(format!(
+            "--user: must be 1 to {} bytes of printable text",
+            taskql::auth::MAX_SUBJECT_LEN
+        )));
     }
-    let config = Config::from_settings(settings).map_err(|e| e.to_string())?;
-    let taskql::auth::JwtKey::Secret(secret) = &config.jwt_key else {
-        return Err("TASKQL_JWT_PUBLIC_KEY_FILE is set: taskql token signs HS256 only; set TASKQL_JWT_SECRET, or sign tokens with your identity provider".into());
+    let config = Config::from_settings(settings)?;
+    let key = config.load_key()?;
+    let taskql::auth::JwtKey::Secret(secret) = &key else {
+        return Err(CliError::Argument("TASKQL_JWT_PUBLIC_KEY_FILE is set: taskql token signs HS256 only; set TASKQL_JWT_SECRET, or sign tokens with your identity provider".into()));
     };
     let token = taskql::auth::issue_token(
         secret,

@@ -25,6 +25,7 @@ fn taskql(dir: &std::path::Path) -> Command {
         "TASKQL_RETENTION",
         "TASKQL_DB_MAX_CONNECTIONS",
         "TASKQL_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        "TASKQL_LOG_FORMAT",
     ] {
         command.env_remove(var);
     }
@@ -124,10 +125,14 @@ fn bad_settings_stop_start_up_with_a_line_naming_them() {
 /// Starts `taskql` (no subcommand) in `dir` on a free port; returns the child
 /// and its printed URL and token.
 fn start_demo(dir: &std::path::Path) -> (std::process::Child, String, String) {
-    let mut child = taskql(dir)
+    serve_demo(taskql(dir).stderr(Stdio::null()))
+}
+
+/// Runs `command` as a server on a free port, reading its banner.
+fn serve_demo(command: &mut Command) -> (std::process::Child, String, String) {
+    let mut child = command
         .env("TASKQL_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -454,4 +459,102 @@ async fn the_local_secret_banner_links_the_dashboard_as_a_worker() {
     let page = http.get(format!("{base}/ui")).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(terminate(&mut child).success());
+}
+
+/// Serves in `dir` with stderr in a file, asks one good and one bad query
+/// with a token, stops, and returns the file's text and the token.
+async fn logs_of_a_session(dir: &std::path::Path, format: Option<&str>) -> (String, String) {
+    let log_path = dir.join("taskql.log");
+    let mut command = taskql(dir);
+    command
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    if let Some(format) = format {
+        command.env("TASKQL_LOG_FORMAT", format);
+    }
+    let (mut child, base, token) = serve_demo(&mut command);
+    let http = reqwest::Client::new();
+    let listed = http
+        .post(format!("{base}/graphql"))
+        .bearer_auth(&token)
+        .header("x-request-id", "req-listed")
+        .json(&json!({ "query": "query Listed { tasks { nodes { id } } }" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    let refused = graphql(&http, &base, &token, "{ task(id: \"nope\") { id } }").await;
+    assert_eq!(refused["errors"][0]["extensions"]["code"], "BAD_USER_INPUT");
+    assert!(terminate(&mut child).success());
+    (std::fs::read_to_string(&log_path).unwrap(), token)
+}
+
+#[tokio::test]
+async fn logs_in_a_file_are_plain_text_without_colour_codes_or_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, token) = logs_of_a_session(dir.path(), None).await;
+    assert!(!log.contains('\u{1b}'), "escape codes in a file:\n{log}");
+    assert!(!log.contains(&token), "a token in the log:\n{log}");
+    let listed = log
+        .lines()
+        .find(|line| line.contains("req-listed"))
+        .unwrap_or_else(|| panic!("no line for the request:\n{log}"));
+    for part in [
+        "operation=\"Listed\"",
+        "kind=\"query\"",
+        "outcome=\"ok\"",
+        "duration_ms=",
+    ] {
+        assert!(listed.contains(part), "{part} missing: {listed}");
+    }
+    assert!(
+        log.lines()
+            .any(|line| line.contains("outcome=\"BAD_USER_INPUT\"")),
+        "no line for the refused query:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_request_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, token) = logs_of_a_session(dir.path(), Some("json")).await;
+    assert!(!log.contains(&token), "a token in the log:\n{log}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|line| line["level"].is_string() && line["timestamp"].is_string())
+    );
+    let listed = lines
+        .iter()
+        .find(|line| line["request_id"] == "req-listed")
+        .unwrap_or_else(|| panic!("no line for the request:\n{log}"));
+    assert_eq!(listed["level"], "INFO");
+    assert_eq!(listed["operation"], "Listed");
+    assert_eq!(listed["kind"], "query");
+    assert_eq!(listed["outcome"], "ok");
+    assert!(listed["duration_ms"].as_f64().is_some(), "{listed}");
+    assert!(
+        lines.iter().any(|line| line["outcome"] == "BAD_USER_INPUT"),
+        "no line for the refused query:\n{log}"
+    );
+}
+
+#[test]
+fn an_unknown_log_format_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = output_of(
+        taskql(dir.path())
+            .args(["schema"])
+            .env("TASKQL_LOG_FORMAT", "xml"),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("xml") && stderr.contains("json"),
+        "{stderr}"
+    );
 }

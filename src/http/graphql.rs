@@ -156,7 +156,14 @@ fn prepare(
         schema_description: Vec::new(),
     };
     if let Some(document) = state.documents.document(&request.query) {
-        operation.kind = graphql::operation_type(&document, operation.name.as_deref());
+        // The log names the operation run, even when the request did not.
+        if let Some((name, kind)) = graphql::chosen_operation(&document, operation.name.as_deref())
+        {
+            operation.kind = Some(kind);
+            if operation.name.is_none() {
+                operation.name = name.map(str::to_owned);
+            }
+        }
         if request.query.contains("__schema") {
             operation.schema_description =
                 graphql::schema_description_keys(&document, operation.name.as_deref());

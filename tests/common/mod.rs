@@ -152,12 +152,16 @@ pub struct TestApp {
 }
 
 pub fn settings_for(url: &str) -> taskql::config::Settings {
-    taskql::config::Settings {
-        database_url: url.to_owned(),
-        jwt_secret: Some(TEST_SECRET.into()),
-        listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    }
+    taskql::config::Settings::from_args([
+        "taskql",
+        "--database-url",
+        url,
+        "--jwt-secret",
+        TEST_SECRET,
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .expect("test settings parse")
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -193,7 +197,8 @@ async fn serve_on(
     let mut settings = settings_for(&database.url);
     tweak(&mut settings);
     let config = taskql::config::Config::from_settings(&settings).expect("valid test config");
-    let app = taskql::App::build(&config).await.expect("app builds");
+    let key = config.load_key().expect("the test key");
+    let app = taskql::App::build(&config, &key).await.expect("app builds");
     let service = app.service.clone();
     let db = app.db.clone();
     let addr = listener.local_addr().expect("addr");
@@ -263,6 +268,36 @@ impl TestApp {
         response.json().await.expect("JSON body")
     }
 
+    /// Creates a task as the owner of `token`; the `fields` asked of it.
+    pub async fn create_task(
+        &self,
+        token: &str,
+        input: serde_json::Value,
+        fields: &str,
+    ) -> serde_json::Value {
+        let query = format!(
+            "mutation($input: CreateTaskInput!) {{ createTask(input: $input) {{ {fields} }} }}"
+        );
+        data(
+            self.gql(Some(token), &query, serde_json::json!({ "input": input }))
+                .await,
+        )["createTask"]
+            .clone()
+    }
+
+    /// `updateTaskStatus` as a worker; the whole answer, errors included.
+    pub async fn update_status(&self, input: serde_json::Value, fields: &str) -> serde_json::Value {
+        let query = format!(
+            "mutation($input: UpdateTaskStatusInput!) {{ updateTaskStatus(input: $input) {{ {fields} }} }}"
+        );
+        self.gql(
+            Some(&self.worker_token()),
+            &query,
+            serde_json::json!({ "input": input }),
+        )
+        .await
+    }
+
     /// GETs a path of the server.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http
@@ -292,6 +327,33 @@ impl Drop for TestApp {
 }
 
 /// The `extensions.code` of the first error, if any.
+/// The program a test needs (the path in env `variable`, else `default`), or
+/// `None` after printing why `test` is skipped when it is missing. With `CI`
+/// set a missing program fails the test instead: CI installs it.
+pub fn tool_or_skip(
+    test: &str,
+    variable: &str,
+    default: &str,
+    install: &str,
+) -> Option<std::path::PathBuf> {
+    let path = std::env::var(variable).unwrap_or_else(|_| default.into());
+    if std::path::Path::new(&path).is_file() {
+        return Some(path.into());
+    }
+    let reason = format!("nothing at {path} (`{install}`, or set {variable} to one)");
+    if std::env::var("CI").is_ok_and(|ci| !ci.is_empty()) {
+        panic!("{test}: {reason}, and CI is set");
+    }
+    eprintln!("skipped {test}: {reason}");
+    None
+}
+
+/// The `data` of a GraphQL answer that must have no errors.
+pub fn data(body: serde_json::Value) -> serde_json::Value {
+    assert!(body.get("errors").is_none(), "unexpected errors: {body}");
+    body["data"].clone()
+}
+
 pub fn error_code(body: &serde_json::Value) -> Option<&str> {
     body["errors"][0]["extensions"]["code"].as_str()
 }
