@@ -8,24 +8,12 @@ use serde_json::{Value, json};
 const TASK_FIELDS: &str = "id type status resultId errorMessage metadata progress attempts createdAt updatedAt startedAt completedAt";
 
 async fn create(app: &TestApp, token: &str, task_type: &str) -> Value {
-    let body = app
-        .gql(
-            Some(token),
-            &format!("mutation($input: CreateTaskInput!) {{ createTask(input: $input) {{ {TASK_FIELDS} }} }}"),
-            json!({ "input": { "type": task_type, "metadata": { "prompt": "a red fox" } } }),
-        )
-        .await;
-    assert!(body["errors"].is_null(), "{body}");
-    body["data"]["createTask"].clone()
+    let input = json!({ "type": task_type, "metadata": { "prompt": "a red fox" } });
+    app.create_task(token, input, TASK_FIELDS).await
 }
 
 async fn set_status(app: &TestApp, input: Value) -> Value {
-    app.gql(
-        Some(&app.worker_token()),
-        &format!("mutation($input: UpdateTaskStatusInput!) {{ updateTaskStatus(input: $input) {{ {TASK_FIELDS} }} }}"),
-        json!({ "input": input }),
-    )
-    .await
+    app.update_status(input, TASK_FIELDS).await
 }
 
 async fn get(app: &TestApp, token: &str, id: &str) -> Value {

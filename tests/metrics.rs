@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::spawn_app;
+use common::{spawn_app, tool_or_skip};
 use serde_json::json;
 
 /// The value of the series `name{labels}` (labels as written, sorted as the
@@ -21,17 +21,12 @@ fn value(text: &str, series: &str) -> Option<f64> {
 /// promtool (Debian's `prometheus` package), or `None` after saying why the
 /// check is skipped; with `CI` set a missing promtool fails instead.
 fn promtool_or_skip(test: &str) -> Option<PathBuf> {
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "/usr/bin/promtool".into());
-    if Path::new(&promtool).is_file() {
-        return Some(promtool.into());
-    }
-    let reason =
-        format!("no promtool at {promtool} (`apt-get install prometheus`, or set PROMTOOL to one)");
-    if std::env::var("CI").is_ok_and(|ci| !ci.is_empty()) {
-        panic!("{test}: {reason}, and CI is set");
-    }
-    eprintln!("skipped {test}: {reason}");
-    None
+    tool_or_skip(
+        test,
+        "PROMTOOL",
+        "/usr/bin/promtool",
+        "apt-get install prometheus",
+    )
 }
 
 #[tokio::test]

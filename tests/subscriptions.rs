@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::ws::{self, DEADLINE, Event, WsClient};
-use common::{TestApp, TestDb, alice, as_worker, postgres_url_or_skip, spawn_app, spawn_app_with};
+use common::{
+    TestApp, TestDb, alice, as_worker, data, postgres_url_or_skip, spawn_app, spawn_app_with,
+};
 use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value, json};
@@ -26,18 +28,9 @@ const UPDATE: &str = "mutation Update($input: UpdateTaskStatusInput!) {
 
 /// Creates a task as the owner of `token`; its id.
 async fn create_task(app: &TestApp, token: &str) -> String {
-    let body = app
-        .gql(
-            Some(token),
-            CREATE,
-            json!({ "input": { "type": "image.generate", "metadata": { "prompt": "a cat" } } }),
-        )
-        .await;
-    assert!(body["errors"].is_null(), "createTask failed: {body}");
-    body["data"]["createTask"]["id"]
-        .as_str()
-        .expect("an id")
-        .to_owned()
+    let input = json!({ "type": "image.generate", "metadata": { "prompt": "a cat" } });
+    let task = app.create_task(token, input, "id").await;
+    task["id"].as_str().expect("an id").to_owned()
 }
 
 /// Moves a task as a worker would: `updateTaskStatus` with the service role.
@@ -46,11 +39,11 @@ async fn set_status(app: &TestApp, id: &str, status: &str, extra: Value) -> Valu
     if let (Some(input), Some(extra)) = (input.as_object_mut(), extra.as_object()) {
         input.extend(extra.clone());
     }
-    let body = app
-        .gql(Some(&app.worker_token()), UPDATE, json!({ "input": input }))
-        .await;
-    assert!(body["errors"].is_null(), "updateTaskStatus failed: {body}");
-    body["data"]["updateTaskStatus"].clone()
+    data(
+        app.update_status(input, "id status progress resultId")
+            .await,
+    )["updateTaskStatus"]
+        .clone()
 }
 
 async fn delete_task(app: &TestApp, token: &str, id: &str) {

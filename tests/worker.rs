@@ -149,22 +149,13 @@ async fn create_many(
     ids
 }
 
-/// The `data` of a GraphQL answer that must have no errors.
-fn data(body: Value) -> Value {
-    assert!(body.get("errors").is_none(), "unexpected errors: {body}");
-    body["data"].clone()
-}
-
 fn gql_id(task: &Value) -> Uuid {
     Uuid::parse_str(task["id"].as_str().expect("id")).expect("uuid id")
 }
 
 async fn create_via_api(app: &TestApp, token: &str, input: Value) -> Value {
-    data(
-        app.gql(Some(token), CREATE, json!({ "input": input }))
-            .await,
-    )["createTask"]
-        .clone()
+    app.create_task(token, input, "id type status attempts")
+        .await
 }
 
 /// Every claim a claimer made, in its order.

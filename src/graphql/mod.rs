@@ -75,7 +75,8 @@ pub fn sdl() -> String {
         .sdl_with_options(async_graphql::SDLExportOptions::new().include_specified_by())
 }
 
-pub(crate) fn gql(err: TaskError) -> async_graphql::Error {
+/// A service error as GraphQL reports it, with its `extensions.code`.
+pub(crate) fn graphql_error(err: TaskError) -> async_graphql::Error {
     err.extend()
 }
 
@@ -84,14 +85,14 @@ pub(crate) fn service<'a>(ctx: &Context<'a>) -> &'a Arc<dyn TaskService> {
 }
 
 /// The authenticated caller, or UNAUTHENTICATED.
-pub(crate) fn caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a CurrentUser> {
+pub(crate) fn current_user<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a CurrentUser> {
     match ctx.data_opt::<Caller>() {
-        Some(Caller::Authenticated(user)) if user.has_expired() => Err(gql(
+        Some(Caller::Authenticated(user)) if user.has_expired() => Err(graphql_error(
             TaskError::Unauthenticated("the token has expired; reconnect with a new one".into()),
         )),
         Some(Caller::Authenticated(user)) => Ok(user),
-        Some(Caller::Rejected(why)) => Err(gql(TaskError::Unauthenticated(why.clone()))),
-        Some(Caller::Anonymous) | None => Err(gql(TaskError::Unauthenticated(
+        Some(Caller::Rejected(why)) => Err(graphql_error(TaskError::Unauthenticated(why.clone()))),
+        Some(Caller::Anonymous) | None => Err(graphql_error(TaskError::Unauthenticated(
             "sign in: send 'Authorization: Bearer <token>'".into(),
         ))),
     }
@@ -99,12 +100,12 @@ pub(crate) fn caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Current
 
 /// The caller as a worker (service role), else FORBIDDEN.
 pub(crate) fn worker(ctx: &Context<'_>) -> async_graphql::Result<Worker> {
-    Worker::new(caller(ctx)?).map_err(gql)
+    Worker::new(current_user(ctx)?).map_err(graphql_error)
 }
 
 pub(crate) fn task_id(id: &ID) -> async_graphql::Result<Uuid> {
     Uuid::parse_str(id.as_str()).map_err(|_| {
-        gql(TaskError::invalid(format!(
+        graphql_error(TaskError::invalid(format!(
             "'{}' is not a task id",
             crate::error::echo(id.as_str())
         )))
@@ -161,15 +162,25 @@ pub fn operation_type(
     document: &ExecutableDocument,
     operation_name: Option<&str>,
 ) -> Option<OperationType> {
+    chosen_operation(document, operation_name).map(|(_, ty)| ty)
+}
+
+/// The operation a request runs: the one it names, or the document's only
+/// one. Its name (`None` when anonymous) and type; `None` when there is no
+/// such operation.
+pub fn chosen_operation<'a>(
+    document: &'a ExecutableDocument,
+    operation_name: Option<&str>,
+) -> Option<(Option<&'a str>, OperationType)> {
     match (&document.operations, operation_name) {
-        (DocumentOperations::Single(operation), _) => Some(operation.node.ty),
-        (DocumentOperations::Multiple(operations), Some(name)) => {
-            operations.get(name).map(|operation| operation.node.ty)
-        }
+        (DocumentOperations::Single(operation), _) => Some((None, operation.node.ty)),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations
+            .get_key_value(name)
+            .map(|(name, operation)| (Some(name.as_str()), operation.node.ty)),
         (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => operations
-            .values()
+            .iter()
             .next()
-            .map(|operation| operation.node.ty),
+            .map(|(name, operation)| (Some(name.as_str()), operation.node.ty)),
         (DocumentOperations::Multiple(_), None) => None,
     }
 }

@@ -1,7 +1,7 @@
 use async_graphql::{Context, ID, Object, Result};
 
 use super::types::{CreateTaskInput, Task, UpdateTaskStatusInput};
-use super::{caller, gql, lease, service, task_id, worker};
+use super::{current_user, graphql_error, lease, service, task_id, worker};
 use crate::service::{ClaimRequest, Heartbeat, NewTask, StatusUpdate};
 
 pub struct MutationRoot;
@@ -10,21 +10,27 @@ pub struct MutationRoot;
 impl MutationRoot {
     /// Starts tracking a task for you; it begins PENDING.
     async fn create_task(&self, ctx: &Context<'_>, input: CreateTaskInput) -> Result<Task> {
-        let user = caller(ctx)?;
+        let user = current_user(ctx)?;
         let new = NewTask {
             task_type: input.task_type,
             metadata: input.metadata.map(|m| m.0),
             idempotency_key: input.idempotency_key,
         };
-        let task = service(ctx).create_task(user, new).await.map_err(gql)?;
+        let task = service(ctx)
+            .create_task(user, new)
+            .await
+            .map_err(graphql_error)?;
         Ok(task.into())
     }
 
     /// Cancels your PENDING or PROCESSING task; its worker learns at its next heartbeat.
     async fn cancel_task(&self, ctx: &Context<'_>, id: ID) -> Result<Task> {
-        let user = caller(ctx)?;
+        let user = current_user(ctx)?;
         let id = task_id(&id)?;
-        let task = service(ctx).cancel_task(id, user).await.map_err(gql)?;
+        let task = service(ctx)
+            .cancel_task(id, user)
+            .await
+            .map_err(graphql_error)?;
         Ok(task.into())
     }
 
@@ -32,17 +38,23 @@ impl MutationRoot {
     /// 0, no error, result, worker or progress. Any task, for a worker.
     /// CONFLICT in any other status.
     async fn retry_task(&self, ctx: &Context<'_>, id: ID) -> Result<Task> {
-        let user = caller(ctx)?;
+        let user = current_user(ctx)?;
         let id = task_id(&id)?;
-        let task = service(ctx).retry_task(id, user).await.map_err(gql)?;
+        let task = service(ctx)
+            .retry_task(id, user)
+            .await
+            .map_err(graphql_error)?;
         Ok(task.into())
     }
 
     /// Deletes your task, whatever its status.
     async fn delete_task(&self, ctx: &Context<'_>, id: ID) -> Result<bool> {
-        let user = caller(ctx)?;
+        let user = current_user(ctx)?;
         let id = task_id(&id)?;
-        service(ctx).delete_task(id, user).await.map_err(gql)
+        service(ctx)
+            .delete_task(id, user)
+            .await
+            .map_err(graphql_error)
     }
 
     /// Moves a task along its status machine. Workers only.
@@ -63,7 +75,7 @@ impl MutationRoot {
         let task = service(ctx)
             .update_task_status(&worker, update)
             .await
-            .map_err(gql)?;
+            .map_err(graphql_error)?;
         Ok(task.into())
     }
 
@@ -85,7 +97,7 @@ impl MutationRoot {
         let task = service(ctx)
             .claim_task(&worker, request)
             .await
-            .map_err(gql)?;
+            .map_err(graphql_error)?;
         Ok(task.map(Into::into))
     }
 
@@ -111,7 +123,7 @@ impl MutationRoot {
         let task = service(ctx)
             .heartbeat_task(&worker, heartbeat)
             .await
-            .map_err(gql)?;
+            .map_err(graphql_error)?;
         Ok(task.into())
     }
 }

@@ -1,7 +1,7 @@
 use async_graphql::{Context, ID, Object, Result};
 
 use super::types::{Task, TaskConnection, TaskStats, TaskStatus};
-use super::{caller, gql, service, task_id};
+use super::{current_user, graphql_error, service, task_id};
 use crate::service::{MAX_PAGE_SIZE, StatsRequest, TaskFilter};
 
 pub struct QueryRoot;
@@ -10,9 +10,12 @@ pub struct QueryRoot;
 impl QueryRoot {
     /// One of your tasks; NOT_FOUND if it does not exist or is not yours.
     async fn task(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Task>> {
-        let user = caller(ctx)?;
+        let user = current_user(ctx)?;
         let id = task_id(&id)?;
-        let task = service(ctx).get_task(id, user).await.map_err(gql)?;
+        let task = service(ctx)
+            .get_task(id, user)
+            .await
+            .map_err(graphql_error)?;
         Ok(Some(task.into()))
     }
 
@@ -30,7 +33,7 @@ impl QueryRoot {
         #[graphql(default = 10)] first: Option<i32>,
         after: Option<String>,
     ) -> Result<TaskConnection> {
-        let user = caller(ctx)?;
+        let user = current_user(ctx)?;
         let first = first.unwrap_or(10).max(0) as u64;
         let filter = TaskFilter {
             statuses: status
@@ -44,7 +47,7 @@ impl QueryRoot {
         let page = service(ctx)
             .get_tasks_by_user(user, filter, first, after.as_deref())
             .await
-            .map_err(gql)?;
+            .map_err(graphql_error)?;
         Ok(TaskConnection::new(page, after.is_some()))
     }
 
@@ -54,18 +57,18 @@ impl QueryRoot {
         ctx: &Context<'_>,
         result_id: String,
     ) -> Result<Option<Task>> {
-        let user = caller(ctx)?;
+        let user = current_user(ctx)?;
         let task = service(ctx)
             .get_task_by_result_id(&result_id, user)
             .await
-            .map_err(gql)?;
+            .map_err(graphql_error)?;
         Ok(task.map(Into::into))
     }
 
     /// Counts, throughput, durations, the oldest wait and the workers with
     /// leases: of your tasks, or of every user's for a worker.
     async fn task_stats(&self, ctx: &Context<'_>) -> Result<TaskStats> {
-        let user = caller(ctx)?;
+        let user = current_user(ctx)?;
         // Only what the query selects is computed.
         let selected = ctx.look_ahead();
         let mut throughput_minutes = Vec::new();
@@ -89,7 +92,10 @@ impl QueryRoot {
             oldest_pending: selected.field("oldestPendingAgeSeconds").exists(),
             workers: selected.field("workers").exists(),
         };
-        let stats = service(ctx).task_stats(user, request).await.map_err(gql)?;
+        let stats = service(ctx)
+            .task_stats(user, request)
+            .await
+            .map_err(graphql_error)?;
         Ok(TaskStats(stats))
     }
 }

@@ -7,7 +7,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, watch};
 
 use super::types::{Task, TaskEvent};
-use super::{Shutdown, caller, gql, service, task_id};
+use super::{Shutdown, current_user, graphql_error, service, task_id};
 use crate::auth::CurrentUser;
 use crate::error::{TaskError, TaskResult};
 use crate::events::{TaskEventKind, Topic, TopicReceiver};
@@ -44,7 +44,7 @@ fn take_slot(ctx: &Context<'_>) -> Result<Slot> {
         let now = connection.active.fetch_add(1, Ordering::Relaxed) + 1;
         slot.0.push(connection.active.clone());
         if now > connection.limit {
-            return Err(gql(TaskError::invalid(format!(
+            return Err(graphql_error(TaskError::invalid(format!(
                 "this connection already runs {} subscriptions, the most allowed; \
                  open another connection or stop some",
                 connection.limit
@@ -162,7 +162,7 @@ impl SubscriptionRoot {
         ctx: &Context<'_>,
         id: ID,
     ) -> Result<impl Stream<Item = Result<Task>> + use<>> {
-        let user = caller(ctx)?.clone();
+        let user = current_user(ctx)?.clone();
         let task_id = task_id(&id)?;
         let service = service(ctx).clone();
         let mut shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
@@ -172,7 +172,10 @@ impl SubscriptionRoot {
         let mut events = service.events().subscribe(Topic::Task(task_id));
         let mut resyncs = service.events().resyncs();
         let reads = ctx.data_opt::<StreamReads>().cloned().unwrap_or_default();
-        let current = reads.read(&service, task_id, &user).await.map_err(gql)?;
+        let current = reads
+            .read(&service, task_id, &user)
+            .await
+            .map_err(graphql_error)?;
         Ok(async_stream::stream! {
             let _slot = slot;
             let mut last = current.version;
@@ -191,7 +194,7 @@ impl SubscriptionRoot {
                         Ok(task) => task,
                         Err(TaskError::NotFound) => return,
                         Err(err) => {
-                            yield Err(gql(err));
+                            yield Err(graphql_error(err));
                             return;
                         }
                     },
@@ -215,7 +218,7 @@ impl SubscriptionRoot {
         &self,
         ctx: &Context<'_>,
     ) -> Result<impl Stream<Item = TaskEvent> + use<>> {
-        let user = caller(ctx)?.clone();
+        let user = current_user(ctx)?.clone();
         let service = service(ctx).clone();
         let mut shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
         let slot = take_slot(ctx)?;

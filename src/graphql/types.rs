@@ -1,41 +1,18 @@
 //! The API shape of tasks. Storage rows convert into these; they are not rows.
 use async_graphql::{Enum, ID, InputObject, Json, Object, SimpleObject};
 use chrono::{DateTime, Utc};
-use entity::TaskStatus as StoredStatus;
 
-use crate::events::{TaskEvent as BusEvent, TaskEventKind as BusKind};
+use crate::events::TaskEvent as BusEvent;
 
+// The stored statuses, named the GraphQL way; the derive writes both `From`s.
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(remote = "entity::TaskStatus")]
 pub enum TaskStatus {
     Pending,
     Processing,
     Completed,
     Failed,
     Cancelled,
-}
-
-impl From<StoredStatus> for TaskStatus {
-    fn from(status: StoredStatus) -> Self {
-        match status {
-            StoredStatus::Pending => Self::Pending,
-            StoredStatus::Processing => Self::Processing,
-            StoredStatus::Completed => Self::Completed,
-            StoredStatus::Failed => Self::Failed,
-            StoredStatus::Cancelled => Self::Cancelled,
-        }
-    }
-}
-
-impl From<TaskStatus> for StoredStatus {
-    fn from(status: TaskStatus) -> Self {
-        match status {
-            TaskStatus::Pending => Self::Pending,
-            TaskStatus::Processing => Self::Processing,
-            TaskStatus::Completed => Self::Completed,
-            TaskStatus::Failed => Self::Failed,
-            TaskStatus::Cancelled => Self::Cancelled,
-        }
-    }
 }
 
 /// A background job and where it is.
@@ -160,6 +137,7 @@ pub struct UpdateTaskStatusInput {
 }
 
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(remote = "crate::events::TaskEventKind")]
 pub enum TaskEventKind {
     Created,
     Updated,
@@ -177,11 +155,7 @@ pub struct TaskEvent {
 impl From<&BusEvent> for TaskEvent {
     fn from(event: &BusEvent) -> Self {
         Self {
-            kind: match event.kind {
-                BusKind::Created => TaskEventKind::Created,
-                BusKind::Updated => TaskEventKind::Updated,
-                BusKind::Deleted => TaskEventKind::Deleted,
-            },
+            kind: event.kind.into(),
             task: event.task.clone().into(),
         }
     }

@@ -87,15 +87,10 @@ fn npm_ci(dir: &Path, missing: &[String]) {
 /// /usr/bin/chromium), or `None` after printing why `test` is skipped when it
 /// is missing. With `CI` set a missing Chromium fails the test instead.
 pub fn chromium_or_skip(test: &str) -> Option<PathBuf> {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if Path::new(&chromium).is_file() {
-        return Some(chromium.into());
-    }
-    let reason =
-        format!("no Chromium at {chromium} (`apt-get install chromium`, or set CHROMIUM to one)");
-    if std::env::var("CI").is_ok_and(|ci| !ci.is_empty()) {
-        panic!("{test}: {reason}, and CI is set");
-    }
-    eprintln!("skipped {test}: {reason}");
-    None
+    super::tool_or_skip(
+        test,
+        "CHROMIUM",
+        "/usr/bin/chromium",
+        "apt-get install chromium",
+    )
 }
