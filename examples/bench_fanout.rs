@@ -19,8 +19,9 @@
 //! back (a delivery that beats the response counts as 0). From the request's
 //! start to delivery, which also counts waiting for SQLite's single writer
 //! behind the other mutations in flight, is an upper bound.
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use common::{BoxError, Server, median, quantile};
 
 #[derive(Debug, Parser)]
 #[command(about = "Subscription fan-out: RSS per subscription and commit-to-delivery latency")]
@@ -85,38 +86,17 @@ struct Summary {
 
 fn summarize(mut ms: Vec<f64>) -> Summary {
     ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
     Summary {
-        p50: at(0.50),
-        p99: at(0.99),
+        p50: quantile(&ms, 0.50),
+        p99: quantile(&ms, 0.99),
         max: *ms.last().unwrap_or(&0.0),
-    }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    let bin = args
-        .bin
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/taskql"));
-    if !bin.is_file() {
-        return Err(format!(
-            "{} not found: run `cargo build --release` first",
-            bin.display()
-        )
-        .into());
-    }
+    let bin = common::release_binary(args.bin.as_deref())?;
     println!(
         "server {}; {} subscriptions per connection; {} mutations in flight; {} runs per N",
         bin.display(),
@@ -156,7 +136,7 @@ async fn main() -> Result<(), BoxError> {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for (n, runs) in &table {
-        let med = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        let med = |f: &dyn Fn(&Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         println!(
             "| {n} | {:.1} KiB | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} |",
             med(&|r| r.rss_per_sub_kib),
@@ -169,81 +149,6 @@ async fn main() -> Result<(), BoxError> {
     }
     println!("(medians of {} runs)", args.runs);
     Ok(())
-}
-
-/// The server under test, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    ws_url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start(bin: &Path) -> Result<Self, BoxError> {
-        let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new(bin)
-            .arg("serve")
-            .env(
-                "DATABASE_URL",
-                format!(
-                    "sqlite://{}?mode=rwc",
-                    dir.path().join("bench.db").display()
-                ),
-            )
-            .env("TASKQL_JWT_SECRET", SECRET)
-            .env("TASKQL_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?;
-        let server = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            ws_url: format!("ws://127.0.0.1:{port}/graphql/ws"),
-            _dir: dir,
-        };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = http.get(format!("{}/readyz", server.base)).send().await
-                && response.status().is_success()
-            {
-                return Ok(server);
-            }
-            if Instant::now() > deadline {
-                return Err("the server did not become ready within 30 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn rss_kib(&self) -> Result<u64, BoxError> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| "no VmRSS in /proc/<pid>/status".into())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn token(user: &str, role: Option<&str>) -> Result<String, BoxError> {
@@ -372,7 +277,13 @@ async fn wait_for(
 }
 
 async fn bench(bin: &Path, n: usize, args: &Args) -> Result<Run, BoxError> {
-    let server = Server::start(bin).await?;
+    // A fresh SQLite file per run, removed with `dir`.
+    let dir = tempfile::tempdir()?;
+    let database_url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("bench.db").display()
+    );
+    let server = Server::start(bin, &database_url, SECRET, &[]).await?;
     let http = reqwest::Client::new();
     let users = n.div_ceil(args.per_connection);
     let worker = token("bench-worker", Some("service_role"))?;

@@ -23,7 +23,8 @@
 //! without HTTP, GraphQL, auth or JSON: `INSERT … RETURNING *` (and on
 //! PostgreSQL, the same with a `pg_notify` in the statement, as taskql sends
 //! it), the list's `SELECT … ORDER BY created_at DESC, id DESC LIMIT 11`, and
-//! a primary-key `SELECT`.
+//! a primary-key `SELECT`. `taskStats` (the dashboard's whole query, as a
+//! user and as a worker) has no single raw counterpart and prints none.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,7 +70,7 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     per_user: usize,
     /// Workloads to run.
-    #[arg(long, value_delimiter = ',', default_values_t = [Workload::Create, Workload::List, Workload::Get])]
+    #[arg(long, value_delimiter = ',', default_values_t = [Workload::Create, Workload::List, Workload::Get, Workload::Stats, Workload::WorkerStats])]
     workloads: Vec<Workload>,
     /// The server binary.
     #[arg(long, env = "TASKQL_BIN")]
@@ -84,6 +85,10 @@ enum Workload {
     List,
     /// task(id) of one of the caller's tasks, every field.
     Get,
+    /// The dashboard's whole taskStats, as one user (their own tasks).
+    Stats,
+    /// The dashboard's whole taskStats, as a worker (every user's tasks).
+    WorkerStats,
 }
 
 impl std::fmt::Display for Workload {
@@ -92,6 +97,8 @@ impl std::fmt::Display for Workload {
             Self::Create => "create",
             Self::List => "list",
             Self::Get => "get",
+            Self::Stats => "stats",
+            Self::WorkerStats => "worker-stats",
         })
     }
 }
@@ -100,6 +107,7 @@ const SECRET: &str = "bench-http-secret-0123456789abcdef";
 const CREATE: &str = "mutation CreateTask($input: CreateTaskInput!) { createTask(input: $input) { id type status metadata createdAt } }";
 const LIST: &str = "query ListTasks($status: [TaskStatus!]) { tasks(status: $status, first: 10) { nodes { id type status resultId errorMessage metadata progress createdAt updatedAt } } }";
 const GET: &str = "query GetTask($id: ID!) { task(id: $id) { id type status resultId errorMessage metadata progress attempts createdAt updatedAt startedAt completedAt } }";
+const STATS: &str = "query Stats { taskStats { byStatus { status count } byType { type pending processing completed failed cancelled } throughput(minutes: 60) { at created completed failed } durations { type waitP50Ms waitP95Ms runP50Ms runP95Ms runP99Ms } oldestPendingAgeSeconds workers { workerId tasks nextLeaseExpiry } } }";
 const TYPES: [&str; 3] = ["export", "import", "report"];
 const STATUSES: [TaskStatus; 5] = [
     TaskStatus::Pending,
@@ -113,6 +121,8 @@ const STATUSES: [TaskStatus; 5] = [
 struct Fixture {
     /// Token of `user-{i + 1}` at index i.
     tokens: Vec<String>,
+    /// A worker's token.
+    worker_token: String,
     /// Seeded tasks with their owner's index, for `task(id)`.
     sample: Vec<(Uuid, usize)>,
 }
@@ -194,7 +204,19 @@ async fn bench(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let fixture = Arc::new(Fixture { tokens, sample });
+    let worker_token = taskql::auth::issue_token(
+        SECRET,
+        "bench-worker",
+        Some("service_role"),
+        Duration::from_secs(86_400),
+        None,
+        None,
+    )?;
+    let fixture = Arc::new(Fixture {
+        tokens,
+        worker_token,
+        sample,
+    });
     let is_postgres = !url.starts_with("sqlite:");
     // One request of each kind, so the idle figure includes warm caches.
     for &workload in &args.workloads {
@@ -212,6 +234,8 @@ async fn bench(
     let sides = |workload: Workload| -> Vec<Side> {
         match (workload, is_postgres) {
             (Workload::Create, true) => vec![Side::Raw, Side::RawNotify, Side::Taskql],
+            // Several statements with no one raw counterpart.
+            (Workload::Stats | Workload::WorkerStats, _) => vec![Side::Taskql],
             _ => vec![Side::Raw, Side::Taskql],
         }
     };
@@ -264,6 +288,15 @@ async fn bench(
     let mut lines = Vec::new();
     for &workload in &args.workloads {
         let ours = |pick| med(workload, Side::Taskql, pick);
+        if sides(workload) == [Side::Taskql] {
+            lines.push(format!(
+                "| {backend} | {workload} | {:.0} | {:.2} | {:.2} | {:.0} | – | – | – | – |",
+                ours(|s| s.rps),
+                ours(|s| s.p50_ms),
+                ours(|s| s.p99_ms),
+                ours(|s| s.cpu_us.unwrap_or(f64::NAN)),
+            ));
+        }
         for raw_side in sides(workload).into_iter().filter(|s| *s != Side::Taskql) {
             let theirs = |pick| med(workload, raw_side, pick);
             let label = match raw_side {
@@ -415,10 +448,16 @@ async fn request(
             let body = serde_json::json!({ "query": GET, "variables": { "id": id.to_string() } });
             (user, body)
         }
+        Workload::Stats | Workload::WorkerStats => {
+            let body = serde_json::json!({ "query": STATS });
+            (rng.random_range(0..fixture.tokens.len()), body)
+        }
     };
-    let (status, response) = http
-        .post(&fixture.tokens[user], &serde_json::to_vec(&body)?)
-        .await?;
+    let token = match workload {
+        Workload::WorkerStats => &fixture.worker_token,
+        _ => &fixture.tokens[user],
+    };
+    let (status, response) = http.post(token, &serde_json::to_vec(&body)?).await?;
     let text = String::from_utf8_lossy(&response);
     if status != 200 || text.contains("\"errors\"") || !text.contains("\"data\"") {
         return Err(format!("{workload}: HTTP {status}: {text}").into());
@@ -609,6 +648,9 @@ impl RawConn {
                 if !found {
                     return Err(format!("raw get: task {id} not found").into());
                 }
+            }
+            Workload::Stats | Workload::WorkerStats => {
+                return Err("taskStats has no raw counterpart".into());
             }
         }
         Ok(())
