@@ -94,13 +94,14 @@ impl StreamReads {
         mut from: chrono::DateTime<chrono::Utc>,
     ) -> TaskResult<Vec<entity::Task>> {
         let mut changed = Vec::new();
+        let mut after = None;
         for _ in 0..CATCH_UP_PAGES {
             let mut attempt = 0;
             let page = loop {
                 let result = {
                     let _permit = self.0.acquire().await;
                     service
-                        .get_tasks_changed_since(user, from, CATCH_UP_LIMIT)
+                        .get_tasks_changed_since(user, from, after, CATCH_UP_LIMIT)
                         .await
                 };
                 match result {
@@ -114,11 +115,15 @@ impl StreamReads {
                 }
             };
             let full = page.len() as u64 == CATCH_UP_LIMIT;
-            let next = page.last().map(|task| task.updated_at);
+            let last = page.last().map(|task| (task.updated_at, task.id));
             changed.extend(page);
-            match next {
-                // Pages overlap by a timestamp; the stream drops repeats by version.
-                Some(next) if full && next > from => from = next,
+            match last {
+                // The next page starts past the last row by (time, id), so a
+                // bulk change of more than a page at one instant is read whole.
+                Some((at, id)) if full => {
+                    from = at;
+                    after = Some(id);
+                }
                 _ => break,
             }
         }

@@ -147,14 +147,17 @@ pub trait TaskService: Send + Sync {
         user: &CurrentUser,
     ) -> TaskResult<Option<Task>>;
 
-    /// The tasks changed at or after `since` that `taskEvents` carries to
-    /// `user` (their own; every user's for a worker), oldest change first, at
-    /// most `limit`: how a `taskEvents` stream catches up after it may have
-    /// missed events.
+    /// The tasks that `taskEvents` carries to `user` (their own; every
+    /// user's for a worker) changed at or after `since`, in the order of
+    /// (change time, id), at most `limit`; with `after`, only those past the
+    /// task `after` that changed at `since` (the last of a previous page).
+    /// This is how a `taskEvents` stream catches up after it may have missed
+    /// events, page by page even when thousands changed at the same instant.
     async fn get_tasks_changed_since(
         &self,
         user: &CurrentUser,
         since: chrono::DateTime<chrono::Utc>,
+        after: Option<Uuid>,
         limit: u64,
     ) -> TaskResult<Vec<Task>>;
 

@@ -632,15 +632,25 @@ impl TaskService for SeaTaskService {
         &self,
         user: &CurrentUser,
         since: DateTime<Utc>,
+        after: Option<Uuid>,
         limit: u64,
     ) -> TaskResult<Vec<Task>> {
         let mut query = Tasks::find();
         if !user.is_service {
             query = query.filter(Column::UserId.eq(&user.id));
         }
+        query = match after {
+            None => query.filter(Column::UpdatedAt.gte(since)),
+            Some(id) => query.filter(
+                Condition::any().add(Column::UpdatedAt.gt(since)).add(
+                    Condition::all()
+                        .add(Column::UpdatedAt.eq(since))
+                        .add(Column::Id.gt(id)),
+                ),
+            ),
+        };
         self.select(
             query
-                .filter(Column::UpdatedAt.gte(since))
                 .order_by(Column::UpdatedAt, Order::Asc)
                 .order_by(Column::Id, Order::Asc)
                 .limit(limit),
