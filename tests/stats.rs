@@ -543,6 +543,12 @@ fn taskql_time(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
 }
 
+/// Sets a task's time `column` to `seconds` ago.
+async fn set_seconds_ago(app: &TestApp, id: uuid::Uuid, column: &str, seconds: i64) {
+    let at = taskql_time(chrono::Utc::now() - chrono::TimeDelta::seconds(seconds));
+    update_task(app, id, &format!("{column} = '{at}'")).await;
+}
+
 #[tokio::test]
 async fn bad_minutes_are_bad_user_input() {
     let app = spawn_app().await;
@@ -684,15 +690,7 @@ async fn oldest_pending_age_and_workers_with_leases() {
     for _ in 0..4 {
         new_task(service.as_ref(), &bob(), "image").await;
     }
-    update_task(
-        &app,
-        oldest.id,
-        &format!(
-            "created_at = '{}'",
-            taskql_time(chrono::Utc::now() - chrono::TimeDelta::seconds(120))
-        ),
-    )
-    .await;
+    set_seconds_ago(&app, oldest.id, "created_at", 120).await;
     let all = stats(&app, &app.worker_token()).await;
     let age = all["oldestPendingAgeSeconds"].as_f64().unwrap();
     assert!((119.0..130.0).contains(&age), "{age}");
@@ -719,15 +717,7 @@ async fn oldest_pending_age_and_workers_with_leases() {
         .await
         .unwrap()
         .unwrap();
-    update_task(
-        &app,
-        expired.id,
-        &format!(
-            "lease_expires_at = '{}'",
-            taskql_time(chrono::Utc::now() - chrono::TimeDelta::seconds(1))
-        ),
-    )
-    .await;
+    set_seconds_ago(&app, expired.id, "lease_expires_at", 1).await;
     let all = stats(&app, &app.worker_token()).await;
     let workers = all["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 1, "{workers:?}");

@@ -745,10 +745,9 @@ async fn changes_at_one_instant_page_by_id_without_loss_or_repeats() {
         ids.insert(service.create_task(&user, create("bulk")).await.unwrap().id);
     }
     // Whole microseconds: what PostgreSQL keeps.
-    let instant = chrono::DateTime::from_timestamp_micros(
-        chrono::Utc::now().timestamp_micros() + 5_000_000,
-    )
-    .unwrap();
+    let instant =
+        chrono::DateTime::from_timestamp_micros(chrono::Utc::now().timestamp_micros() + 5_000_000)
+            .unwrap();
     let conn = test.connect().await;
     let set_all = match test.is_postgres {
         true => "UPDATE tasks SET updated_at = $1",

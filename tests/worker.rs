@@ -153,6 +153,25 @@ fn gql_id(task: &Value) -> Uuid {
     Uuid::parse_str(task["id"].as_str().expect("id")).expect("uuid id")
 }
 
+/// A new image task of alice's, claimed by `worker_id` for `lease` seconds:
+/// its id and the claim.
+async fn create_and_claim(app: &TestApp, lease: u64, worker_id: &str) -> (Uuid, Value) {
+    let task = create_via_api(app, &app.user_token("alice"), json!({ "type": "image" })).await;
+    let claimed = data(
+        app.gql(
+            Some(&app.worker_token()),
+            CLAIM,
+            json!({ "lease": lease, "worker": worker_id }),
+        )
+        .await,
+    );
+    assert_eq!(
+        claimed["claimTask"]["id"], task["id"],
+        "claimed the new task"
+    );
+    (gql_id(&task), claimed)
+}
+
 async fn create_via_api(app: &TestApp, token: &str, input: Value) -> Value {
     app.create_task(token, input, "id type status attempts")
         .await
@@ -460,16 +479,7 @@ async fn a_user_token_cannot_claim_heartbeat_or_update() {
 async fn an_expired_lease_returns_the_task_to_pending_through_the_running_reaper() {
     let app = spawn_app().await;
     let worker = app.worker_token();
-    let task = create_via_api(&app, &app.user_token("alice"), json!({ "type": "image" })).await;
-    let id = gql_id(&task);
-    let claimed = data(
-        app.gql(
-            Some(&worker),
-            CLAIM,
-            json!({ "lease": 1, "worker": "w-crashed" }),
-        )
-        .await,
-    );
+    let (id, claimed) = create_and_claim(&app, 1, "w-crashed").await;
     assert_eq!(claimed["claimTask"]["attempts"], 1);
 
     // The worker goes silent; nothing but the server's reaper acts.
@@ -496,7 +506,7 @@ async fn an_expired_lease_returns_the_task_to_pending_through_the_running_reaper
     );
     assert_eq!(
         (&again["claimTask"]["id"], &again["claimTask"]["attempts"]),
-        (&task["id"], &json!(2))
+        (&json!(id.to_string()), &json!(2))
     );
 }
 
@@ -547,17 +557,7 @@ async fn a_task_whose_leases_keep_expiring_fails_after_max_attempts() {
 async fn a_late_update_from_an_old_attempt_is_conflict_and_the_new_claim_wins() {
     let app = spawn_app().await;
     let worker = app.worker_token();
-    let task = create_via_api(&app, &app.user_token("alice"), json!({ "type": "image" })).await;
-    let id = gql_id(&task);
-
-    let first = data(
-        app.gql(
-            Some(&worker),
-            CLAIM,
-            json!({ "lease": 60, "worker": "slow" }),
-        )
-        .await,
-    );
+    let (id, first) = create_and_claim(&app, 60, "slow").await;
     assert_eq!(first["claimTask"]["attempts"], 1);
     expire_leases(&app.db, &[id]).await;
     eventually("the reaper to requeue", Duration::from_secs(15), || async {
