@@ -778,3 +778,63 @@ async fn changes_at_one_instant_page_by_id_without_loss_or_repeats() {
     assert_eq!(seen.len(), 1500, "every change once");
     assert_eq!(seen.iter().copied().collect::<HashSet<_>>(), ids);
 }
+
+/// Creates racing on one idempotency key while its task is deleted again and
+/// again: each gets a task holding the key (or a CONFLICT to try again),
+/// never an internal error, and the key never holds two tasks.
+#[tokio::test]
+async fn an_idempotent_create_racing_a_delete_never_fails_internally() {
+    let test = TestDb::new().await;
+    let (service, _db) = test.service().await;
+    let user = alice();
+    let keyed = || NewTask {
+        task_type: "image".into(),
+        metadata: Some(serde_json::json!({ "n": 1 })),
+        idempotency_key: Some("k-1".into()),
+    };
+    let mut created = 0;
+    for _ in 0..20 {
+        let creators: Vec<_> = (0..8)
+            .map(|_| {
+                let (service, user, new) = (service.clone(), user.clone(), keyed());
+                tokio::spawn(async move { service.create_task(&user, new).await })
+            })
+            .collect();
+        let deleter = {
+            let (service, user) = (service.clone(), user.clone());
+            tokio::spawn(async move {
+                for _ in 0..8 {
+                    let page = service
+                        .get_tasks_by_user(&user, TaskFilter::default(), 10, None)
+                        .await
+                        .unwrap();
+                    for (_, task) in page.edges {
+                        service.delete_task(task.id, &user).await.unwrap();
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for creator in creators {
+            match creator.await.unwrap() {
+                Ok(task) => {
+                    assert_eq!(task.idempotency_key.as_deref(), Some("k-1"));
+                    created += 1;
+                }
+                Err(TaskError::Conflict(_)) => {}
+                Err(other) => panic!("a create failed with {other:?}"),
+            }
+        }
+        deleter.await.unwrap();
+        let left = service
+            .get_tasks_by_user(&user, TaskFilter::default(), 10, None)
+            .await
+            .unwrap();
+        assert!(
+            left.edges.len() <= 1,
+            "{} tasks hold one key",
+            left.edges.len()
+        );
+    }
+    assert!(created > 0);
+}

@@ -445,35 +445,40 @@ impl TaskService for SeaTaskService {
         if let Some(key) = &new.idempotency_key {
             validate::label("idempotencyKey", key, validate::MAX_KEY_LEN)?;
         }
-        let at = now();
-        let model = ActiveModel::pending(
-            user.id.clone(),
-            new.task_type.clone(),
-            metadata.clone(),
-            new.idempotency_key.clone(),
-            at,
-        );
-        // With a key, the unique index decides who wins (ON CONFLICT DO
-        // NOTHING inserts no row); the loser reads the winner.
-        let id = *model.id.as_ref();
-        let (reply, inserted) = oneshot::channel();
-        let stopped = || TaskError::Internal("the insert queue stopped".into());
-        self.creates
-            .send(QueuedCreate { model, id, reply })
-            .map_err(|_| stopped())?;
-        if let Some(task) = inserted.await.map_err(|_| stopped())?? {
-            return Ok(task);
-        }
         let key = new.idempotency_key.as_deref().unwrap_or_default();
-        let existing = self.find_by_key(user, key).await?.ok_or_else(|| {
-            TaskError::Internal("idempotency key conflicted but no task holds it".into())
-        })?;
-        if existing.task_type != new.task_type || existing.metadata != metadata {
-            return Err(TaskError::conflict(
-                "idempotencyKey was already used for a task with a different type or metadata",
-            ));
+        // With a key, the unique index decides who wins (ON CONFLICT DO
+        // NOTHING inserts no row); the loser reads the winner. A winner
+        // deleted in between frees the key, and the insert is tried again.
+        for _ in 0..3 {
+            let model = ActiveModel::pending(
+                user.id.clone(),
+                new.task_type.clone(),
+                metadata.clone(),
+                new.idempotency_key.clone(),
+                now(),
+            );
+            let id = *model.id.as_ref();
+            let (reply, inserted) = oneshot::channel();
+            let stopped = || TaskError::Internal("the insert queue stopped".into());
+            self.creates
+                .send(QueuedCreate { model, id, reply })
+                .map_err(|_| stopped())?;
+            if let Some(task) = inserted.await.map_err(|_| stopped())?? {
+                return Ok(task);
+            }
+            let Some(existing) = self.find_by_key(user, key).await? else {
+                continue;
+            };
+            if existing.task_type != new.task_type || existing.metadata != metadata {
+                return Err(TaskError::conflict(
+                    "idempotencyKey was already used for a task with a different type or metadata",
+                ));
+            }
+            return Ok(existing);
         }
-        Ok(existing)
+        Err(TaskError::conflict(
+            "idempotencyKey is being created and deleted by other requests; try again",
+        ))
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %update.task_id, status = update.status.as_str()))]
