@@ -168,6 +168,7 @@ pub struct Settings {
         long,
         env = "TASKQL_LOG_FORMAT",
         value_enum,
+        ignore_case = true,
         default_value = "text",
         global = true
     )]
