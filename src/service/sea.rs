@@ -46,6 +46,9 @@ const PRUNE_BATCH: u64 = 500;
 const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
 /// Most creates one statement inserts.
 const MAX_CREATE_BATCH: usize = 64;
+/// How many times a create with an idempotency key tries to insert while
+/// the task holding its key keeps being deleted between conflict and read.
+const MAX_CREATE_ATTEMPTS: usize = 3;
 /// PostgreSQL advisory lock key ("taskql" + 2) held by the instance folding count deltas.
 const FOLD_LOCK: i64 = 0x7461_736b_716c_0002;
 
@@ -449,7 +452,7 @@ impl TaskService for SeaTaskService {
         // With a key, the unique index decides who wins (ON CONFLICT DO
         // NOTHING inserts no row); the loser reads the winner. A winner
         // deleted in between frees the key, and the insert is tried again.
-        for _ in 0..3 {
+        for _ in 0..MAX_CREATE_ATTEMPTS {
             let model = ActiveModel::pending(
                 user.id.clone(),
                 new.task_type.clone(),

@@ -326,7 +326,6 @@ impl Drop for TestApp {
     }
 }
 
-/// The `extensions.code` of the first error, if any.
 /// The program a test needs (the path in env `variable`, else `default`), or
 /// `None` after printing why `test` is skipped when it is missing. With `CI`
 /// set a missing program fails the test instead: CI installs it.
@@ -361,6 +360,7 @@ pub fn data(body: serde_json::Value) -> serde_json::Value {
     body["data"].clone()
 }
 
+/// The `extensions.code` of the first error, if any.
 pub fn error_code(body: &serde_json::Value) -> Option<&str> {
     body["errors"][0]["extensions"]["code"].as_str()
 }
