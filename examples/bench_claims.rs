@@ -23,7 +23,6 @@ use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement, Value,
 };
 use taskql::auth::CurrentUser;
-use taskql::events::EventBus;
 use taskql::service::{ClaimRequest, SeaTaskService, StatusUpdate, TaskService, Worker};
 use uuid::Uuid;
 
@@ -100,7 +99,7 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
         },
     )
     .await?;
-    let service = Arc::new(SeaTaskService::new(pool, EventBus::new()));
+    let service = Arc::new(SeaTaskService::new(pool, Default::default()));
     let mut rates = [Vec::new(), Vec::new(), Vec::new()];
     let modes: &[Mode] = if db.get_database_backend() == DatabaseBackend::Postgres {
         &[Mode::Service, Mode::Raw, Mode::RawNotify]

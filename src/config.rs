@@ -96,6 +96,15 @@ pub struct Settings {
     /// Delete finished tasks older than this (e.g. 30d); off when unset.
     #[arg(long, env = "TASKQL_RETENTION", global = true)]
     pub retention: Option<String>,
+    /// How long the change log keeps events, which is how far back a
+    /// `taskEvents(after:)` cursor can resume.
+    #[arg(
+        long,
+        env = "TASKQL_EVENT_RETENTION",
+        default_value = "24h",
+        global = true
+    )]
+    pub event_retention: String,
     /// Database connection pool size (SQLite uses at most 8).
     #[arg(
         long,
@@ -234,6 +243,7 @@ pub struct Config {
     pub service_role: String,
     pub max_attempts: i32,
     pub retention: Option<Duration>,
+    pub event_retention: Duration,
     pub db_max_connections: u32,
     pub db_acquire_timeout: Duration,
     pub db_statement_timeout: Duration,
@@ -493,6 +503,13 @@ impl Config {
                 parse_bounded_duration(text).map_err(|problem| bad("TASKQL_RETENTION", problem))?,
             ),
         };
+        let event_retention = match parse_bounded_duration(settings.event_retention.trim()) {
+            Ok(retention) if retention.is_zero() => {
+                return Err(bad("TASKQL_EVENT_RETENTION", "must be longer than 0"));
+            }
+            Ok(retention) => retention,
+            Err(problem) => return Err(bad("TASKQL_EVENT_RETENTION", problem)),
+        };
         let db_max_connections = parse_positive(
             "TASKQL_DB_MAX_CONNECTIONS",
             &settings.db_max_connections,
@@ -535,6 +552,7 @@ impl Config {
             service_role,
             max_attempts,
             retention,
+            event_retention,
             db_max_connections,
             db_acquire_timeout,
             db_statement_timeout,

@@ -14,6 +14,9 @@ pub enum TaskError {
     Unauthenticated(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A `taskEvents` cursor older than the events the log still keeps.
+    #[error("{0}")]
+    CursorExpired(String),
     /// The database cannot be reached, or did not answer in time: worth
     /// retrying later. The detail is logged, never shown.
     #[error("the database is unavailable; try again shortly")]
@@ -53,6 +56,7 @@ impl TaskError {
             Self::InvalidInput(_) => "BAD_USER_INPUT",
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::Forbidden(_) => "FORBIDDEN",
+            Self::CursorExpired(_) => "CURSOR_EXPIRED",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL_SERVER_ERROR",
         }

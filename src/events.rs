@@ -1,15 +1,16 @@
-//! The task event bus: every committed change of a task, in process.
+//! The task event bus: every committed change of a task, in process, as the
+//! instance's reader of the change log publishes it (see
+//! `crate::service::changelog`), in the log's order.
 //!
 //! Subscribers listen on a topic (one task, one user's tasks, or every task
 //! for workers), so a change wakes only those who watch it: 10k watchers of
-//! 10k tasks cost one wake-up per change, not 10k. On PostgreSQL, changes also travel between instances
-//! through LISTEN/NOTIFY (see `crate::pg_listener`).
+//! 10k tasks cost one wake-up per change, not 10k.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use entity::Task;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,9 +39,11 @@ impl TaskEventKind {
     }
 }
 
-/// A committed change; `task` is the state right after it (the last state for a deletion).
+/// A committed change; `task` is the state right after it (the last state
+/// for a deletion); `pos` its position in the change log.
 #[derive(Debug, Clone)]
 pub struct TaskEvent {
+    pub pos: i64,
     pub kind: TaskEventKind,
     pub task: Task,
 }
@@ -64,9 +67,6 @@ const ALL_TOPIC_CAPACITY: usize = 4096;
 
 struct Inner {
     topics: Mutex<HashMap<Topic, broadcast::Sender<Arc<TaskEvent>>>>,
-    /// Bumped when events may have been missed (the PostgreSQL listener
-    /// reconnected): live streams re-read their state.
-    resync: watch::Sender<u64>,
     published: AtomicU64,
 }
 
@@ -83,11 +83,9 @@ impl Default for EventBus {
 
 impl EventBus {
     pub fn new() -> Self {
-        let (resync, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
                 topics: Mutex::new(HashMap::new()),
-                resync,
                 published: AtomicU64::new(0),
             }),
         }
@@ -133,15 +131,6 @@ impl EventBus {
             topic,
             bus: self.clone(),
         }
-    }
-
-    /// Tells every live stream that events may have been lost.
-    pub fn request_resync(&self) {
-        self.inner.resync.send_modify(|epoch| *epoch += 1);
-    }
-
-    pub fn resyncs(&self) -> watch::Receiver<u64> {
-        self.inner.resync.subscribe()
     }
 
     /// Events published since start (for /metrics).

@@ -10,7 +10,6 @@ pub mod events;
 pub mod graphql;
 pub mod http;
 pub mod metrics;
-pub mod pg_events;
 pub mod pg_listener;
 pub mod service;
 pub mod ui;
@@ -26,7 +25,6 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::db::Db;
-use crate::events::EventBus;
 use crate::graphql::LiveSubscriptions;
 use crate::http::HttpState;
 use crate::metrics::Metrics;
@@ -62,8 +60,9 @@ pub struct App {
 }
 
 impl App {
-    /// Connects, migrates, and starts the reaper, retention and (on
-    /// PostgreSQL) the cross-instance event listener.
+    /// Connects, migrates, and starts the reaper, retention, the change
+    /// log's pruning and (on PostgreSQL) the listener that wakes the log's
+    /// reader when another instance wrote.
     pub async fn build(config: &Config, key: &crate::auth::JwtKey) -> Result<Self, StartError> {
         // Migrations run on a SeaORM connection of their own, closed after.
         let admin = db::connect(&config.database_url, 1)
@@ -79,10 +78,8 @@ impl App {
         let db = Db::connect(&config.database_url, config.pool_settings())
             .await
             .map_err(|e| StartError::Database(e.to_string()))?;
-        let events = EventBus::new();
         let metrics = Arc::new(Metrics::new());
-        let service =
-            Arc::new(SeaTaskService::new(db.clone(), events.clone()).with_metrics(metrics.clone()));
+        let service = Arc::new(SeaTaskService::new(db.clone(), metrics.clone()));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut background = Vec::new();
@@ -97,13 +94,16 @@ impl App {
         if let Some(retention) = config.retention {
             background.push(tokio::spawn(prune_forever(service.clone(), retention)));
         }
+        background.push(tokio::spawn(prune_events_forever(
+            service.clone(),
+            config.event_retention,
+        )));
         if config.backend == db::Backend::Postgres {
             background.push(tokio::spawn(fold_counts_forever(service.clone())));
             background.push(tokio::spawn(pg_listener::run(
                 config.database_url.clone(),
                 db.clone(),
-                events.clone(),
-                service.instance_id(),
+                service.changelog().notice_handle(),
                 metrics.clone(),
             )));
         }
@@ -230,6 +230,18 @@ async fn prune_forever(service: Arc<SeaTaskService>, retention: Duration) {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "retention pruned finished tasks"),
             Err(err) => tracing::warn!(error = %err, "retention pass failed; retrying"),
+        }
+    }
+}
+
+async fn prune_events_forever(service: Arc<SeaTaskService>, retention: Duration) {
+    let mut ticker = tokio::time::interval(RETENTION_INTERVAL);
+    loop {
+        ticker.tick().await;
+        match service.prune_events(retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "pruned the change log"),
+            Err(err) => tracing::warn!(error = %err, "pruning the change log failed; retrying"),
         }
     }
 }

@@ -73,7 +73,7 @@ pub struct Metrics {
     pub websockets_opened: Counter,
     pub subscriptions: Gauge,
     pub listener_reconnects: Counter,
-    pub notice_lag: Histogram,
+    pub event_lag: Histogram,
     pool_max: Gauge,
     pool_open: Gauge,
     pool_in_use: Gauge,
@@ -147,15 +147,15 @@ impl Metrics {
         let listener_reconnects = Counter::default();
         registry.register(
             "listener_reconnects",
-            "Reconnections of the PostgreSQL notice listener",
+            "Reconnections of the PostgreSQL listener that wakes the change-log reader",
             listener_reconnects.clone(),
         );
-        let notice_lag = latency_histogram();
+        let event_lag = latency_histogram();
         registry.register_with_unit(
-            "notice_lag",
-            "From a change on another instance to its notice arriving here",
+            "event_lag",
+            "From a change (its updated_at, on any instance) to this instance publishing it to subscribers",
             Unit::Seconds,
-            notice_lag.clone(),
+            event_lag.clone(),
         );
         let pool_max = Gauge::default();
         registry.register(
@@ -206,7 +206,7 @@ impl Metrics {
             websockets_opened,
             subscriptions,
             listener_reconnects,
-            notice_lag,
+            event_lag,
             pool_max,
             pool_open,
             pool_in_use,

@@ -4,6 +4,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_create_tasks;
 mod m20261126_000002_index_created_at;
 mod m20261127_000003_task_counts;
+mod m20261204_000004_task_events;
 
 pub struct Migrator;
 
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_create_tasks::Migration),
             Box::new(m20261126_000002_index_created_at::Migration),
             Box::new(m20261127_000003_task_counts::Migration),
+            Box::new(m20261204_000004_task_events::Migration),
         ]
     }
 }

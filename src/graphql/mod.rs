@@ -26,7 +26,7 @@ pub mod types;
 
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
-pub use subscription::{LiveSubscriptions, StreamReads, SubscriptionCounter, SubscriptionRoot};
+pub use subscription::{LiveSubscriptions, SubscriptionCounter, SubscriptionRoot};
 
 pub type TaskSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
@@ -59,7 +59,6 @@ pub fn build_schema(
         .data(service)
         .data(Shutdown(shutdown))
         .data(live)
-        .data(StreamReads::default())
         .limit_depth(MAX_DEPTH)
         .limit_complexity(MAX_COMPLEXITY)
         .limit_recursive_depth(32)

@@ -148,15 +148,20 @@ pub enum TaskEventKind {
 /// DELETED carries the last state.
 #[derive(SimpleObject, Clone, Debug)]
 pub struct TaskEvent {
+    /// Where this event is in the change log: pass it as `taskEvents(after:)`
+    /// to receive every event after it, on any instance, after a restart.
+    /// Opaque; later events have later cursors.
+    pub cursor: String,
     pub kind: TaskEventKind,
     pub task: Task,
 }
 
-impl From<&BusEvent> for TaskEvent {
-    fn from(event: &BusEvent) -> Self {
+impl From<BusEvent> for TaskEvent {
+    fn from(event: BusEvent) -> Self {
         Self {
+            cursor: crate::service::changelog::encode_cursor(event.pos),
             kind: event.kind.into(),
-            task: event.task.clone().into(),
+            task: event.task.into(),
         }
     }
 }

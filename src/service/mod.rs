@@ -8,11 +8,14 @@ use uuid::Uuid;
 
 use crate::auth::CurrentUser;
 use crate::error::{TaskError, TaskResult};
-use crate::events::EventBus;
+use crate::events::TaskEvent;
+use futures::stream::BoxStream;
 
+pub mod changelog;
 mod sea;
 pub mod stats;
 pub mod validate;
+mod watch;
 
 pub use sea::SeaTaskService;
 pub use stats::{StatsRequest, TaskStats};
@@ -147,20 +150,6 @@ pub trait TaskService: Send + Sync {
         user: &CurrentUser,
     ) -> TaskResult<Option<Task>>;
 
-    /// The tasks that `taskEvents` carries to `user` (their own; every
-    /// user's for a worker) changed at or after `since`, in the order of
-    /// (change time, id), at most `limit`; with `after`, only those past the
-    /// task `after` that changed at `since` (the last of a previous page).
-    /// This is how a `taskEvents` stream catches up after it may have missed
-    /// events, page by page even when thousands changed at the same instant.
-    async fn get_tasks_changed_since(
-        &self,
-        user: &CurrentUser,
-        since: chrono::DateTime<chrono::Utc>,
-        after: Option<Uuid>,
-        limit: u64,
-    ) -> TaskResult<Vec<Task>>;
-
     async fn delete_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<bool>;
 
     async fn cancel_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
@@ -184,6 +173,23 @@ pub trait TaskService: Send + Sync {
     /// Deletes terminal tasks finished before `older_than` ago, in batches.
     async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize>;
 
-    /// The bus on which every committed change is published.
-    fn events(&self) -> &EventBus;
+    /// The task's current state, then every change in order; ends after a
+    /// terminal state or a deletion (`taskUpdated`).
+    async fn watch_task(
+        &self,
+        user: &CurrentUser,
+        task_id: Uuid,
+    ) -> TaskResult<BoxStream<'static, TaskResult<Task>>>;
+
+    /// Every change of the tasks `user` sees, in the change log's order;
+    /// with `after` (an event's cursor), first every such change past it
+    /// (`taskEvents`).
+    async fn watch_events(
+        &self,
+        user: &CurrentUser,
+        after: Option<&str>,
+    ) -> TaskResult<BoxStream<'static, TaskResult<TaskEvent>>>;
+
+    /// Deletes change-log entries older than `older_than`, in batches.
+    async fn prune_events(&self, older_than: Duration) -> TaskResult<u64>;
 }

@@ -1,15 +1,13 @@
 //! The SeaORM implementation of `TaskService`, for SQLite and PostgreSQL.
 //!
 //! Every change is one conditional statement (`UPDATE … WHERE status IN
-//! (allowed) RETURNING *`), so two racing changes can never both win. On
-//! PostgreSQL the same statement sends the NOTIFY that other instances listen
-//! for (see `crate::pg_events`); the in-process event goes out once it has
-//! committed.
+//! (allowed) RETURNING *`), so two racing changes can never both win. The
+//! triggers on `tasks` log each change in the same statement (see
+//! `changelog`); the writer then wakes this instance's reader of the log.
 //!
 //! Creates that arrive while one is being written are inserted together by
-//! the next statement: one commit (and on PostgreSQL one turn of NOTIFY's
-//! commit lock, which serializes every notifying transaction) for all of
-//! them, instead of one each.
+//! the next statement: one commit (one WAL flush) for all of them, instead
+//! of one each.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::changelog::Changelog;
+use super::watch::Watch;
 use super::{
     ClaimRequest, DEFAULT_LEASE, Heartbeat, MAX_LEASE, MAX_PAGE_SIZE, NewTask, ReapOutcome,
     StatsRequest, StatusUpdate, TaskFilter, TaskPage, TaskService, TaskStats, Worker, stats,
@@ -36,9 +36,9 @@ use super::{
 use crate::auth::CurrentUser;
 use crate::db::{Backend, Db, DbTransaction};
 use crate::error::{TaskError, TaskResult};
-use crate::events::{EventBus, TaskEvent, TaskEventKind};
+use crate::events::{EventBus, TaskEvent};
 use crate::metrics::{Metrics, Transition};
-use crate::pg_events;
+use futures::stream::BoxStream;
 
 /// Rows a single retention pass deletes before it lets others write.
 const PRUNE_BATCH: u64 = 500;
@@ -54,6 +54,7 @@ const FOLD_LOCK: i64 = 0x7461_736b_716c_0002;
 
 pub struct SeaTaskService {
     writer: Writer,
+    watch: Watch,
     metrics: Arc<Metrics>,
     /// Creates waiting to be inserted (see [`insert_queued`]).
     creates: mpsc::UnboundedSender<QueuedCreate>,
@@ -124,72 +125,51 @@ async fn rows_of<C: ConnectionTrait>(conn: &C, statement: Statement) -> TaskResu
         .collect()
 }
 
-/// Writes changes and publishes them: every statement that changes a task
-/// goes through here.
+/// Writes changes: every statement that changes a task goes through here.
+/// The triggers log each change in the same statement; the writer then only
+/// wakes this instance's reader of the log.
 #[derive(Clone)]
 struct Writer {
     db: Db,
-    events: EventBus,
-    /// Identifies this process in notices, so it skips its own.
-    instance_id: Uuid,
+    log: Changelog,
+}
+
+/// Wakes the log's reader when dropped: after the statement returned, or
+/// when the request was dropped midway (its change may have committed).
+struct WakeReader<'a>(&'a Changelog);
+
+impl Drop for WakeReader<'_> {
+    fn drop(&mut self) {
+        self.0.wrote();
+    }
 }
 
 impl Writer {
-    /// The SQL of one `INSERT`/`UPDATE`/`DELETE … RETURNING *`; on
-    /// PostgreSQL it also NOTIFYs each row it writes.
-    fn statement<S: sea_orm::StatementBuilder>(
-        &self,
-        statement: &S,
-        kind: TaskEventKind,
-    ) -> Statement {
-        let backend = self.db.get_database_backend();
-        let mut statement = backend.build(statement);
-        if self.db.backend() == Backend::Postgres {
-            statement.sql = pg_events::notifying(&statement.sql, self.instance_id, kind);
-        }
-        statement
+    fn statement<S: sea_orm::StatementBuilder>(&self, statement: &S) -> Statement {
+        self.db.get_database_backend().build(statement)
     }
 
-    /// Runs the statement on `conn` (a transaction the caller commits and
-    /// publishes) and returns the rows it wrote.
-    async fn rows_in<C, S>(
-        &self,
-        conn: &C,
-        statement: &S,
-        kind: TaskEventKind,
-    ) -> TaskResult<Vec<Task>>
+    /// Runs the statement on `conn` (a transaction the caller commits, then
+    /// calls [`Self::wrote`]) and returns the rows it wrote.
+    async fn rows_in<C, S>(&self, conn: &C, statement: &S) -> TaskResult<Vec<Task>>
     where
         C: ConnectionTrait,
         S: sea_orm::StatementBuilder,
     {
-        rows_of(conn, self.statement(statement, kind)).await
+        rows_of(conn, self.statement(statement)).await
     }
 
-    /// Runs the statement on its own (autocommit) and publishes its rows in
-    /// process. The two run as one spawned unit: a request dropped halfway
-    /// (a client that hung up) cannot commit a change and skip its event.
-    async fn commit<S>(&self, statement: &S, kind: TaskEventKind) -> TaskResult<Vec<Task>>
+    /// Runs the statement on its own (autocommit) and returns its rows.
+    async fn commit<S>(&self, statement: &S) -> TaskResult<Vec<Task>>
     where
         S: sea_orm::StatementBuilder,
     {
-        let statement = self.statement(statement, kind);
-        let writer = self.clone();
-        tokio::spawn(async move {
-            let rows = rows_of(&writer.db, statement).await?;
-            writer.publish(kind, &rows);
-            Ok(rows)
-        })
-        .await
-        .map_err(|err| TaskError::Internal(format!("a write stopped unexpectedly: {err}")))?
+        let _wake = WakeReader(&self.log);
+        rows_of(&self.db, self.statement(statement)).await
     }
 
-    fn publish(&self, kind: TaskEventKind, rows: &[Task]) {
-        for task in rows {
-            self.events.publish(TaskEvent {
-                kind,
-                task: task.clone(),
-            });
-        }
+    fn wrote(&self) {
+        self.log.wrote();
     }
 
     /// Inserts `batch` in one statement and answers each create: its new
@@ -205,9 +185,12 @@ impl Writer {
             )
             .into_query();
         insert.returning_all();
-        match rows_of(&self.db, self.statement(&insert, TaskEventKind::Created)).await {
+        let inserted = {
+            let _wake = WakeReader(&self.log);
+            rows_of(&self.db, self.statement(&insert)).await
+        };
+        match inserted {
             Ok(rows) => {
-                self.publish(TaskEventKind::Created, &rows);
                 for create in batch {
                     let row = rows.iter().find(|task| task.id == create.id).cloned();
                     let _ = create.reply.send(Ok(row));
@@ -249,30 +232,26 @@ async fn insert_queued(writer: Writer, mut queue: mpsc::UnboundedReceiver<Queued
 }
 
 impl SeaTaskService {
-    /// The service on `db`; it starts its insert queue on the current tokio runtime.
-    pub fn new(db: Db, events: EventBus) -> Self {
-        let writer = Writer {
-            db,
-            events,
-            instance_id: Uuid::now_v7(),
-        };
+    /// The service on `db`, counting transitions and event lag into
+    /// `metrics`; it starts its insert queue and its reader of the change
+    /// log on the current tokio runtime.
+    pub fn new(db: Db, metrics: Arc<Metrics>) -> Self {
+        let log = Changelog::start(db.clone(), EventBus::new(), metrics.clone());
+        let watch = Watch::new(db.clone(), log.clone());
+        let writer = Writer { db, log };
         let (creates, queue) = mpsc::unbounded_channel();
         tokio::spawn(insert_queued(writer.clone(), queue));
         Self {
             writer,
+            watch,
             creates,
-            metrics: Arc::default(),
+            metrics,
         }
     }
 
-    /// Counts claims, completions and the other transitions into `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
-    }
-
-    pub fn instance_id(&self) -> Uuid {
-        self.writer.instance_id
+    /// The change log and this instance's reader of it.
+    pub fn changelog(&self) -> &Changelog {
+        &self.writer.log
     }
 
     /// Folds the task count deltas that PostgreSQL's triggers append into
@@ -299,10 +278,10 @@ impl SeaTaskService {
         &self.writer.db
     }
 
-    /// One UPDATE … RETURNING *, published once committed.
+    /// One UPDATE … RETURNING *, on its own.
     async fn update_rows(&self, mut update: UpdateStatement) -> TaskResult<Vec<Task>> {
         update.returning_all();
-        self.writer.commit(&update, TaskEventKind::Updated).await
+        self.writer.commit(&update).await
     }
 
     /// On PostgreSQL, takes the advisory lock `key` until `txn` ends, or says
@@ -635,37 +614,6 @@ impl TaskService for SeaTaskService {
         .await
     }
 
-    #[instrument(level = "debug", skip_all, fields(user = %user.id))]
-    async fn get_tasks_changed_since(
-        &self,
-        user: &CurrentUser,
-        since: DateTime<Utc>,
-        after: Option<Uuid>,
-        limit: u64,
-    ) -> TaskResult<Vec<Task>> {
-        let mut query = Tasks::find();
-        if !user.is_service {
-            query = query.filter(Column::UserId.eq(&user.id));
-        }
-        query = match after {
-            None => query.filter(Column::UpdatedAt.gte(since)),
-            Some(id) => query.filter(
-                Condition::any().add(Column::UpdatedAt.gt(since)).add(
-                    Condition::all()
-                        .add(Column::UpdatedAt.eq(since))
-                        .add(Column::Id.gt(id)),
-                ),
-            ),
-        };
-        self.select(
-            query
-                .order_by(Column::UpdatedAt, Order::Asc)
-                .order_by(Column::Id, Order::Asc)
-                .limit(limit),
-        )
-        .await
-    }
-
     #[instrument(level = "debug", skip_all, fields(%task_id, user = %user.id))]
     async fn delete_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<bool> {
         let mut delete = Tasks::delete_many().filter(Column::Id.eq(task_id));
@@ -674,11 +622,7 @@ impl TaskService for SeaTaskService {
         }
         let mut delete = delete.into_query();
         delete.returning_all();
-        let found = !self
-            .writer
-            .commit(&delete, TaskEventKind::Deleted)
-            .await?
-            .is_empty();
+        let found = !self.writer.commit(&delete).await?.is_empty();
         if found {
             Ok(true)
         } else {
@@ -870,18 +814,13 @@ impl TaskService for SeaTaskService {
         }
         requeue.returning_all();
         fail.returning_all();
-        let requeued_tasks = self
-            .writer
-            .rows_in(&txn, &requeue, TaskEventKind::Updated)
-            .await?;
-        let failed_tasks = self
-            .writer
-            .rows_in(&txn, &fail, TaskEventKind::Updated)
-            .await?;
+        let requeued_tasks = self.writer.rows_in(&txn, &requeue).await?;
+        let failed_tasks = self.writer.rows_in(&txn, &fail).await?;
         txn.commit().await?;
         let (requeued, failed) = (requeued_tasks.len(), failed_tasks.len());
-        self.writer.publish(TaskEventKind::Updated, &requeued_tasks);
-        self.writer.publish(TaskEventKind::Updated, &failed_tasks);
+        if requeued + failed > 0 {
+            self.writer.wrote();
+        }
         for task in &requeued_tasks {
             self.metrics
                 .transition(Transition::requeued, &task.task_type);
@@ -919,11 +858,7 @@ impl TaskService for SeaTaskService {
                 .filter(Expr::col(Column::Id).in_subquery(batch))
                 .into_query();
             delete.returning_all();
-            let count = self
-                .writer
-                .commit(&delete, TaskEventKind::Deleted)
-                .await?
-                .len();
+            let count = self.writer.commit(&delete).await?.len();
             total += count;
             if (count as u64) < PRUNE_BATCH {
                 break;
@@ -932,8 +867,25 @@ impl TaskService for SeaTaskService {
         Ok(total)
     }
 
-    fn events(&self) -> &EventBus {
-        &self.writer.events
+    async fn watch_task(
+        &self,
+        user: &CurrentUser,
+        task_id: Uuid,
+    ) -> TaskResult<BoxStream<'static, TaskResult<Task>>> {
+        self.watch.task(user.clone(), task_id).await
+    }
+
+    async fn watch_events(
+        &self,
+        user: &CurrentUser,
+        after: Option<&str>,
+    ) -> TaskResult<BoxStream<'static, TaskResult<TaskEvent>>> {
+        self.watch.events(user.clone(), after).await
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn prune_events(&self, older_than: Duration) -> TaskResult<u64> {
+        self.writer.log.prune(older_than).await
     }
 }
 

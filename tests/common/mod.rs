@@ -10,7 +10,6 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use taskql::auth::CurrentUser;
 use taskql::db::{Db, PoolSettings};
-use taskql::events::EventBus;
 use taskql::service::{SeaTaskService, TaskService, Worker};
 
 pub const PG_ENV: &str = "TASKQL_TEST_DATABASE_URL";
@@ -74,7 +73,7 @@ impl TestDb {
             ..PoolSettings::default()
         };
         let db = Db::connect(&self.url, settings).await.expect("connect");
-        let service = Arc::new(SeaTaskService::new(db.clone(), EventBus::default()));
+        let service = Arc::new(SeaTaskService::new(db.clone(), Default::default()));
         (service, db)
     }
 }

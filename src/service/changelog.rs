@@ -1,0 +1,356 @@
+//! The change log: every committed change of a task at an ordered position
+//! (`task_events`, written by triggers in the changing statement; see the
+//! migration), and the one reader per instance that publishes it on the
+//! in-process bus.
+//!
+//! Nothing on the write path takes a database-wide lock for events. A write
+//! only wakes this instance's reader. On PostgreSQL the reader first moves
+//! committed changes into the log (`task_events_take_changes()`, one mover
+//! at a time, which gives them their positions in commit order and NOTIFYs
+//! once per move, so other instances wake and read). Every instance also
+//! reads on a short tick, which picks up changes whose writer died before
+//! its own reader ran, and notices lost while the listener was away.
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use entity::Task;
+use sea_orm::{ConnectionTrait, DbErr, QueryResult, Statement, Value};
+use tokio::sync::Notify;
+
+use crate::db::{Backend, Db};
+use crate::error::{TaskError, TaskResult};
+use crate::events::{EventBus, TaskEvent, TaskEventKind};
+use crate::metrics::Metrics;
+
+/// How often the reader looks at the log without being woken.
+pub const TICK: Duration = Duration::from_millis(250);
+/// Events one read of the log returns at most.
+pub const PAGE: u64 = 1000;
+/// Rows one retention statement deletes at most.
+const PRUNE_BATCH: u64 = 1000;
+/// Positions the reader has not yet published while it is not running;
+/// `i64::MIN` until the first read of the log's head.
+const UNKNOWN: i64 = i64::MIN;
+
+/// What a cursor says: the position of the last event its holder received.
+pub fn encode_cursor(pos: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("ev:{pos}"))
+}
+
+pub fn decode_cursor(cursor: &str) -> TaskResult<i64> {
+    let bad = || TaskError::invalid("after is not a cursor returned by taskEvents");
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let digits = text.strip_prefix("ev:").ok_or_else(bad)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    digits.parse::<i64>().map_err(|_| bad())
+}
+
+/// Where the log stands: positions up to `pruned_through` are gone; the
+/// newest is `head`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon {
+    pub pruned_through: i64,
+    pub head: i64,
+}
+
+struct Inner {
+    db: Db,
+    bus: EventBus,
+    metrics: Arc<Metrics>,
+    /// The last position published on the bus.
+    published: AtomicI64,
+}
+
+/// The log and this instance's reader of it (cheap to clone).
+#[derive(Clone)]
+pub struct Changelog {
+    inner: Arc<Inner>,
+    /// A change was written here: move (PostgreSQL) and read.
+    wrote: Arc<Notify>,
+    /// Another instance moved changes into the log: read.
+    noticed: Arc<Notify>,
+}
+
+impl Changelog {
+    /// The log of `db`; its reader runs on the current tokio runtime until
+    /// the last clone is dropped.
+    pub fn start(db: Db, bus: EventBus, metrics: Arc<Metrics>) -> Self {
+        let log = Self {
+            inner: Arc::new(Inner {
+                db,
+                bus,
+                metrics,
+                published: AtomicI64::new(UNKNOWN),
+            }),
+            wrote: Arc::default(),
+            noticed: Arc::default(),
+        };
+        tokio::spawn(read_forever(
+            Arc::downgrade(&log.inner),
+            log.wrote.clone(),
+            log.noticed.clone(),
+        ));
+        log
+    }
+
+    pub fn bus(&self) -> &EventBus {
+        &self.inner.bus
+    }
+
+    /// Says a change committed here. Wakes coalesce: many writes during one
+    /// read make one more read.
+    pub fn wrote(&self) {
+        self.wrote.notify_one();
+    }
+
+    /// A handle that wakes the reader when another instance moved changes
+    /// into the log (for the PostgreSQL listener).
+    pub fn notice_handle(&self) -> Arc<Notify> {
+        self.noticed.clone()
+    }
+
+    /// The last position this instance published, once known.
+    pub fn published(&self) -> Option<i64> {
+        match self.inner.published.load(Ordering::Acquire) {
+            UNKNOWN => None,
+            pos => Some(pos),
+        }
+    }
+
+    /// Where the log starts and ends now.
+    pub async fn horizon(&self) -> TaskResult<Horizon> {
+        horizon(&self.inner.db).await
+    }
+
+    /// The events after `after`, in order, at most `limit`: every user's,
+    /// or only `user`'s.
+    pub async fn read(
+        &self,
+        after: i64,
+        user: Option<&str>,
+        limit: u64,
+    ) -> TaskResult<Vec<TaskEvent>> {
+        read(&self.inner.db, after, user, limit).await
+    }
+
+    /// Deletes the events logged before `older_than` ago, a bounded batch
+    /// per transaction, and moves the horizon past them; returns how many.
+    pub async fn prune(&self, older_than: Duration) -> TaskResult<u64> {
+        let cutoff = chrono::Utc::now().timestamp_millis()
+            - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let db = &self.inner.db;
+        let backend = db.get_database_backend();
+        let p = placeholders(db.backend());
+        let mut total = 0;
+        loop {
+            let txn = db.begin().await?;
+            // The oldest rows by position, of which those old enough: the
+            // scan is bounded even when nothing is to go.
+            let gone = txn
+                .query_all_raw(Statement::from_sql_and_values(
+                    backend,
+                    format!(
+                        "DELETE FROM task_events WHERE pos IN (\
+                           SELECT pos FROM (SELECT pos, logged_at_ms FROM task_events ORDER BY pos LIMIT {}) oldest \
+                           WHERE logged_at_ms < {}) RETURNING pos",
+                        p(1),
+                        p(2)
+                    ),
+                    [(PRUNE_BATCH as i64).into(), cutoff.into()],
+                ))
+                .await?;
+            let newest = gone
+                .iter()
+                .map(|row| row.try_get_by_index::<i64>(0))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .max();
+            if let Some(newest) = newest {
+                txn.execute_raw(Statement::from_sql_and_values(
+                    backend,
+                    format!(
+                        "UPDATE task_event_horizon SET pruned_through = {} WHERE pruned_through < {}",
+                        p(1),
+                        p(2)
+                    ),
+                    [newest.into(), newest.into()],
+                ))
+                .await?;
+            }
+            txn.commit().await?;
+            total += gone.len() as u64;
+            if (gone.len() as u64) < PRUNE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// `$n` on PostgreSQL, `?` on SQLite.
+fn placeholders(backend: Backend) -> impl Fn(usize) -> String {
+    move |n| match backend {
+        Backend::Postgres => format!("${n}"),
+        Backend::Sqlite => "?".into(),
+    }
+}
+
+async fn horizon(db: &Db) -> TaskResult<Horizon> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT pruned_through, (SELECT max(pos) FROM task_events) FROM task_event_horizon",
+        ))
+        .await?
+        .ok_or_else(|| TaskError::Internal("task_event_horizon has no row".into()))?;
+    let pruned_through: i64 = row.try_get_by_index(0)?;
+    let newest: Option<i64> = row.try_get_by_index(1)?;
+    Ok(Horizon {
+        pruned_through,
+        head: newest.unwrap_or(0).max(pruned_through),
+    })
+}
+
+/// The columns of an event: the task's, in [`Task::COLUMNS`] order (which
+/// [`Task::from_row`] reads by position), then its position and kind.
+fn event_columns() -> String {
+    let mut columns = Task::COLUMNS.join(", ");
+    columns.push_str(", pos, kind");
+    columns
+}
+
+async fn read(db: &Db, after: i64, user: Option<&str>, limit: u64) -> TaskResult<Vec<TaskEvent>> {
+    let p = placeholders(db.backend());
+    let mut values: Vec<Value> = vec![after.into()];
+    let mut sql = format!(
+        "SELECT {} FROM task_events WHERE pos > {}",
+        event_columns(),
+        p(1)
+    );
+    if let Some(user) = user {
+        values.push(user.into());
+        sql.push_str(&format!(" AND user_id = {}", p(2)));
+    }
+    sql.push_str(&format!(" ORDER BY pos LIMIT {limit}"));
+    db.query_all_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        sql,
+        values,
+    ))
+    .await?
+    .iter()
+    .map(|row| event_of(row).map_err(TaskError::from))
+    .collect()
+}
+
+fn event_of(row: &QueryResult) -> Result<TaskEvent, DbErr> {
+    let task = Task::from_row(row)?;
+    let pos: i64 = row.try_get_by_index(Task::COLUMNS.len())?;
+    let kind: String = row.try_get_by_index(Task::COLUMNS.len() + 1)?;
+    let kind = TaskEventKind::parse(&kind)
+        .ok_or_else(|| DbErr::Type(format!("unknown event kind {kind:?} at {pos}")))?;
+    Ok(TaskEvent { pos, kind, task })
+}
+
+/// On PostgreSQL, moves committed changes into the log; returns the head.
+async fn take_changes(db: &Db) -> TaskResult<i64> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT task_events_take_changes()",
+        ))
+        .await?
+        .ok_or_else(|| TaskError::Internal("task_events_take_changes returned no row".into()))?;
+    Ok(row.try_get_by_index(0)?)
+}
+
+/// The instance's one reader: after each wake-up or tick, publishes every
+/// event past the last one it published, in order.
+async fn read_forever(inner: Weak<Inner>, wrote: Arc<Notify>, noticed: Arc<Notify>) {
+    let mut backoff = TICK;
+    loop {
+        let move_first = tokio::select! {
+            _ = wrote.notified() => true,
+            _ = noticed.notified() => false,
+            _ = tokio::time::sleep(backoff) => true,
+        };
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        match read_round(&inner, move_first).await {
+            Ok(()) => backoff = TICK,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the change log; retrying");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn read_round(inner: &Inner, move_first: bool) -> TaskResult<()> {
+    if move_first && inner.db.backend() == Backend::Postgres {
+        take_changes(&inner.db).await?;
+    }
+    let mut position = inner.published.load(Ordering::Acquire);
+    if position == UNKNOWN {
+        // Streams that start now begin at the head; older events are
+        // read from the log by those that resume.
+        position = horizon(&inner.db).await?.head;
+        inner.published.store(position, Ordering::Release);
+        return Ok(());
+    }
+    loop {
+        let page = read(&inner.db, position, None, PAGE).await?;
+        let full = page.len() as u64 == PAGE;
+        let now = chrono::Utc::now();
+        for event in page {
+            if event.kind != TaskEventKind::Deleted {
+                // Clocks of instances differ a little; a negative lag counts as none.
+                let lag = (now - event.task.updated_at)
+                    .num_microseconds()
+                    .unwrap_or(0);
+                inner.metrics.event_lag.observe(lag.max(0) as f64 / 1e6);
+            }
+            // Stored first: a stream that starts from it receives every
+            // event past it on the bus.
+            position = event.pos;
+            inner.published.store(position, Ordering::Release);
+            inner.bus.publish(event);
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        for pos in [0, 1, 42, i64::MAX] {
+            assert_eq!(decode_cursor(&encode_cursor(pos)).unwrap(), pos);
+        }
+        for bad in [
+            "".to_string(),
+            "!!!".into(),
+            URL_SAFE_NO_PAD.encode("ev:"),
+            URL_SAFE_NO_PAD.encode("ev:-1"),
+            URL_SAFE_NO_PAD.encode("ev:+1"),
+            URL_SAFE_NO_PAD.encode("ev:1x"),
+            URL_SAFE_NO_PAD.encode("12"),
+            URL_SAFE_NO_PAD.encode("1:00000000-0000-0000-0000-000000000000"),
+        ] {
+            assert!(
+                matches!(decode_cursor(&bad), Err(TaskError::InvalidInput(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}

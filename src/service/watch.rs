@@ -1,0 +1,215 @@
+//! Live updates: the streams behind `taskUpdated` and `taskEvents`, built on
+//! the instance's bus (fed in log order by `changelog`) and on reads of the
+//! log itself for what a stream must replay. Transports only convert what
+//! these streams yield.
+use std::sync::Arc;
+
+use entity::{Task, Tasks};
+use futures::stream::BoxStream;
+use sea_orm::EntityTrait;
+use tokio::sync::Semaphore;
+use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
+
+use super::changelog::{self, Changelog, Horizon};
+use crate::auth::CurrentUser;
+use crate::db::Db;
+use crate::error::{TaskError, TaskResult};
+use crate::events::{TaskEvent, TaskEventKind, Topic};
+
+/// Reads of the database that streams make at once, at most. Each read
+/// waiting for a pooled connection holds a ~15 KiB query future; when
+/// thousands of streams start (or replay) together, that peak fragments the
+/// heap and stays resident. The pool serves only a few reads at a time
+/// anyway, so the rest wait here, small.
+const STREAM_READS: usize = 16;
+/// Times a stream tries one read of the log before it gives up with the error.
+const READ_TRIES: u32 = 3;
+
+#[derive(Clone)]
+pub struct Watch {
+    db: Db,
+    log: Changelog,
+    reads: Arc<Semaphore>,
+}
+
+impl Watch {
+    pub fn new(db: Db, log: Changelog) -> Self {
+        Self {
+            db,
+            log,
+            reads: Arc::new(Semaphore::new(STREAM_READS)),
+        }
+    }
+
+    /// The task if `user` may see it: their own, or any for a worker.
+    async fn read_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
+        // Never closed, so a permit always comes.
+        let _permit = self.reads.acquire().await;
+        Tasks::find_by_id(task_id)
+            .one(&self.db)
+            .await?
+            .filter(|task| user.is_service || task.user_id == user.id)
+            .ok_or(TaskError::NotFound)
+    }
+
+    /// The task's current state, then every change in order; ends after a
+    /// terminal state or a deletion. `NOT_FOUND` if the user may not see it.
+    pub async fn task(
+        &self,
+        user: CurrentUser,
+        task_id: Uuid,
+    ) -> TaskResult<BoxStream<'static, TaskResult<Task>>> {
+        // Listen before reading, so a change committed in between is not
+        // lost; events at or below the version read are dropped as repeats.
+        let mut events = self.log.bus().subscribe(Topic::Task(task_id));
+        let current = self.read_task(task_id, &user).await?;
+        let watch = self.clone();
+        Ok(Box::pin(async_stream::stream! {
+            let mut last = current.version;
+            let finished = current.status.is_terminal();
+            yield Ok(current);
+            if finished {
+                return;
+            }
+            loop {
+                let task = match events.recv().await {
+                    Ok(event) if event.kind == TaskEventKind::Deleted => return,
+                    Ok(event) => event.task.clone(),
+                    // Fell behind its buffer: the current state says where it is.
+                    Err(RecvError::Lagged(_)) => match watch.read_task(task_id, &user).await {
+                        Ok(task) => task,
+                        Err(TaskError::NotFound) => return,
+                        Err(err) => {
+                            yield Err(err);
+                            return;
+                        }
+                    },
+                    Err(RecvError::Closed) => return,
+                };
+                if task.version <= last {
+                    continue;
+                }
+                last = task.version;
+                let finished = task.status.is_terminal();
+                yield Ok(task);
+                if finished {
+                    return;
+                }
+            }
+        }))
+    }
+
+    /// Every change of the tasks `user` may see (their own; every user's for
+    /// a worker), in log order. With `after` (a cursor of an earlier event),
+    /// first every such change past it, then live with no gap and no repeat.
+    pub async fn events(
+        &self,
+        user: CurrentUser,
+        after: Option<&str>,
+    ) -> TaskResult<BoxStream<'static, TaskResult<TaskEvent>>> {
+        let after = after.map(changelog::decode_cursor).transpose()?;
+        let (topic, owner) = if user.is_service {
+            (Topic::All, None)
+        } else {
+            (Topic::User(user.id.clone()), Some(user.id.clone()))
+        };
+        // Listen first: everything published from here on is received, and
+        // everything before was committed, so a replay reads it.
+        let mut events = self.log.bus().subscribe(topic);
+        let mut last = match after {
+            Some(pos) => {
+                check_cursor(pos, self.log.horizon().await?)?;
+                pos
+            }
+            None => match self.log.published() {
+                Some(pos) => pos,
+                None => self.log.horizon().await?.head,
+            },
+        };
+        let mut replaying = after.is_some();
+        let watch = self.clone();
+        Ok(Box::pin(async_stream::stream! {
+            loop {
+                if replaying {
+                    match watch.replay_page(last, owner.as_deref()).await {
+                        Ok((page, full)) => {
+                            for event in page {
+                                last = event.pos;
+                                yield Ok(event);
+                            }
+                            replaying = full;
+                        }
+                        Err(err) => {
+                            yield Err(err);
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                match events.recv().await {
+                    Ok(event) => {
+                        // At or below `last`: already replayed.
+                        if event.pos > last {
+                            last = event.pos;
+                            yield Ok(event.as_ref().clone());
+                        }
+                    }
+                    // Fell behind its buffer: read what it missed from the log.
+                    Err(RecvError::Lagged(_)) => replaying = true,
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        }))
+    }
+
+    /// The next page of events past `after` for `owner` (every user's when
+    /// `None`), and whether it was full. `CURSOR_EXPIRED` when the log was
+    /// pruned past `after`, checked after the read, so a prune racing it is
+    /// seen.
+    async fn replay_page(
+        &self,
+        after: i64,
+        owner: Option<&str>,
+    ) -> TaskResult<(Vec<TaskEvent>, bool)> {
+        let mut tries = 0;
+        loop {
+            let read = async {
+                let _permit = self.reads.acquire().await;
+                let page = self.log.read(after, owner, changelog::PAGE).await?;
+                let horizon = self.log.horizon().await?;
+                Ok::<_, TaskError>((page, horizon))
+            };
+            match read.await {
+                Ok((page, horizon)) => {
+                    check_cursor(after, horizon)?;
+                    let full = page.len() as u64 == changelog::PAGE;
+                    return Ok((page, full));
+                }
+                Err(err) if tries + 1 < READ_TRIES && matches!(err, TaskError::Unavailable(_)) => {
+                    tries += 1;
+                    tracing::warn!(error = %err, tries, "a taskEvents replay read failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 << tries)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+/// A cursor must be within what the log keeps.
+fn check_cursor(pos: i64, horizon: Horizon) -> TaskResult<()> {
+    if pos < horizon.pruned_through {
+        return Err(TaskError::CursorExpired(
+            "the events after this cursor are no longer kept; read the tasks again with `tasks` \
+             and subscribe without `after`"
+                .into(),
+        ));
+    }
+    if pos > horizon.head {
+        return Err(TaskError::invalid(
+            "after is a cursor past the newest event; it was not returned by this server's taskEvents",
+        ));
+    }
+    Ok(())
+}
