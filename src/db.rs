@@ -352,6 +352,33 @@ impl Pool {
     }
 }
 
+/// SQLite keeps memory statistics under one process-wide mutex that every
+/// allocation of every connection takes; on many cores, connections queue
+/// on it. taskql never reads those statistics, so they are turned off,
+/// once, before this process opens SQLite (every connection opens through
+/// this module, after this call).
+fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SQLITE_CONFIG_MEMSTATUS takes one int. sqlite3_config must
+        // not run while SQLite is in use; it runs once, before the first
+        // connection of this process, and if SQLite was already initialised
+        // it changes nothing and returns SQLITE_MISUSE.
+        let rc = unsafe {
+            libsqlite3_sys::sqlite3_config(
+                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            )
+        };
+        if rc != libsqlite3_sys::SQLITE_OK {
+            tracing::debug!(
+                rc,
+                "SQLite was started before its memory statistics could be turned off"
+            );
+        }
+    });
+}
+
 impl Db {
     /// Checks the URL and settings; connections open when first needed, so
     /// a database that is down at start-up is retried by later requests.
@@ -374,6 +401,7 @@ impl Db {
                 (Connector::Postgres(options), settings.max_connections)
             }
             Backend::Sqlite => {
+                configure_sqlite();
                 let options: SqliteConnectOptions = url.parse().map_err(conn_err)?;
                 let options = options
                     .journal_mode(SqliteJournalMode::Wal)
@@ -638,6 +666,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         .acquire_timeout(Duration::from_secs(30));
     match Backend::of_url(url) {
         Some(Backend::Sqlite) => {
+            configure_sqlite();
             options
                 .max_connections(max_connections.min(MAX_SQLITE_CONNECTIONS))
                 .min_connections(1)

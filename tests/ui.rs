@@ -204,6 +204,20 @@ async fn the_dashboard_follows_the_server_live_in_a_browser() {
             .contains("does not answer")
     );
     assert!(result["afterRestart"].is_string());
+    assert!(
+        result["firstSubscribeAfter"].is_null(),
+        "the first subscription starts from now: {result:#}"
+    );
+    assert!(
+        result["resumedAfter"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty()),
+        "after the restart the page resumes taskEvents from its last cursor: {result:#}"
+    );
+    assert_eq!(
+        result["listReadsOnResume"], 0,
+        "a resumed stream replays what changed; the page does not reload the list: {result:#}"
+    );
     assert_eq!(
         result["externalRequests"],
         json!([]),

@@ -31,9 +31,10 @@ pub const TICK: Duration = Duration::from_millis(250);
 pub const PAGE: u64 = 1000;
 /// Rows one retention statement deletes at most.
 const PRUNE_BATCH: u64 = 1000;
-/// Positions the reader has not yet published while it is not running;
-/// `i64::MIN` until the first read of the log's head.
+/// The reader's position until its first read of the log's head.
 const UNKNOWN: i64 = i64::MIN;
+/// Longest a stream waits for the reader's first read of the log.
+const READY_WAIT: Duration = Duration::from_secs(5);
 
 /// What a cursor says: the position of the last event its holder received.
 pub fn encode_cursor(pos: i64) -> String {
@@ -65,6 +66,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The last position published on the bus.
     published: AtomicI64,
+    /// True once `published` is known (the reader read the log's head).
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 /// The log and this instance's reader of it (cheap to clone).
@@ -87,6 +90,7 @@ impl Changelog {
                 bus,
                 metrics,
                 published: AtomicI64::new(UNKNOWN),
+                ready: tokio::sync::watch::Sender::new(false),
             }),
             wrote: Arc::default(),
             noticed: Arc::default(),
@@ -115,11 +119,17 @@ impl Changelog {
         self.noticed.clone()
     }
 
-    /// The last position this instance published, once known.
-    pub fn published(&self) -> Option<i64> {
-        match self.inner.published.load(Ordering::Acquire) {
-            UNKNOWN => None,
-            pos => Some(pos),
+    /// The last position this instance published. Every event past it
+    /// will be published on the bus. Waits (at most `READY_WAIT`) for the
+    /// reader's first read of the log when it has not happened yet: a
+    /// stream that started before it could miss the events between.
+    pub async fn published(&self) -> TaskResult<i64> {
+        let mut ready = self.inner.ready.subscribe();
+        match tokio::time::timeout(READY_WAIT, ready.wait_for(|ready| *ready)).await {
+            Ok(Ok(_)) => Ok(self.inner.published.load(Ordering::Acquire)),
+            _ => Err(TaskError::Unavailable(
+                "the change log's reader has not read the log yet".into(),
+            )),
         }
     }
 
@@ -272,7 +282,8 @@ async fn take_changes(db: &Db) -> TaskResult<i64> {
 /// The instance's one reader: after each wake-up or tick, publishes every
 /// event past the last one it published, in order.
 async fn read_forever(inner: Weak<Inner>, wrote: Arc<Notify>, noticed: Arc<Notify>) {
-    let mut backoff = TICK;
+    // The first round runs at once: streams wait for its read of the head.
+    let mut backoff = Duration::ZERO;
     loop {
         let move_first = tokio::select! {
             _ = wrote.notified() => true,
@@ -286,7 +297,7 @@ async fn read_forever(inner: Weak<Inner>, wrote: Arc<Notify>, noticed: Arc<Notif
             Ok(()) => backoff = TICK,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot read the change log; retrying");
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).clamp(TICK, Duration::from_secs(5));
             }
         }
     }
@@ -302,6 +313,7 @@ async fn read_round(inner: &Inner, move_first: bool) -> TaskResult<()> {
         // read from the log by those that resume.
         position = horizon(&inner.db).await?.head;
         inner.published.store(position, Ordering::Release);
+        inner.ready.send_replace(true);
         return Ok(());
     }
     loop {

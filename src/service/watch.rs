@@ -62,7 +62,10 @@ impl Watch {
     ) -> TaskResult<BoxStream<'static, TaskResult<Task>>> {
         // Listen before reading, so a change committed in between is not
         // lost; events at or below the version read are dropped as repeats.
+        // Every change committed after the read is past the position the
+        // reader had published by then, so it will be published.
         let mut events = self.log.bus().subscribe(Topic::Task(task_id));
+        self.log.published().await?;
         let current = self.read_task(task_id, &user).await?;
         let watch = self.clone();
         Ok(Box::pin(async_stream::stream! {
@@ -117,15 +120,14 @@ impl Watch {
         // Listen first: everything published from here on is received, and
         // everything before was committed, so a replay reads it.
         let mut events = self.log.bus().subscribe(topic);
+        // Everything past this the reader publishes, and we receive.
+        let published = self.log.published().await?;
         let mut last = match after {
             Some(pos) => {
                 check_cursor(pos, self.log.horizon().await?)?;
                 pos
             }
-            None => match self.log.published() {
-                Some(pos) => pos,
-                None => self.log.horizon().await?.head,
-            },
+            None => published,
         };
         let mut replaying = after.is_some();
         let watch = self.clone();

@@ -28,7 +28,7 @@ const TASKS_QUERY = `query Tasks($status: [TaskStatus!], $type: String, $user: S
     pageInfo { hasNextPage endCursor }
   }
 }`;
-const EVENTS_SUBSCRIPTION = `subscription Events { taskEvents { kind task { ${TASK_FIELDS} } } }`;
+const EVENTS_SUBSCRIPTION = `subscription Events($after: String) { taskEvents(after: $after) { cursor kind task { ${TASK_FIELDS} } } }`;
 
 const $ = (id) => document.getElementById(id);
 
@@ -152,18 +152,25 @@ async function gql(query, variables = {}) {
 
 // ---- graphql-transport-ws ----------------------------------------------
 
-/** One websocket carrying `taskEvents`, reconnecting with backoff. */
+/**
+ * One websocket carrying `taskEvents`, reconnecting with backoff. It keeps
+ * the cursor of the last event it received and resumes from it after a
+ * reconnect, so the server replays what changed meanwhile instead of the
+ * page reloading everything.
+ */
 class Live {
   constructor() {
     this.socket = null;
     this.attempt = 0;
     this.timer = null;
     this.stopped = true;
+    this.cursor = null;
   }
 
   start() {
     this.stop();
     this.stopped = false;
+    this.cursor = null;
     this.connect();
   }
 
@@ -194,22 +201,29 @@ class Live {
           this.attempt = 0;
           setConn('live', 'live');
           clearNotice('server');
-          send({ id: 'events', type: 'subscribe', payload: { query: EVENTS_SUBSCRIPTION } });
-          // Whatever changed while the socket was down: read it again.
-          refreshAll();
+          send({
+            id: 'events',
+            type: 'subscribe',
+            payload: { query: EVENTS_SUBSCRIPTION, variables: { after: this.cursor } },
+          });
+          // The first time, or when there is nothing to resume from: read
+          // everything. A resumed stream replays what changed meanwhile.
+          if (!this.cursor) refreshAll();
           break;
-        case 'next':
-          if (msg.payload && msg.payload.data) onEvent(msg.payload.data.taskEvents);
-          break;
-        case 'error': {
-          const error = (msg.payload && msg.payload[0]) || {};
-          if (error.extensions && error.extensions.code === 'UNAUTHENTICATED') {
-            unauthenticated(error.message);
-          } else {
-            notice('live', `Live updates failed: ${error.message || 'unknown error'}`);
+        case 'next': {
+          const payload = msg.payload || {};
+          const error = (payload.errors && payload.errors[0]) || null;
+          if (error) {
+            this.failed(error);
+          } else if (payload.data && payload.data.taskEvents) {
+            this.cursor = payload.data.taskEvents.cursor;
+            onEvent(payload.data.taskEvents);
           }
           break;
         }
+        case 'error':
+          this.failed((msg.payload && msg.payload[0]) || {});
+          break;
         case 'complete':
           // The server ended the stream (it is shutting down): start over.
           socket.close(1000, 'stream ended');
@@ -238,6 +252,20 @@ class Live {
     };
   }
 }
+/** An error on the events stream. */
+Live.prototype.failed = function failed(error) {
+  const code = error.extensions && error.extensions.code;
+  if (code === 'UNAUTHENTICATED') {
+    unauthenticated(error.message);
+  } else if (code === 'CURSOR_EXPIRED' || code === 'BAD_USER_INPUT') {
+    // Too far behind to replay (or a cursor of another database): start
+    // over from now on a new socket, and read everything again.
+    this.cursor = null;
+    if (this.socket) this.socket.close(1000, 'starting over');
+  } else {
+    notice('live', `Live updates failed: ${error.message || 'unknown error'}`);
+  }
+};
 const live = new Live();
 
 // ---- formatting --------------------------------------------------------

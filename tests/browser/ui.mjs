@@ -72,6 +72,16 @@ let page;
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   page = await context.newPage();
+  // What the dashboard asks over its events socket, and how often it reads the list.
+  const subscribes = [];
+  let listReads = 0;
+  page.on('websocket', (ws) => ws.on('framesent', (frame) => {
+    try {
+      const msg = JSON.parse(frame.payload);
+      if (msg.type === 'subscribe') subscribes.push(msg.payload.variables || {});
+    } catch (_) { /* not JSON */ }
+  }));
+  page.on('request', (r) => { if ((r.postData() || '').includes('query Tasks(')) listReads += 1; });
   watch(page);
 
   // 1. Signed in as a worker through the link; the token leaves the address bar.
@@ -215,9 +225,14 @@ try {
   await ask('start');
   await live(page);
   await page.waitForSelector('#notice', { state: 'hidden', timeout: TIMEOUT });
+  const listReadsBefore = listReads;
   const afterRestart = await create('carol', 'audio.transcribe', { file: 'after-restart.wav' });
   await page.waitForSelector(`#tasks tr[data-id="${afterRestart}"]`, { timeout: TIMEOUT });
   result.afterRestart = afterRestart;
+  // It resumed from the last event it had, rather than reloading the list.
+  result.firstSubscribeAfter = subscribes[0] ? subscribes[0].after : 'none';
+  result.resumedAfter = subscribes[subscribes.length - 1].after;
+  result.listReadsOnResume = listReads - listReadsBefore;
   step('restart');
 } catch (err) {
   result.error = String((err && err.stack) || err);
