@@ -5,7 +5,13 @@
 //! cargo build --release
 //! cargo run --release --example bench_fanout                 # N = 1000 and 10000, 3 runs each
 //! cargo run --release --example bench_fanout -- --subs 10000 --runs 5
+//! cargo run --release --example bench_fanout -- \
+//!     --postgres postgres://postgres@127.0.0.1:5432/test        # two instances
 //! ```
+//!
+//! With `--postgres`, two servers share a fresh database: subscriptions on
+//! one, every change made through the other, so each delivery crosses
+//! instances (the change log's mover, its notice, the other reader).
 //!
 //! Each run starts the real server (`target/release/taskql`, or `TASKQL_BIN`)
 //! as its own process on a fresh SQLite file, so its resident memory can be
@@ -34,7 +40,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use common::{BoxError, Server, median, quantile};
+use common::{BoxError, Server, TempPostgres, median, quantile};
 
 #[derive(Debug, Parser)]
 #[command(about = "Subscription fan-out: RSS per subscription and commit-to-delivery latency")]
@@ -51,6 +57,12 @@ struct Args {
     /// Status mutations in flight during the burst.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Run on PostgreSQL instead of SQLite: a server URL whose database may
+    /// create others. Two instances share a fresh database; the
+    /// subscriptions are on one, the changes go through the other, so every
+    /// delivery crosses instances through the change log.
+    #[arg(long, env = "TASKQL_BENCH_DATABASE_URL")]
+    postgres: Option<String>,
     /// The server binary.
     #[arg(long, env = "TASKQL_BIN")]
     bin: Option<PathBuf>,
@@ -277,13 +289,38 @@ async fn wait_for(
 }
 
 async fn bench(bin: &Path, n: usize, args: &Args) -> Result<Run, BoxError> {
-    // A fresh SQLite file per run, removed with `dir`.
-    let dir = tempfile::tempdir()?;
-    let database_url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("bench.db").display()
-    );
-    let server = Server::start(bin, &database_url, SECRET, &[]).await?;
+    match &args.postgres {
+        Some(base) => {
+            let database = TempPostgres::create(base, "taskql_fanout").await?;
+            let result = async {
+                let writer = Server::start(bin, &database.url, SECRET, &[]).await?;
+                let watcher = Server::start(bin, &database.url, SECRET, &[]).await?;
+                bench_on(&writer, &watcher, n, args).await
+            }
+            .await;
+            database.drop_database().await?;
+            result
+        }
+        None => {
+            // A fresh SQLite file per run, removed with `dir`.
+            let dir = tempfile::tempdir()?;
+            let database_url = format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("bench.db").display()
+            );
+            let server = Server::start(bin, &database_url, SECRET, &[]).await?;
+            bench_on(&server, &server, n, args).await
+        }
+    }
+}
+
+/// Changes through `writer`, subscriptions (and the memory measured) on `server`.
+async fn bench_on(
+    writer: &Server,
+    server: &Server,
+    n: usize,
+    args: &Args,
+) -> Result<Run, BoxError> {
     let http = reqwest::Client::new();
     let users = n.div_ceil(args.per_connection);
     let worker = token("bench-worker", Some("service_role"))?;
@@ -303,7 +340,7 @@ async fn bench(bin: &Path, n: usize, args: &Args) -> Result<Run, BoxError> {
     let created: Vec<(usize, Value)> = futures::stream::iter(creations)
         .map(|(user, token, batch)| {
             let http = http.clone();
-            let base = server.base.clone();
+            let base = writer.base.clone();
             async move { post(&http, &base, &token, &batch).await.map(|r| (user, r)) }
         })
         .buffer_unordered(8)
@@ -362,7 +399,7 @@ async fn bench(bin: &Path, n: usize, args: &Args) -> Result<Run, BoxError> {
     let responses: Vec<(usize, u64, u64)> = futures::stream::iter(ids.iter().enumerate())
         .map(|(index, id)| {
             let http = http.clone();
-            let base = server.base.clone();
+            let base = writer.base.clone();
             let worker = worker.clone();
             let deliveries = deliveries.clone();
             let body = json!({
@@ -408,7 +445,6 @@ async fn bench(bin: &Path, n: usize, args: &Args) -> Result<Run, BoxError> {
     for reader in readers {
         reader.abort();
     }
-    drop(server);
     Ok(Run {
         rss_per_sub_kib: (rss_after_kib as f64 - rss_before_kib as f64) / n as f64,
         rss_before_kib,

@@ -109,6 +109,7 @@ pub struct Db {
     pool: Arc<Pool>,
 }
 
+#[derive(Clone)]
 enum Connector {
     Postgres(PgConnectOptions),
     Sqlite(SqliteConnectOptions),
@@ -419,8 +420,17 @@ impl Db {
                 )
             }
         };
+        Ok(Self::with_connector(backend, connector, settings, size))
+    }
+
+    fn with_connector(
+        backend: Backend,
+        connector: Connector,
+        settings: PoolSettings,
+        size: u32,
+    ) -> Self {
         let size = size.max(1) as usize;
-        Ok(Self {
+        Self {
             pool: Arc::new(Pool {
                 backend,
                 connector,
@@ -433,7 +443,15 @@ impl Db {
                 waited_micros: AtomicU64::new(0),
                 timeouts: AtomicU64::new(0),
             }),
-        })
+        }
+    }
+
+    /// A pool of its own with `size` connections to the same database, with
+    /// the same settings: for background work that must not queue behind
+    /// requests for a connection (the change log's reader).
+    pub fn apart(&self, size: u32) -> Self {
+        let pool = &self.pool;
+        Self::with_connector(pool.backend, pool.connector.clone(), pool.settings, size)
     }
 
     /// Like [`Db::new`], and opens one connection to show the database is reachable.

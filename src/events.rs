@@ -133,6 +133,19 @@ impl EventBus {
         }
     }
 
+    /// Runs `advance` if no topic has a listener, while none can start;
+    /// says whether it ran. A listener that starts after it sees what
+    /// `advance` did.
+    pub fn if_unwatched(&self, advance: impl FnOnce()) -> bool {
+        let topics = self.topics();
+        if topics.is_empty() {
+            advance();
+            true
+        } else {
+            false
+        }
+    }
+
     /// Events published since start (for /metrics).
     pub fn published_count(&self) -> u64 {
         self.inner.published.load(Ordering::Relaxed)

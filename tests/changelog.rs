@@ -1021,6 +1021,26 @@ async fn a_change_whose_writer_never_woke_anyone_still_reaches_subscribers() {
 // ---------------------------------------------------------------------------
 // 7. The first change after an instance starts
 
+/// Alice creates a task on a service that just started; `stream`, opened
+/// (or resumed) before, receives its CREATED within 3 s.
+async fn first_change_arrives(service: &SeaTaskService, stream: &mut Events, opened: &str) {
+    let task = service
+        .create_task(&alice(), task_of("first.after.start"))
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(3), stream.next())
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the first change after the start never reached a stream {opened} before it")
+        })
+        .expect("the stream ended")
+        .expect("the stream failed");
+    assert_eq!(
+        (event.kind, event.task.id),
+        (TaskEventKind::Created, task.id)
+    );
+}
+
 /// A stream opened on an instance that has just started (as clients
 /// reconnect to a restarted server) receives the first change made there.
 #[tokio::test]
@@ -1036,19 +1056,7 @@ async fn a_stream_opened_as_the_instance_starts_receives_the_first_change() {
     }
     let (service, _) = test.service().await;
     let mut live = service.watch_events(&alice(), None).await.unwrap();
-    let task = service
-        .create_task(&alice(), task_of("first.after.start"))
-        .await
-        .unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(3), live.next())
-        .await
-        .expect("the first change after the start never reached a stream opened before it")
-        .expect("the stream ended")
-        .expect("the stream failed");
-    assert_eq!(
-        (event.kind, event.task.id),
-        (TaskEventKind::Created, task.id)
-    );
+    first_change_arrives(&service, &mut live, "opened").await;
 }
 
 /// The same with `after`: a client resuming as the instance starts misses
@@ -1070,19 +1078,7 @@ async fn a_stream_resumed_as_the_instance_starts_receives_the_first_change() {
             .is_err(),
         "nothing was made after the cursor"
     );
-    let task = service
-        .create_task(&alice(), task_of("first.after.start"))
-        .await
-        .unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(3), resumed.next())
-        .await
-        .expect("the first change after the start never reached a stream resumed before it")
-        .expect("the stream ended")
-        .expect("the stream failed");
-    assert_eq!(
-        (event.kind, event.task.id),
-        (TaskEventKind::Created, task.id)
-    );
+    first_change_arrives(&service, &mut resumed, "resumed").await;
 }
 
 /// What a client sees of the above: the server restarts, the client

@@ -27,6 +27,9 @@ use crate::metrics::Metrics;
 
 /// How often the reader looks at the log without being woken.
 pub const TICK: Duration = Duration::from_millis(250);
+/// How long the reader waits after a local write before it moves and reads,
+/// so that the writes committing meanwhile share one move (one commit).
+const GATHER: Duration = Duration::from_millis(2);
 /// Events one read of the log returns at most.
 pub const PAGE: u64 = 1000;
 /// Rows one retention statement deletes at most.
@@ -133,22 +136,6 @@ impl Changelog {
         }
     }
 
-    /// Where the log starts and ends now.
-    pub async fn horizon(&self) -> TaskResult<Horizon> {
-        horizon(&self.inner.db).await
-    }
-
-    /// The events after `after`, in order, at most `limit`: every user's,
-    /// or only `user`'s.
-    pub async fn read(
-        &self,
-        after: i64,
-        user: Option<&str>,
-        limit: u64,
-    ) -> TaskResult<Vec<TaskEvent>> {
-        read(&self.inner.db, after, user, limit).await
-    }
-
     /// Deletes the events logged before `older_than` ago, a bounded batch
     /// per transaction, and moves the horizon past them; returns how many.
     pub async fn prune(&self, older_than: Duration) -> TaskResult<u64> {
@@ -210,7 +197,8 @@ fn placeholders(backend: Backend) -> impl Fn(usize) -> String {
     }
 }
 
-async fn horizon(db: &Db) -> TaskResult<Horizon> {
+/// Where the log starts and ends now.
+pub async fn horizon(db: &Db) -> TaskResult<Horizon> {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
@@ -234,7 +222,14 @@ fn event_columns() -> String {
     columns
 }
 
-async fn read(db: &Db, after: i64, user: Option<&str>, limit: u64) -> TaskResult<Vec<TaskEvent>> {
+/// The events after `after`, in order, at most `limit`: every user's, or
+/// only `user`'s.
+pub async fn read(
+    db: &Db,
+    after: i64,
+    user: Option<&str>,
+    limit: u64,
+) -> TaskResult<Vec<TaskEvent>> {
     let p = placeholders(db.backend());
     let mut values: Vec<Value> = vec![after.into()];
     let mut sql = format!(
@@ -285,8 +280,15 @@ async fn read_forever(inner: Weak<Inner>, wrote: Arc<Notify>, noticed: Arc<Notif
     // The first round runs at once: streams wait for its read of the head.
     let mut backoff = Duration::ZERO;
     loop {
+        // A write here or a tick moves first (a tick picks up changes whose
+        // writer died before its reader ran); another instance's notice
+        // means its mover already moved.
         let move_first = tokio::select! {
-            _ = wrote.notified() => true,
+            _ = wrote.notified() => {
+                // Let the writes that commit meanwhile share this move.
+                tokio::time::sleep(GATHER).await;
+                true
+            }
             _ = noticed.notified() => false,
             _ = tokio::time::sleep(backoff) => true,
         };
@@ -304,9 +306,11 @@ async fn read_forever(inner: Weak<Inner>, wrote: Arc<Notify>, noticed: Arc<Notif
 }
 
 async fn read_round(inner: &Inner, move_first: bool) -> TaskResult<()> {
-    if move_first && inner.db.backend() == Backend::Postgres {
-        take_changes(&inner.db).await?;
-    }
+    let moved_head = if move_first && inner.db.backend() == Backend::Postgres {
+        Some(take_changes(&inner.db).await?)
+    } else {
+        None
+    };
     let mut position = inner.published.load(Ordering::Acquire);
     if position == UNKNOWN {
         // Streams that start now begin at the head; older events are
@@ -315,6 +319,21 @@ async fn read_round(inner: &Inner, move_first: bool) -> TaskResult<()> {
         inner.published.store(position, Ordering::Release);
         inner.ready.send_replace(true);
         return Ok(());
+    }
+    // Nobody listens: move past the new events without reading them. A
+    // stream that starts afterwards starts from there, so it misses none.
+    if inner.bus.topic_count() == 0 {
+        let head = match moved_head {
+            Some(head) => head,
+            None => horizon(&inner.db).await?.head,
+        };
+        if head <= position
+            || inner
+                .bus
+                .if_unwatched(|| inner.published.store(head, Ordering::Release))
+        {
+            return Ok(());
+        }
     }
     loop {
         let page = read(&inner.db, position, None, PAGE).await?;

@@ -46,6 +46,9 @@ const PRUNE_BATCH: u64 = 500;
 const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
 /// Most creates one statement inserts.
 const MAX_CREATE_BATCH: usize = 64;
+/// Insert statements of batched creates in flight at once on PostgreSQL:
+/// while one commits (waits for its WAL flush), the next batch executes.
+const POSTGRES_INSERTERS: usize = 4;
 /// How many times a create with an idempotency key tries to insert while
 /// the task holding its key keeps being deleted between conflict and read.
 const MAX_CREATE_ATTEMPTS: usize = 3;
@@ -220,13 +223,25 @@ struct QueuedCreate {
 }
 
 /// Inserts queued creates, all that are waiting (up to a batch) in one
-/// statement, one statement at a time. A create that finds the queue empty
-/// is inserted at once, alone; under load, creates gather while the
-/// statement before them commits. It runs apart from the requests, so a
-/// client that hangs up cannot stop an insert between commit and event.
-async fn insert_queued(writer: Writer, mut queue: mpsc::UnboundedReceiver<QueuedCreate>) {
+/// statement, with at most `INSERTERS` statements in flight (one on SQLite,
+/// which has one writer). A create that finds an inserter idle is inserted
+/// at once, alone; under load, creates gather while the statements before
+/// them commit. It runs apart from the requests, so a client that hangs up
+/// cannot stop a batch that others wait on.
+async fn insert_queued(
+    writer: Writer,
+    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<QueuedCreate>>>,
+) {
     let mut batch = Vec::with_capacity(MAX_CREATE_BATCH);
-    while queue.recv_many(&mut batch, MAX_CREATE_BATCH).await > 0 {
+    loop {
+        let received = queue
+            .lock()
+            .await
+            .recv_many(&mut batch, MAX_CREATE_BATCH)
+            .await;
+        if received == 0 {
+            return;
+        }
         writer.insert(std::mem::take(&mut batch)).await;
     }
 }
@@ -236,11 +251,20 @@ impl SeaTaskService {
     /// `metrics`; it starts its insert queue and its reader of the change
     /// log on the current tokio runtime.
     pub fn new(db: Db, metrics: Arc<Metrics>) -> Self {
-        let log = Changelog::start(db.clone(), EventBus::new(), metrics.clone());
+        // The log's reader moves and reads on connections of its own, so
+        // delivery does not wait behind requests for a pooled one.
+        let log = Changelog::start(db.apart(2), EventBus::new(), metrics.clone());
         let watch = Watch::new(db.clone(), log.clone());
         let writer = Writer { db, log };
         let (creates, queue) = mpsc::unbounded_channel();
-        tokio::spawn(insert_queued(writer.clone(), queue));
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let inserters = match writer.db.backend() {
+            Backend::Postgres => POSTGRES_INSERTERS,
+            Backend::Sqlite => 1,
+        };
+        for _ in 0..inserters {
+            tokio::spawn(insert_queued(writer.clone(), queue.clone()));
+        }
         Self {
             writer,
             watch,

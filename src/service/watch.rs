@@ -124,7 +124,7 @@ impl Watch {
         let published = self.log.published().await?;
         let mut last = match after {
             Some(pos) => {
-                check_cursor(pos, self.log.horizon().await?)?;
+                check_cursor(pos, changelog::horizon(&self.db).await?)?;
                 pos
             }
             None => published,
@@ -178,8 +178,8 @@ impl Watch {
         loop {
             let read = async {
                 let _permit = self.reads.acquire().await;
-                let page = self.log.read(after, owner, changelog::PAGE).await?;
-                let horizon = self.log.horizon().await?;
+                let page = changelog::read(&self.db, after, owner, changelog::PAGE).await?;
+                let horizon = changelog::horizon(&self.db).await?;
                 Ok::<_, TaskError>((page, horizon))
             };
             match read.await {
