@@ -92,12 +92,18 @@ impl App {
             metrics.clone(),
         )));
         if let Some(retention) = config.retention {
-            background.push(tokio::spawn(prune_forever(service.clone(), retention)));
+            let service = service.clone();
+            background.push(tokio::spawn(prune_forever("task retention", move || {
+                let service = service.clone();
+                async move { service.prune_finished(retention).await.map(|n| n as u64) }
+            })));
         }
-        background.push(tokio::spawn(prune_events_forever(
-            service.clone(),
-            config.event_retention,
-        )));
+        let events = service.clone();
+        let event_retention = config.event_retention;
+        background.push(tokio::spawn(prune_forever("change log", move || {
+            let events = events.clone();
+            async move { events.prune_events(event_retention).await }
+        })));
         if config.backend == db::Backend::Postgres {
             background.push(tokio::spawn(fold_counts_forever(service.clone())));
             background.push(tokio::spawn(pg_listener::run(
@@ -222,26 +228,20 @@ async fn count_tasks_forever(service: Arc<SeaTaskService>, metrics: Arc<Metrics>
     }
 }
 
-async fn prune_forever(service: Arc<SeaTaskService>, retention: Duration) {
+/// Runs a retention pass every [`RETENTION_INTERVAL`] (the first at once),
+/// logging what it deleted: `what` names it in the logs.
+async fn prune_forever<F, P>(what: &'static str, pass: F)
+where
+    F: Fn() -> P,
+    P: Future<Output = error::TaskResult<u64>>,
+{
     let mut ticker = tokio::time::interval(RETENTION_INTERVAL);
     loop {
         ticker.tick().await;
-        match service.prune_finished(retention).await {
+        match pass().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "retention pruned finished tasks"),
-            Err(err) => tracing::warn!(error = %err, "retention pass failed; retrying"),
-        }
-    }
-}
-
-async fn prune_events_forever(service: Arc<SeaTaskService>, retention: Duration) {
-    let mut ticker = tokio::time::interval(RETENTION_INTERVAL);
-    loop {
-        ticker.tick().await;
-        match service.prune_events(retention).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(deleted = n, "pruned the change log"),
-            Err(err) => tracing::warn!(error = %err, "pruning the change log failed; retrying"),
+            Ok(deleted) => tracing::info!(deleted, "{what}: pruned"),
+            Err(err) => tracing::warn!(error = %err, "{what}: pruning failed; retrying"),
         }
     }
 }
