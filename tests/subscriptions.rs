@@ -3,7 +3,6 @@
 //! real server. On PostgreSQL, also across two instances on one database.
 mod common;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,10 +125,12 @@ async fn expect_error(sub: &mut ws::Subscription, code: &str) -> Value {
 }
 
 /// Makes sure a `taskEvents` subscription is live: creates throw-away tasks
-/// for alice until one's CREATED arrives. Later events all follow it.
+/// for alice until one's CREATED arrives. Later events all follow it. A
+/// change committed just before the subscription may still arrive first (a
+/// stream without `after` starts at the last event its instance had read
+/// from the change log); those are passed over.
 async fn wait_until_live(app: &TestApp, events: &mut ws::Subscription) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut probes = HashSet::new();
     while tokio::time::Instant::now() < deadline {
         let probe = app
             .service
@@ -138,13 +139,11 @@ async fn wait_until_live(app: &TestApp, events: &mut ws::Subscription) {
             .expect("create a probe task")
             .id
             .to_string();
-        probes.insert(probe.clone());
         while let Some(event) = events.next_within(Duration::from_millis(300)).await {
             let data = event
                 .data()
                 .unwrap_or_else(|| panic!("taskEvents failed: {event:?}"));
             let id = data["taskEvents"]["task"]["id"].as_str().expect("an id");
-            assert!(probes.contains(id), "an event before the probe: {data}");
             if id == probe {
                 return;
             }
