@@ -2,12 +2,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_graphql::{Context, ID, Result, Subscription};
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use tokio::sync::watch;
 
 use super::types::{Task, TaskEvent};
 use super::{Shutdown, current_user, graphql_error, service, task_id};
-use crate::error::TaskError;
+use crate::error::{TaskError, TaskResult};
 
 pub struct SubscriptionRoot;
 
@@ -54,14 +54,26 @@ fn take_slot(ctx: &Context<'_>) -> Result<Slot> {
     Ok(slot)
 }
 
-/// Ends `stream` when the server shuts down.
-fn until_shutdown<S: Stream + Send + 'static>(
-    stream: S,
-    mut shutdown: watch::Receiver<bool>,
-) -> impl Stream<Item = S::Item> + Send + 'static {
-    stream.take_until(async move {
-        let _ = shutdown.wait_for(|down| *down).await;
-    })
+/// A service stream as the API sends it: each item converted, errors with
+/// their code, ended when the server shuts down, holding `slot` while it lives.
+fn live<T, U: Send + 'static>(
+    ctx: &Context<'_>,
+    stream: BoxStream<'static, TaskResult<T>>,
+    slot: Slot,
+    convert: fn(T) -> U,
+) -> impl Stream<Item = Result<U>> + Send + 'static + use<T, U>
+where
+    T: Send + 'static,
+{
+    let mut shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
+    stream
+        .take_until(async move {
+            let _ = shutdown.wait_for(|down| *down).await;
+        })
+        .map(move |item| {
+            let _slot = &slot;
+            item.map(convert).map_err(graphql_error)
+        })
 }
 
 #[Subscription(name = "Subscription")]
@@ -80,11 +92,7 @@ impl SubscriptionRoot {
             .watch_task(user, task_id)
             .await
             .map_err(graphql_error)?;
-        let shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
-        Ok(until_shutdown(stream, shutdown).map(move |task| {
-            let _slot = &slot;
-            task.map(Task::from).map_err(graphql_error)
-        }))
+        Ok(live(ctx, stream, slot, Task::from))
     }
 
     /// Every create, update and delete of the caller's tasks; for a worker,
@@ -103,10 +111,6 @@ impl SubscriptionRoot {
             .watch_events(user, after.as_deref())
             .await
             .map_err(graphql_error)?;
-        let shutdown = ctx.data_unchecked::<Shutdown>().0.clone();
-        Ok(until_shutdown(stream, shutdown).map(move |event| {
-            let _slot = &slot;
-            event.map(TaskEvent::from).map_err(graphql_error)
-        }))
+        Ok(live(ctx, stream, slot, TaskEvent::from))
     }
 }

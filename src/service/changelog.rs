@@ -26,7 +26,7 @@ use crate::events::{EventBus, TaskEvent, TaskEventKind};
 use crate::metrics::Metrics;
 
 /// How often the reader looks at the log without being woken.
-pub const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(250);
 /// How long the reader waits after a local write before it moves and reads,
 /// so that the writes committing meanwhile share one move (one commit).
 const GATHER: Duration = Duration::from_millis(2);
@@ -197,15 +197,20 @@ fn placeholders(backend: Backend) -> impl Fn(usize) -> String {
     }
 }
 
+/// The one row `sql` (without parameters) answers.
+async fn one_row(db: &Db, sql: &str) -> TaskResult<QueryResult> {
+    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await?
+        .ok_or_else(|| TaskError::Internal(format!("no row from {sql}")))
+}
+
 /// Where the log starts and ends now.
 pub async fn horizon(db: &Db) -> TaskResult<Horizon> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT pruned_through, (SELECT max(pos) FROM task_events) FROM task_event_horizon",
-        ))
-        .await?
-        .ok_or_else(|| TaskError::Internal("task_event_horizon has no row".into()))?;
+    let row = one_row(
+        db,
+        "SELECT pruned_through, (SELECT max(pos) FROM task_events) FROM task_event_horizon",
+    )
+    .await?;
     let pruned_through: i64 = row.try_get_by_index(0)?;
     let newest: Option<i64> = row.try_get_by_index(1)?;
     Ok(Horizon {
@@ -264,13 +269,7 @@ fn event_of(row: &QueryResult) -> Result<TaskEvent, DbErr> {
 
 /// On PostgreSQL, moves committed changes into the log; returns the head.
 async fn take_changes(db: &Db) -> TaskResult<i64> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT task_events_take_changes()",
-        ))
-        .await?
-        .ok_or_else(|| TaskError::Internal("task_events_take_changes returned no row".into()))?;
+    let row = one_row(db, "SELECT task_events_take_changes()").await?;
     Ok(row.try_get_by_index(0)?)
 }
 

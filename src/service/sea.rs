@@ -188,11 +188,7 @@ impl Writer {
             )
             .into_query();
         insert.returning_all();
-        let inserted = {
-            let _wake = WakeReader(&self.log);
-            rows_of(&self.db, self.statement(&insert)).await
-        };
-        match inserted {
+        match self.commit(&insert).await {
             Ok(rows) => {
                 for create in batch {
                     let row = rows.iter().find(|task| task.id == create.id).cloned();
