@@ -79,14 +79,15 @@ impl App {
             .await
             .map_err(|e| StartError::Database(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let service = Arc::new(SeaTaskService::new(db.clone(), metrics.clone()));
+        let service = Arc::new(SeaTaskService::with_max_attempts(
+            db.clone(),
+            metrics.clone(),
+            config.max_attempts,
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut background = Vec::new();
-        background.push(tokio::spawn(reap_forever(
-            service.clone(),
-            config.max_attempts,
-        )));
+        background.push(tokio::spawn(reap_forever(service.clone())));
         background.push(tokio::spawn(count_tasks_forever(
             service.clone(),
             metrics.clone(),
@@ -180,12 +181,12 @@ impl Drop for App {
     }
 }
 
-async fn reap_forever(service: Arc<SeaTaskService>, max_attempts: i32) {
+async fn reap_forever(service: Arc<SeaTaskService>) {
     let mut ticker = tokio::time::interval(REAPER_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if let Err(err) = service.reap_expired_leases(max_attempts).await {
+        if let Err(err) = service.reap_expired_leases().await {
             tracing::warn!(error = %err, "lease reaper pass failed; retrying");
         }
     }

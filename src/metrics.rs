@@ -47,6 +47,8 @@ pub enum Transition {
     requeued,
     cancelled,
     retried,
+    /// Failed with attempts left: back to PENDING after the backoff.
+    backed_off,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -56,6 +56,7 @@ fn task_of(task_type: &str) -> NewTask {
         task_type: task_type.into(),
         metadata: Some(json!({ "prompt": "a cat" })),
         idempotency_key: None,
+        ..Default::default()
     }
 }
 

@@ -234,7 +234,7 @@ async fn counts_follow_every_kind_of_change() {
     )
     .await;
     set_on(&db, b.id, "lease_expires_at = '2000-01-01T00:00:00+00:00'").await;
-    service.reap_expired_leases(3).await.unwrap();
+    service.reap_expired_leases().await.unwrap();
     assert_all_exact(&service, &db).await;
 
     // Retention, then PostgreSQL's fold (a no-op on SQLite): still exact.
@@ -349,7 +349,7 @@ async fn counts_stay_exact_under_concurrent_writers() {
         let app = app.clone();
         tokio::spawn(async move {
             for _ in 0..40 {
-                app.service.reap_expired_leases(3).await.unwrap();
+                app.service.reap_expired_leases().await.unwrap();
                 app.service.fold_count_deltas().await.unwrap();
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }

@@ -15,6 +15,7 @@ fn create(task_type: &str) -> NewTask {
         task_type: task_type.into(),
         metadata: None,
         idempotency_key: None,
+        ..Default::default()
     }
 }
 
@@ -31,6 +32,7 @@ async fn every_operation_on_own_tasks() {
                 task_type: "concept.image".into(),
                 metadata: Some(serde_json::json!({"prompt": "a red fox"})),
                 idempotency_key: None,
+                ..Default::default()
             },
         )
         .await
@@ -665,7 +667,7 @@ async fn processing_outside_a_claim_takes_a_lease_and_is_never_stuck() {
     let mut expired = started.clone().into_active_model();
     expired.lease_expires_at = Set(Some(chrono::Utc::now() - chrono::Duration::seconds(5)));
     expired.update(&db).await.unwrap();
-    let reaped = service.reap_expired_leases(3).await.unwrap();
+    let reaped = service.reap_expired_leases().await.unwrap();
     assert_eq!(reaped.requeued, 1);
     let requeued = service.get_task(task.id, &alice()).await.unwrap();
     assert_eq!(
@@ -744,6 +746,7 @@ async fn an_idempotent_create_racing_a_delete_never_fails_internally() {
         task_type: "image".into(),
         metadata: Some(serde_json::json!({ "n": 1 })),
         idempotency_key: Some("k-1".into()),
+        ..Default::default()
     };
     let mut created = 0;
     for _ in 0..20 {

@@ -64,6 +64,7 @@ fn new_task() -> NewTask {
         task_type: "image.generate".into(),
         metadata: Some(json!({ "prompt": "a cat" })),
         idempotency_key: None,
+        ..Default::default()
     }
 }
 
@@ -75,6 +76,7 @@ fn completion(task_id: uuid::Uuid, result_id: &str) -> StatusUpdate {
         error_message: None,
         progress: None,
         expected_attempt: None,
+        retryable: false,
     }
 }
 

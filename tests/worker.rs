@@ -645,7 +645,7 @@ async fn a_completion_racing_the_reaper_leaves_the_task_completed() {
             let (service, start) = (service.clone(), start.clone());
             tokio::spawn(async move {
                 start.wait().await;
-                service.reap_expired_leases(3).await
+                service.reap_expired_leases().await
             })
         };
         let finished = finish.await.unwrap().expect("the completion is accepted");
@@ -783,7 +783,7 @@ async fn heartbeat_through_the_service_checks_the_attempt() {
         .await
         .unwrap();
     expire_leases(&db, &[task.id]).await;
-    assert_eq!(service.reap_expired_leases(3).await.unwrap().requeued, 1);
+    assert_eq!(service.reap_expired_leases().await.unwrap().requeued, 1);
     let again = service
         .claim_task(&as_worker(), claim_request("b", 60))
         .await
@@ -1053,7 +1053,7 @@ async fn two_instances_reaping_one_database_requeue_each_task_once() {
                 let (service, start) = (services[i % 2].clone(), start.clone());
                 tokio::spawn(async move {
                     start.wait().await;
-                    service.reap_expired_leases(3).await
+                    service.reap_expired_leases().await
                 })
             })
             .collect();

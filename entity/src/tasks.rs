@@ -62,6 +62,18 @@ pub struct Model {
     pub started_at: Option<DateTimeUtc>,
     pub completed_at: Option<DateTimeUtc>,
     pub version: i64,
+    /// Not claimable before then.
+    pub run_at: DateTimeUtc,
+    /// −100 to 100; higher is claimed first.
+    pub priority: i32,
+    /// Attempts the task may take since it was created or last retried.
+    pub max_attempts: i32,
+    /// Attempts made before the last retry: the budget counts from here,
+    /// so `attempts` (the fencing number) never goes down.
+    pub retry_base: i32,
+    /// The task's turn among its owner's pending tasks: claims take the
+    /// lowest first within a priority, so owners take turns.
+    pub fair_rank: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -72,7 +84,7 @@ impl ActiveModelBehavior for ActiveModel {}
 impl Model {
     /// The columns in the order of the table (and of [`Column`]), which
     /// `SELECT *`, `RETURNING *` and SeaORM's selects of this entity all use.
-    pub const COLUMNS: [&'static str; 17] = [
+    pub const COLUMNS: [&'static str; 22] = [
         "id",
         "user_id",
         "type",
@@ -90,6 +102,11 @@ impl Model {
         "started_at",
         "completed_at",
         "version",
+        "run_at",
+        "priority",
+        "max_attempts",
+        "retry_base",
+        "fair_rank",
     ];
 
     /// Reads a row of [`Self::COLUMNS`] by position: the derived reader
@@ -113,12 +130,18 @@ impl Model {
             started_at: row.try_get_by_index(14)?,
             completed_at: row.try_get_by_index(15)?,
             version: row.try_get_by_index(16)?,
+            run_at: row.try_get_by_index(17)?,
+            priority: row.try_get_by_index(18)?,
+            max_attempts: row.try_get_by_index(19)?,
+            retry_base: row.try_get_by_index(20)?,
+            fair_rank: row.try_get_by_index(21)?,
         })
     }
 }
 
 impl ActiveModel {
-    /// A new PENDING task, as every create stores it: never claimed, version 1.
+    /// A new PENDING task, as every create stores it: never claimed, version
+    /// 1, runnable at once, priority 0, 3 attempts, first in its owner's turn.
     pub fn pending(
         user_id: String,
         task_type: String,
@@ -145,6 +168,11 @@ impl ActiveModel {
             started_at: Set(None),
             completed_at: Set(None),
             version: Set(1),
+            run_at: Set(at),
+            priority: Set(0),
+            max_attempts: Set(3),
+            retry_base: Set(0),
+            fair_rank: Set(0),
         }
     }
 }

@@ -50,8 +50,9 @@ enum TaskEvents {
     Version,
 }
 
-/// The task's columns, in the table's order, as the triggers copy them.
-const TASK_COLUMNS: &str = "id, user_id, type, status, result_id, error_message, metadata, \
+/// The task's columns, in the table's order, as these triggers copy them;
+/// a later migration that adds columns replaces the triggers' functions.
+pub(crate) const TASK_COLUMNS: &str = "id, user_id, type, status, result_id, error_message, metadata, \
      progress, attempts, idempotency_key, worker_id, lease_expires_at, created_at, updated_at, \
      started_at, completed_at, version";
 
@@ -132,42 +133,33 @@ const COMMON: &[&str] = &[
     "INSERT INTO task_event_horizon (id, pruned_through) VALUES (1, 0)",
 ];
 
-fn postgres_sql() -> Vec<String> {
-    let new_rows = format!(
-        "INSERT INTO task_changes (kind, {TASK_COLUMNS}) SELECT '{{kind}}', {TASK_COLUMNS} FROM {{rows}}"
-    );
-    let trigger = |kind: &str, op: &str, rows: &str, reference: &str| {
-        let insert = new_rows.replace("{kind}", kind).replace("{rows}", rows);
-        [
+/// The change kinds: the statement, and the transition table (PostgreSQL)
+/// or row (SQLite) that holds the task as logged.
+const KINDS: [(&str, &str, &str, &str); 3] = [
+    ("created", "INSERT", "inserted_tasks", "NEW"),
+    ("updated", "UPDATE", "updated_tasks", "NEW"),
+    ("deleted", "DELETE", "deleted_tasks", "OLD"),
+];
+
+/// PostgreSQL's functions that log `columns` (the task's columns, in order).
+pub(crate) fn postgres_functions(columns: &str) -> Vec<String> {
+    let mut sql: Vec<String> = KINDS
+        .iter()
+        .map(|(kind, _, rows, _)| {
             format!(
-                "CREATE FUNCTION task_events_{kind}() RETURNS trigger LANGUAGE plpgsql AS $$
+                "CREATE OR REPLACE FUNCTION task_events_{kind}() RETURNS trigger LANGUAGE plpgsql AS $$
                  BEGIN
-                     {insert};
+                     INSERT INTO task_changes (kind, {columns}) SELECT '{kind}', {columns} FROM {rows};
                      RETURN NULL;
                  END $$"
-            ),
-            // Per statement, from its transition table: a batch of 64
-            // creates runs the function once.
-            format!(
-                "CREATE TRIGGER task_events_{kind} AFTER {op} ON tasks
-                 REFERENCING {reference} TABLE AS {rows}
-                 FOR EACH STATEMENT EXECUTE FUNCTION task_events_{kind}()"
-            ),
-        ]
-    };
-    // No index but the key: rows are appended, then moved whole.
-    let mut sql =
-        vec!["CREATE TABLE task_changes (seq bigserial PRIMARY KEY, LIKE task_events)".into()];
-    // `LIKE` copied pos and logged_at_ms, which only the log fills.
-    sql.push("ALTER TABLE task_changes DROP COLUMN pos, DROP COLUMN logged_at_ms".into());
-    sql.extend(trigger("created", "INSERT", "inserted_tasks", "NEW"));
-    sql.extend(trigger("updated", "UPDATE", "updated_tasks", "NEW"));
-    sql.extend(trigger("deleted", "DELETE", "deleted_tasks", "OLD"));
+            )
+        })
+        .collect();
     // One mover at a time, each statement with a fresh snapshot taken after
     // the lock: it sees what earlier movers committed, and its positions
     // follow theirs. Returns the newest position in the log.
     sql.push(format!(
-        "CREATE FUNCTION task_events_take_changes() RETURNS bigint LANGUAGE plpgsql AS $$
+        "CREATE OR REPLACE FUNCTION task_events_take_changes() RETURNS bigint LANGUAGE plpgsql AS $$
          DECLARE
              head bigint;
              moved bigint;
@@ -178,9 +170,9 @@ fn postgres_sql() -> Vec<String> {
                INTO head;
              WITH taken AS (DELETE FROM task_changes RETURNING *),
              logged AS (
-                 INSERT INTO task_events (pos, kind, logged_at_ms, {TASK_COLUMNS})
+                 INSERT INTO task_events (pos, kind, logged_at_ms, {columns})
                  SELECT head + row_number() OVER (ORDER BY seq), kind,
-                        (extract(epoch FROM clock_timestamp()) * 1000)::bigint, {TASK_COLUMNS}
+                        (extract(epoch FROM clock_timestamp()) * 1000)::bigint, {columns}
                  FROM taken
                  RETURNING 1
              )
@@ -194,31 +186,47 @@ fn postgres_sql() -> Vec<String> {
     sql
 }
 
-fn sqlite_sql() -> Vec<String> {
+fn postgres_sql() -> Vec<String> {
+    // No index but the key: rows are appended, then moved whole.
+    let mut sql =
+        vec!["CREATE TABLE task_changes (seq bigserial PRIMARY KEY, LIKE task_events)".into()];
+    // `LIKE` copied pos and logged_at_ms, which only the log fills.
+    sql.push("ALTER TABLE task_changes DROP COLUMN pos, DROP COLUMN logged_at_ms".into());
+    sql.extend(postgres_functions(TASK_COLUMNS));
+    // Per statement, from its transition table: a batch of 64 creates runs
+    // the function once.
+    sql.extend(KINDS.iter().map(|(kind, op, rows, reference)| {
+        format!(
+            "CREATE TRIGGER task_events_{kind} AFTER {op} ON tasks
+             REFERENCING {reference} TABLE AS {rows}
+             FOR EACH STATEMENT EXECUTE FUNCTION task_events_{kind}()"
+        )
+    }));
+    sql
+}
+
+/// SQLite's triggers that log `columns` (the task's columns, in order).
+pub(crate) fn sqlite_triggers(columns: &str) -> Vec<String> {
     let now_ms = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
     let values = |row: &str| {
-        TASK_COLUMNS
+        columns
             .split(", ")
             .map(|column| format!("{row}.{column}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    [
-        ("created", "INSERT", "NEW"),
-        ("updated", "UPDATE", "NEW"),
-        ("deleted", "DELETE", "OLD"),
-    ]
-    .iter()
-    .map(|(kind, op, row)| {
-        format!(
-            "CREATE TRIGGER task_events_{kind} AFTER {op} ON tasks BEGIN
-                 INSERT INTO task_events (kind, logged_at_ms, {TASK_COLUMNS})
+    KINDS
+        .iter()
+        .map(|(kind, op, _, row)| {
+            format!(
+                "CREATE TRIGGER task_events_{kind} AFTER {op} ON tasks BEGIN
+                 INSERT INTO task_events (kind, logged_at_ms, {columns})
                  VALUES ('{kind}', {now_ms}, {});
              END",
-            values(row)
-        )
-    })
-    .collect()
+                values(row)
+            )
+        })
+        .collect()
 }
 
 #[async_trait::async_trait]
@@ -233,7 +241,7 @@ impl MigrationTrait for Migration {
         let triggers = if postgres {
             postgres_sql()
         } else {
-            sqlite_sql()
+            sqlite_triggers(TASK_COLUMNS)
         };
         for sql in triggers {
             db.execute_unprepared(&sql).await?;

@@ -20,6 +20,7 @@ use crate::error::TaskError;
 use crate::service::{TaskService, Worker};
 
 mod mutation;
+pub mod policy;
 mod query;
 mod subscription;
 pub mod types;

@@ -1,5 +1,6 @@
 use async_graphql::{Context, ID, Object, Result};
 
+use super::policy::{TaskType, TaskTypePolicyInput};
 use super::types::{CreateTaskInput, Task, UpdateTaskStatusInput};
 use super::{current_user, graphql_error, lease, service, task_id, worker};
 use crate::service::{ClaimRequest, Heartbeat, NewTask, StatusUpdate};
@@ -15,6 +16,9 @@ impl MutationRoot {
             task_type: input.task_type,
             metadata: input.metadata.map(|m| m.0),
             idempotency_key: input.idempotency_key,
+            run_at: input.run_at,
+            priority: input.priority,
+            max_attempts: input.max_attempts,
         };
         let task = service(ctx)
             .create_task(user, new)
@@ -34,9 +38,11 @@ impl MutationRoot {
         Ok(task.into())
     }
 
-    /// Puts your FAILED or CANCELLED task back to PENDING, as new: attempts
-    /// 0, no error, result, worker or progress. Any task, for a worker.
-    /// CONFLICT in any other status.
+    /// Puts your FAILED or CANCELLED task back to PENDING, claimable now,
+    /// with a fresh budget of maxAttempts and no error, result, worker or
+    /// progress. Any task, for a worker. CONFLICT in any other status.
+    /// attempts stays as it was, so a worker still holding an earlier
+    /// attempt gets CONFLICT.
     async fn retry_task(&self, ctx: &Context<'_>, id: ID) -> Result<Task> {
         let user = current_user(ctx)?;
         let id = task_id(&id)?;
@@ -71,6 +77,7 @@ impl MutationRoot {
             error_message: input.error_message,
             progress: input.progress,
             expected_attempt: input.expected_attempt,
+            retryable: input.retryable.unwrap_or(false),
         };
         let task = service(ctx)
             .update_task_status(&worker, update)
@@ -79,8 +86,11 @@ impl MutationRoot {
         Ok(task.into())
     }
 
-    /// Takes the oldest PENDING task (of these types) under a lease, or null
-    /// when none is waiting. Workers only.
+    /// Takes the next runnable task (of these types) under a lease, or null
+    /// when none is. Runnable: PENDING, runAt passed, its type not paused
+    /// and under its concurrency cap. Next: the highest priority, then the
+    /// owners' turns (an owner with fewer tasks waiting ahead goes first),
+    /// then the earliest runAt. Workers only.
     async fn claim_task(
         &self,
         ctx: &Context<'_>,
@@ -125,5 +135,21 @@ impl MutationRoot {
             .await
             .map_err(graphql_error)?;
         Ok(task.into())
+    }
+
+    /// Changes a task type's policy; absent fields stay as they were.
+    /// Workers only.
+    async fn set_task_type_policy(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(name = "type")] task_type: String,
+        policy: TaskTypePolicyInput,
+    ) -> Result<TaskType> {
+        let worker = worker(ctx)?;
+        let task_type = service(ctx)
+            .set_task_type_policy(&worker, &task_type, policy.into())
+            .await
+            .map_err(graphql_error)?;
+        Ok(task_type.into())
     }
 }

@@ -1,7 +1,8 @@
 use async_graphql::{Context, ID, Object, Result};
 
+use super::policy::TaskType;
 use super::types::{Task, TaskConnection, TaskStats, TaskStatus};
-use super::{current_user, graphql_error, service, task_id};
+use super::{current_user, graphql_error, service, task_id, worker};
 use crate::service::{MAX_PAGE_SIZE, StatsRequest, TaskFilter};
 
 pub struct QueryRoot;
@@ -97,5 +98,15 @@ impl QueryRoot {
             .await
             .map_err(graphql_error)?;
         Ok(TaskStats(stats))
+    }
+
+    /// Every task type with a policy or with tasks, by name. Workers only.
+    async fn task_types(&self, ctx: &Context<'_>) -> Result<Vec<TaskType>> {
+        let worker = worker(ctx)?;
+        let types = service(ctx)
+            .task_types(&worker)
+            .await
+            .map_err(graphql_error)?;
+        Ok(types.into_iter().map(Into::into).collect())
     }
 }

@@ -29,7 +29,8 @@ pub struct Task {
     pub metadata: Json<serde_json::Value>,
     /// 0 to 100.
     pub progress: Option<i32>,
-    /// Times a worker claimed the task; the fencing token for updateTaskStatus.
+    /// Times a worker claimed the task, ever: the fencing token for
+    /// updateTaskStatus. It never goes down, not even at retryTask.
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -44,6 +45,16 @@ pub struct Task {
     /// When the lease of a PROCESSING task runs out unless its worker
     /// sends a heartbeat.
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// When the task became, or becomes, claimable: its createdAt unless
+    /// created with runAt; later when a retryable failure backs off, and
+    /// the time of a retryTask.
+    pub run_at: DateTime<Utc>,
+    /// −100 to 100; higher is claimed first.
+    pub priority: i32,
+    /// Attempts the task may take (since its create, or its last
+    /// retryTask) before a failure or an expired lease makes it FAILED for
+    /// good.
+    pub max_attempts: i32,
 }
 
 impl From<entity::Task> for Task {
@@ -64,6 +75,9 @@ impl From<entity::Task> for Task {
             user_id: task.user_id,
             worker_id: task.worker_id,
             lease_expires_at: task.lease_expires_at,
+            run_at: task.run_at,
+            priority: task.priority,
+            max_attempts: task.max_attempts,
         }
     }
 }
@@ -123,6 +137,12 @@ pub struct CreateTaskInput {
     pub metadata: Option<Json<serde_json::Value>>,
     /// The same key from the same user returns the same task.
     pub idempotency_key: Option<String>,
+    /// Not claimable before then; at once when absent or past.
+    pub run_at: Option<DateTime<Utc>>,
+    /// −100 to 100, default 0; higher is claimed first.
+    pub priority: Option<i32>,
+    /// 1 to 100; the type's policy (or the server's default) when absent.
+    pub max_attempts: Option<i32>,
 }
 
 #[derive(InputObject, Debug)]
@@ -134,6 +154,10 @@ pub struct UpdateTaskStatusInput {
     pub progress: Option<i32>,
     /// Fencing: CONFLICT unless the task's attempts equal this.
     pub expected_attempt: Option<i32>,
+    /// With FAILED: while the task has attempts left, it goes back to
+    /// PENDING, claimable after its type's backoff, and keeps errorMessage.
+    /// Without it, FAILED is final.
+    pub retryable: Option<bool>,
 }
 
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]

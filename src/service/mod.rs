@@ -12,11 +12,13 @@ use crate::events::TaskEvent;
 use futures::stream::BoxStream;
 
 pub mod changelog;
+pub mod queue;
 mod sea;
 pub mod stats;
 pub mod validate;
 mod watch;
 
+pub use queue::{Backoff, Policy, PolicyChange, TaskType};
 pub use sea::SeaTaskService;
 pub use stats::{StatsRequest, TaskStats};
 
@@ -60,6 +62,12 @@ pub struct NewTask {
     pub task_type: String,
     pub metadata: Option<serde_json::Value>,
     pub idempotency_key: Option<String>,
+    /// Not claimable before then; at once when absent.
+    pub run_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// −100 to 100, higher first; 0 when absent.
+    pub priority: Option<i32>,
+    /// 1 to 100; the type's policy (or the default) when absent.
+    pub max_attempts: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +79,9 @@ pub struct StatusUpdate {
     pub progress: Option<i32>,
     /// Fencing token: the update only applies while `attempts` equals it.
     pub expected_attempt: Option<i32>,
+    /// With FAILED: back to PENDING after the type's backoff while the task
+    /// has attempts left.
+    pub retryable: bool,
 }
 
 impl StatusUpdate {
@@ -82,6 +93,7 @@ impl StatusUpdate {
             error_message: None,
             progress: None,
             expected_attempt: None,
+            retryable: false,
         }
     }
 }
@@ -154,21 +166,36 @@ pub trait TaskService: Send + Sync {
 
     async fn cancel_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
 
-    /// Puts a FAILED or CANCELLED task back to PENDING, as if new: attempts
-    /// 0, no error, result, worker, lease, times or progress.
+    /// Puts a FAILED or CANCELLED task back to PENDING with a fresh budget of
+    /// attempts, runnable now, with no error, result, worker, lease, times or
+    /// progress. `attempts` stays: it is the fencing number.
     async fn retry_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
 
     /// Counts, throughput, durations, the oldest wait and the workers with
     /// leases, of the user's tasks (every user's for a worker).
     async fn task_stats(&self, user: &CurrentUser, request: StatsRequest) -> TaskResult<TaskStats>;
 
-    /// Takes the oldest pending task (of the given types) under a lease.
+    /// Takes the first runnable task (of the given types) in claim order,
+    /// under a lease (see `queue`).
     async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>>;
 
     async fn heartbeat_task(&self, worker: &Worker, heartbeat: Heartbeat) -> TaskResult<Task>;
 
-    /// Returns expired leases to pending, or fails them after `max_attempts`.
-    async fn reap_expired_leases(&self, max_attempts: i32) -> TaskResult<ReapOutcome>;
+    /// Returns expired leases to pending, or fails the tasks whose budget of
+    /// attempts is spent.
+    async fn reap_expired_leases(&self) -> TaskResult<ReapOutcome>;
+
+    /// Changes a task type's policy (a worker's right); returns it as it
+    /// applies now.
+    async fn set_task_type_policy(
+        &self,
+        worker: &Worker,
+        task_type: &str,
+        change: PolicyChange,
+    ) -> TaskResult<TaskType>;
+
+    /// Every type with a policy or with tasks, by name (a worker's right).
+    async fn task_types(&self, worker: &Worker) -> TaskResult<Vec<TaskType>>;
 
     /// Deletes terminal tasks finished before `older_than` ago, in batches.
     async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize>;

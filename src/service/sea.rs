@@ -17,16 +17,19 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use entity::tasks::{ActiveModel, Column};
 use entity::{Task, TaskStatus, Tasks};
-use sea_orm::sea_query::{ExprTrait, LockBehavior, LockType, OnConflict, Order, Query};
+use rand::Rng;
+use sea_orm::sea_query::{ExprTrait, OnConflict, Order, Query};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Statement, prelude::Expr, sea_query::UpdateStatement,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait,
+    Iterable, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, prelude::Expr,
+    sea_query::UpdateStatement,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::changelog::Changelog;
+use super::queue::{self, Caps, PolicyChange, Queue, TaskType};
 use super::watch::Watch;
 use super::{
     ClaimRequest, DEFAULT_LEASE, Heartbeat, MAX_LEASE, MAX_PAGE_SIZE, NewTask, ReapOutcome,
@@ -52,12 +55,17 @@ const POSTGRES_INSERTERS: usize = 4;
 /// How many times a create with an idempotency key tries to insert while
 /// the task holding its key keeps being deleted between conflict and read.
 const MAX_CREATE_ATTEMPTS: usize = 3;
+/// Attempts a task gets when neither its create nor its type says.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+/// How often a retryable failure re-reads a task that changed under it.
+const MAX_FAIL_ATTEMPTS: usize = 3;
 /// PostgreSQL advisory lock key ("taskql" + 2) held by the instance folding count deltas.
 const FOLD_LOCK: i64 = 0x7461_736b_716c_0002;
 
 pub struct SeaTaskService {
     writer: Writer,
     watch: Watch,
+    queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     /// Creates waiting to be inserted (see [`insert_queued`]).
     creates: mpsc::UnboundedSender<QueuedCreate>,
@@ -119,6 +127,12 @@ fn stamp_change(update: &mut UpdateStatement, at: DateTime<Utc>) {
         .value(Column::UpdatedAt, at);
 }
 
+/// `update` with its change stamped (see [`stamp_change`]).
+fn stamped(mut update: UpdateStatement, at: DateTime<Utc>) -> UpdateStatement {
+    stamp_change(&mut update, at);
+    update
+}
+
 /// The tasks a statement returns (`RETURNING *`, or a select of the entity).
 async fn rows_of<C: ConnectionTrait>(conn: &C, statement: Statement) -> TaskResult<Vec<Task>> {
     conn.query_all_raw(statement)
@@ -135,6 +149,7 @@ async fn rows_of<C: ConnectionTrait>(conn: &C, statement: Statement) -> TaskResu
 struct Writer {
     db: Db,
     log: Changelog,
+    queue: Arc<Queue>,
 }
 
 /// Wakes the log's reader when dropped: after the statement returned, or
@@ -178,15 +193,43 @@ impl Writer {
     /// Inserts `batch` in one statement and answers each create: its new
     /// row, or `None` when its idempotency key was taken.
     async fn insert(&self, batch: Vec<QueuedCreate>) {
-        let models = batch.iter().map(|create| create.model.clone());
-        let mut insert = Tasks::insert_many(models)
-            .on_conflict(
-                // NULL keys never conflict; a taken key inserts nothing.
-                OnConflict::columns([Column::UserId, Column::IdempotencyKey])
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .into_query();
+        let mut insert = Query::insert();
+        insert.into_table(Tasks).columns(Column::iter());
+        // Each row takes its owner's next turn; an owner's later rows in
+        // this batch the turns after it.
+        let mut earlier = std::collections::HashMap::<&str, i64>::new();
+        for create in &batch {
+            let user_id = create.model.user_id.as_ref().as_str();
+            let later = earlier.entry(user_id).or_default();
+            let offset = *later;
+            *later += 1;
+            let task_type = create.model.task_type.as_ref();
+            let row = Column::iter().map(|column| match column {
+                Column::FairRank => queue::next_turn(user_id, offset),
+                Column::MaxAttempts => queue::max_attempts_of(
+                    task_type,
+                    create.max_attempts,
+                    self.queue.default_max_attempts(),
+                ),
+                _ => match create.model.get(column).into_value() {
+                    Some(value) => Expr::val(value),
+                    None => Expr::cust("DEFAULT"),
+                },
+            });
+            if let Err(err) = insert.values(row) {
+                let err = TaskError::Internal(format!("building an insert: {err}"));
+                for create in batch {
+                    let _ = create.reply.send(Err(err.clone()));
+                }
+                return;
+            }
+        }
+        // NULL keys never conflict; a taken key inserts nothing.
+        insert.on_conflict(
+            OnConflict::columns([Column::UserId, Column::IdempotencyKey])
+                .do_nothing()
+                .to_owned(),
+        );
         insert.returning_all();
         match self.commit(&insert).await {
             Ok(rows) => {
@@ -214,6 +257,8 @@ impl Writer {
 /// A create waiting for its insert.
 struct QueuedCreate {
     model: ActiveModel,
+    /// The task's own budget; its type's policy decides when absent.
+    max_attempts: Option<i32>,
     id: Uuid,
     reply: oneshot::Sender<TaskResult<Option<Task>>>,
 }
@@ -247,23 +292,35 @@ impl SeaTaskService {
     /// `metrics`; it starts its insert queue and its reader of the change
     /// log on the current tokio runtime.
     pub fn new(db: Db, metrics: Arc<Metrics>) -> Self {
+        Self::with_max_attempts(db, metrics, DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// The service whose tasks get `max_attempts` attempts unless their
+    /// type's policy or their create says otherwise.
+    pub fn with_max_attempts(db: Db, metrics: Arc<Metrics>, max_attempts: i32) -> Self {
         // The log's reader moves and reads on connections of its own, so
         // delivery does not wait behind requests for a pooled one.
         let log = Changelog::start(db.apart(2), EventBus::new(), metrics.clone());
         let watch = Watch::new(db.clone(), log.clone());
-        let writer = Writer { db, log };
-        let (creates, queue) = mpsc::unbounded_channel();
-        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        let queue = Arc::new(Queue::new(db.clone(), max_attempts));
+        let writer = Writer {
+            db,
+            log,
+            queue: queue.clone(),
+        };
+        let (creates, waiting) = mpsc::unbounded_channel();
+        let waiting = Arc::new(tokio::sync::Mutex::new(waiting));
         let inserters = match writer.db.backend() {
             Backend::Postgres => POSTGRES_INSERTERS,
             Backend::Sqlite => 1,
         };
         for _ in 0..inserters {
-            tokio::spawn(insert_queued(writer.clone(), queue.clone()));
+            tokio::spawn(insert_queued(writer.clone(), waiting.clone()));
         }
         Self {
             writer,
             watch,
+            queue,
             creates,
             metrics,
         }
@@ -373,6 +430,107 @@ impl SeaTaskService {
 }
 
 impl SeaTaskService {
+    /// A claim that may take a capped type, on PostgreSQL: the policy rows
+    /// of the capped types in reach are locked first, so the claim counts
+    /// every claim of them committed before (see `queue`).
+    async fn claim_capped(
+        &self,
+        types: &[String],
+        in_reach: &[String],
+        at: DateTime<Utc>,
+        worker_id: &str,
+        until: DateTime<Utc>,
+    ) -> TaskResult<Option<Task>> {
+        let txn = self.db().begin().await?;
+        let locked: Vec<String> = txn
+            .query_all_raw(self.writer.statement(&queue::lock_capped(in_reach)))
+            .await?
+            .iter()
+            .map(|row| row.try_get_by_index::<String>(0))
+            .collect::<Result<_, _>>()?;
+        let mut stmt = stamped(
+            queue::claim(types, Caps::Locked(&locked), at, worker_id, until),
+            at,
+        );
+        stmt.returning_all();
+        let claimed = self.writer.rows_in(&txn, &stmt).await?.pop();
+        txn.commit().await?;
+        if claimed.is_some() {
+            self.writer.wrote();
+        }
+        Ok(claimed)
+    }
+
+    /// A retryable failure of a task with attempts left: back to PENDING,
+    /// runnable after its type's backoff, keeping its error message. `None`
+    /// when it has none left, or is not PENDING or PROCESSING: then FAILED
+    /// applies as without `retryable`.
+    async fn back_off(
+        &self,
+        update: &StatusUpdate,
+        error_message: Option<&str>,
+    ) -> TaskResult<Option<Task>> {
+        for _ in 0..MAX_FAIL_ATTEMPTS {
+            let Some(task) = self.find(update.task_id).await? else {
+                return Err(TaskError::NotFound);
+            };
+            let fenced = update.expected_attempt.is_some();
+            let holds = match task.status {
+                TaskStatus::Processing => true,
+                // A fenced report is from the worker that held the attempt:
+                // if the task is PENDING, it was already backed off (an
+                // exact repeat) or its lease expired.
+                TaskStatus::Pending => !fenced,
+                _ => false,
+            };
+            if update.expected_attempt.is_some_and(|n| n != task.attempts) {
+                return Ok(None);
+            }
+            if !holds {
+                let repeat = task.status == TaskStatus::Pending
+                    && (error_message.is_none() || error_message == task.error_message.as_deref());
+                return if fenced && repeat {
+                    Ok(Some(task))
+                } else {
+                    Ok(None)
+                };
+            }
+            let used = task.attempts - task.retry_base;
+            if used >= task.max_attempts {
+                return Ok(None);
+            }
+            let policy = self.queue.policy(&task.task_type).await?;
+            let delay = policy
+                .backoff
+                .delay(Ord::max(used, 1), rand::rng().random::<f64>());
+            let at = now();
+            let run_at = at + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+            let mut stmt = self.update_of(task.id);
+            stmt.value(Column::Status, TaskStatus::Pending.as_str())
+                .value(Column::RunAt, run_at)
+                .value(Column::WorkerId, Option::<String>::None)
+                .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None)
+                .value(Column::Progress, Option::<i32>::None)
+                .and_where(
+                    Expr::col(Column::Status)
+                        .is_in(statuses(&[TaskStatus::Pending, TaskStatus::Processing])),
+                )
+                // Unchanged since it was read: the same attempt, the same budget.
+                .and_where(Expr::col(Column::Version).eq(task.version));
+            if let Some(message) = error_message {
+                stmt.value(Column::ErrorMessage, message);
+            }
+            if let Some(task) = self.update_rows(stamped(stmt, at)).await?.pop() {
+                self.metrics
+                    .transition(Transition::backed_off, &task.task_type);
+                return Ok(Some(task));
+            }
+        }
+        Err(TaskError::conflict(
+            "the task kept changing while its failure was recorded; try again",
+        ))
+    }
+
     /// The conditional UPDATE of `updateTaskStatus`: `to` from the statuses
     /// that may move there, fenced by the attempt when one is expected.
     fn status_change(
@@ -447,23 +605,41 @@ impl TaskService for SeaTaskService {
         if let Some(key) = &new.idempotency_key {
             validate::label("idempotencyKey", key, validate::MAX_KEY_LEN)?;
         }
+        let priority = new.priority.unwrap_or(0);
+        queue::check_priority(priority)?;
+        if let Some(max) = new.max_attempts {
+            queue::check_max_attempts(max)?;
+        }
         let key = new.idempotency_key.as_deref().unwrap_or_default();
         // With a key, the unique index decides who wins (ON CONFLICT DO
         // NOTHING inserts no row); the loser reads the winner. A winner
         // deleted in between frees the key, and the insert is tried again.
         for _ in 0..MAX_CREATE_ATTEMPTS {
-            let model = ActiveModel::pending(
+            let at = now();
+            let mut model = ActiveModel::pending(
                 user.id.clone(),
                 new.task_type.clone(),
                 metadata.clone(),
                 new.idempotency_key.clone(),
-                now(),
+                at,
             );
+            model.priority = sea_orm::ActiveValue::Set(priority);
+            if let Some(run_at) = new.run_at {
+                // Stored at the precision the databases keep.
+                let run_at =
+                    DateTime::from_timestamp_micros(run_at.timestamp_micros()).unwrap_or(run_at);
+                model.run_at = sea_orm::ActiveValue::Set(run_at);
+            }
             let id = *model.id.as_ref();
             let (reply, inserted) = oneshot::channel();
             let stopped = || TaskError::Internal("the insert queue stopped".into());
             self.creates
-                .send(QueuedCreate { model, id, reply })
+                .send(QueuedCreate {
+                    model,
+                    max_attempts: new.max_attempts,
+                    id,
+                    reply,
+                })
                 .map_err(|_| stopped())?;
             if let Some(task) = inserted.await.map_err(|_| stopped())?? {
                 return Ok(task);
@@ -498,6 +674,11 @@ impl TaskService for SeaTaskService {
             return Err(TaskError::conflict(
                 "a task cannot be set back to PENDING; only an expired lease returns it there",
             ));
+        }
+        if update.retryable && to == TaskStatus::Failed {
+            if let Some(task) = self.back_off(&update, error_message.as_deref()).await? {
+                return Ok(task);
+            }
         }
         let stmt = self.status_change(&update, error_message.as_deref(), now());
         if let Some(task) = self.update_rows(stmt).await?.pop() {
@@ -686,7 +867,8 @@ impl TaskService for SeaTaskService {
         let at = now();
         let mut stmt = self.update_of(task_id);
         stmt.value(Column::Status, TaskStatus::Pending.as_str())
-            .value(Column::Attempts, 0)
+            .value(Column::RetryBase, Expr::col(Column::Attempts))
+            .value(Column::RunAt, at)
             .value(Column::Progress, Option::<i32>::None)
             .value(Column::ResultId, Option::<String>::None)
             .value(Column::ErrorMessage, Option::<String>::None)
@@ -728,35 +910,30 @@ impl TaskService for SeaTaskService {
         validate::label("workerId", worker_id, validate::MAX_WORKER_ID_LEN)?;
         let lease = lease_of(request.lease)?;
         let at = now();
-        // Oldest pending first; on PostgreSQL, SKIP LOCKED lets concurrent
-        // claimers pass each other instead of queueing on one row.
-        let mut oldest = Query::select();
-        oldest
-            .column(Column::Id)
-            .from(Tasks)
-            .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
-            .order_by(Column::CreatedAt, Order::Asc)
-            .order_by(Column::Id, Order::Asc)
-            .limit(1)
-            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
-        if !request.types.is_empty() {
-            oldest.and_where(Expr::col(Column::TaskType).is_in(request.types.clone()));
-        }
-        // `id = (subquery)`, not `id IN (subquery)`: PostgreSQL runs a scalar
-        // subquery once, but may rescan an IN subquery per row, and each rescan
-        // skips the rows this statement already locked and takes the next one:
-        // one claim would take every pending task.
-        let mut stmt = Query::update();
-        stmt.table(Tasks)
-            .and_where(Expr::col(Column::Id).eq(oldest))
-            .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
-            .value(Column::Status, TaskStatus::Processing.as_str())
-            .value(Column::Attempts, Expr::col(Column::Attempts).add(1))
-            .value(Column::WorkerId, worker_id)
-            .value(Column::LeaseExpiresAt, lease_deadline(at, lease))
-            .value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at));
-        stamp_change(&mut stmt, at);
-        let claimed = self.update_rows(stmt).await?.pop();
+        let until = lease_deadline(at, lease);
+        let claimed = match self.db().backend() {
+            Backend::Sqlite => {
+                let stmt = queue::claim(&request.types, Caps::Counted, at, worker_id, until);
+                self.update_rows(stamped(stmt, at)).await?.pop()
+            }
+            Backend::Postgres => {
+                let capped = self.queue.capped().await?;
+                let in_reach: Vec<String> = capped
+                    .iter()
+                    .filter(|t| request.types.is_empty() || request.types.contains(t))
+                    .cloned()
+                    .collect();
+                if in_reach.is_empty() {
+                    let stmt =
+                        queue::claim(&request.types, Caps::Locked(&[]), at, worker_id, until);
+                    self.update_rows(stamped(stmt, at)).await?.pop()
+                } else {
+                    self.claim_capped(&request.types, &in_reach, at, worker_id, until)
+                        .await?
+                }
+            }
+        };
+
         if let Some(task) = &claimed {
             self.metrics
                 .transition(Transition::claimed, &task.task_type);
@@ -796,7 +973,7 @@ impl TaskService for SeaTaskService {
     }
 
     #[instrument(level = "debug", skip_all)]
-    async fn reap_expired_leases(&self, max_attempts: i32) -> TaskResult<ReapOutcome> {
+    async fn reap_expired_leases(&self) -> TaskResult<ReapOutcome> {
         let at = now();
         let expired = |stmt: &mut UpdateStatement| {
             stmt.table(Tasks)
@@ -805,8 +982,13 @@ impl TaskService for SeaTaskService {
         };
         let mut requeue = Query::update();
         expired(&mut requeue);
+        let spent = || {
+            Expr::col(Column::Attempts)
+                .sub(Expr::col(Column::RetryBase))
+                .gte(Expr::col(Column::MaxAttempts))
+        };
         requeue
-            .and_where(Expr::col(Column::Attempts).lt(max_attempts))
+            .and_where(spent().not())
             .value(Column::Status, TaskStatus::Pending.as_str())
             .value(Column::WorkerId, Option::<String>::None)
             .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
@@ -814,7 +996,7 @@ impl TaskService for SeaTaskService {
 
         let mut fail = Query::update();
         expired(&mut fail);
-        fail.and_where(Expr::col(Column::Attempts).gte(max_attempts))
+        fail.and_where(spent())
             .value(Column::Status, TaskStatus::Failed.as_str())
             .value(
                 Column::ErrorMessage,
@@ -906,6 +1088,46 @@ impl TaskService for SeaTaskService {
     #[instrument(level = "debug", skip_all)]
     async fn prune_events(&self, older_than: Duration) -> TaskResult<u64> {
         self.writer.log.prune(older_than).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(%task_type))]
+    async fn set_task_type_policy(
+        &self,
+        worker: &Worker,
+        task_type: &str,
+        change: PolicyChange,
+    ) -> TaskResult<TaskType> {
+        let policy = self.queue.set_policy(task_type, &change).await?;
+        let counts = self
+            .task_types(worker)
+            .await?
+            .into_iter()
+            .find(|t| t.task_type == task_type);
+        Ok(TaskType {
+            task_type: task_type.to_owned(),
+            policy,
+            pending: counts.as_ref().map_or(0, |t| t.pending),
+            processing: counts.as_ref().map_or(0, |t| t.processing),
+        })
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn task_types(&self, worker: &Worker) -> TaskResult<Vec<TaskType>> {
+        let everyone = CurrentUser::service(worker.id());
+        let (_, by_type) = stats::counts(self.db(), &everyone).await?;
+        let pending = stats::STATUSES
+            .iter()
+            .position(|s| *s == TaskStatus::Pending)
+            .unwrap_or(0);
+        let processing = stats::STATUSES
+            .iter()
+            .position(|s| *s == TaskStatus::Processing)
+            .unwrap_or(1);
+        let counts = by_type
+            .into_iter()
+            .map(|t| (t.task_type, t.counts[pending], t.counts[processing]))
+            .collect();
+        self.queue.task_types(counts).await
     }
 }
 

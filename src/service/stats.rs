@@ -186,7 +186,7 @@ fn status_index(status: &str) -> Option<usize> {
 
 /// Exact counts from the trigger-kept counters (plus, on PostgreSQL, the
 /// deltas not folded in yet, read in the same statement: one snapshot).
-async fn counts(db: &Db, user: &CurrentUser) -> TaskResult<([i64; 5], Vec<TypeCounts>)> {
+pub(crate) async fn counts(db: &Db, user: &CurrentUser) -> TaskResult<([i64; 5], Vec<TypeCounts>)> {
     let mut values = Vec::new();
     let postgres = db.backend() == Backend::Postgres;
     let sql = if user.is_service {

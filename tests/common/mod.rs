@@ -130,6 +130,7 @@ pub async fn new_task(
                 task_type: task_type.into(),
                 metadata: Some(serde_json::json!({"prompt": "a cat"})),
                 idempotency_key: None,
+                ..Default::default()
             },
         )
         .await

@@ -1,0 +1,109 @@
+//! The API shape of task types and their policies.
+use async_graphql::{InputObject, MaybeUndefined, SimpleObject};
+
+use crate::service::{self, PolicyChange};
+
+/// How long a retryable failure waits before its next attempt: after
+/// attempt n, `initialSeconds × factor^(n−1)`, at most `maxSeconds`; with
+/// jitter, a random point in the upper half of that.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Backoff {
+    pub initial_seconds: f64,
+    pub factor: f64,
+    pub max_seconds: f64,
+    pub jitter: bool,
+}
+
+/// How tasks of one type are retried and claimed.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct TaskTypePolicy {
+    /// Attempts a new task of the type gets unless its create says.
+    pub max_attempts: i32,
+    pub backoff: Backoff,
+    /// Most tasks of the type PROCESSING at once, across every worker and
+    /// instance; null for no cap.
+    pub concurrency: Option<i32>,
+    /// Claims skip the type; cancel and delete still work.
+    pub paused: bool,
+}
+
+/// A task type: its policy (the defaults where none was set) and its queue.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct TaskType {
+    #[graphql(name = "type")]
+    pub task_type: String,
+    pub policy: TaskTypePolicy,
+    /// Tasks of the type PENDING now, whether runnable yet or not.
+    pub pending: i32,
+    /// Tasks of the type PROCESSING now.
+    pub processing: i32,
+}
+
+impl From<service::TaskType> for TaskType {
+    fn from(t: service::TaskType) -> Self {
+        let count = |n: i64| i32::try_from(n).unwrap_or(i32::MAX);
+        Self {
+            task_type: t.task_type,
+            policy: TaskTypePolicy {
+                max_attempts: t.policy.max_attempts,
+                backoff: Backoff {
+                    initial_seconds: t.policy.backoff.initial_seconds,
+                    factor: t.policy.backoff.factor,
+                    max_seconds: t.policy.backoff.max_seconds,
+                    jitter: t.policy.backoff.jitter,
+                },
+                concurrency: t.policy.concurrency,
+                paused: t.policy.paused,
+            },
+            pending: count(t.pending),
+            processing: count(t.processing),
+        }
+    }
+}
+
+/// Backoff fields to change; absent ones stay. Defaults: 1 s, factor 2,
+/// at most 3600 s, jitter on.
+#[derive(InputObject, Debug, Default)]
+pub struct BackoffInput {
+    /// 0 to 604800 (a week).
+    pub initial_seconds: Option<f64>,
+    /// 1 to 100.
+    pub factor: Option<f64>,
+    /// 0 to 604800, and not less than initialSeconds.
+    pub max_seconds: Option<f64>,
+    pub jitter: Option<bool>,
+}
+
+/// Policy fields to change; absent ones stay as they were.
+#[derive(InputObject, Debug)]
+pub struct TaskTypePolicyInput {
+    /// 1 to 100, for tasks created from now on; null for the server's default.
+    pub max_attempts: MaybeUndefined<i32>,
+    pub backoff: Option<BackoffInput>,
+    /// 1 to 100000; null removes the cap.
+    pub concurrency: MaybeUndefined<i32>,
+    pub paused: Option<bool>,
+}
+
+fn change<T>(value: MaybeUndefined<T>) -> Option<Option<T>> {
+    match value {
+        MaybeUndefined::Undefined => None,
+        MaybeUndefined::Null => Some(None),
+        MaybeUndefined::Value(v) => Some(Some(v)),
+    }
+}
+
+impl From<TaskTypePolicyInput> for PolicyChange {
+    fn from(input: TaskTypePolicyInput) -> Self {
+        let backoff = input.backoff.unwrap_or_default();
+        Self {
+            max_attempts: change(input.max_attempts),
+            initial_seconds: backoff.initial_seconds,
+            factor: backoff.factor,
+            max_seconds: backoff.max_seconds,
+            jitter: backoff.jitter,
+            concurrency: change(input.concurrency),
+            paused: input.paused,
+        }
+    }
+}

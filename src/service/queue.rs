@@ -1,0 +1,534 @@
+//! What decides which task a worker gets, and when a failed one runs again:
+//! the claim order (priority, the owners' turns, `run_at`), the policy of
+//! each task type (attempts, backoff, a cap on how many run at once,
+//! pause), and the backoff of a retryable failure.
+//!
+//! **Turns.** Each pending task has a `fair_rank`, its turn among its
+//! owner's pending tasks: a create takes one past the owner's last pending
+//! turn, or, for an owner with nothing pending, the turn now being served
+//! (the lowest pending rank of the highest priority). Claims take the
+//! lowest rank first within a priority, so an owner who queues 30 tasks
+//! and one who queues 1 alternate: the second owner's task is claimed first
+//! or second. The rank is read when the create is written; two creates of
+//! one owner racing on two connections may take the same turn, which only
+//! orders them by `run_at` instead.
+//!
+//! **The cap.** A claim that may take a capped type counts that type's
+//! PROCESSING tasks in the claim statement. On SQLite the statement is the
+//! only writer, so the count holds. On PostgreSQL the claim first locks the
+//! capped types' policy rows (`FOR UPDATE`, in name order) in its
+//! transaction, so claims of one capped type take turns and each counts
+//! every claim committed before it. Claims whose types have no cap take no
+//! lock: they exclude capped types in the statement and run as before.
+//! Which types are capped is re-read at most once a second per instance
+//! (and at once after this instance sets a policy); until then a type
+//! capped on another instance is skipped, never over-claimed.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use entity::task_types::{ActiveModel as PolicyRow, Column as PolicyColumn};
+use entity::tasks::Column;
+use entity::{TaskStatus, TaskTypePolicy, TaskTypes, Tasks};
+use sea_orm::sea_query::{
+    Alias, Asterisk, Condition, Expr, ExprTrait, LockBehavior, LockType, OnConflict, Order, Query,
+    QueryStatementBuilder, SelectStatement, UpdateStatement,
+};
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait, QueryOrder, QueryTrait};
+
+use super::validate;
+use crate::db::Db;
+use crate::error::{TaskError, TaskResult};
+
+/// Lowest and highest `priority`.
+pub const PRIORITIES: std::ops::RangeInclusive<i32> = -100..=100;
+/// What `maxAttempts` may be, on a task or a policy.
+pub const MAX_ATTEMPTS: std::ops::RangeInclusive<i32> = 1..=100;
+/// What a policy's `concurrency` may be.
+pub const CONCURRENCY: std::ops::RangeInclusive<i32> = 1..=100_000;
+/// Longest backoff a policy may ask for: a week.
+pub const MAX_BACKOFF_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+/// Largest backoff factor.
+pub const MAX_BACKOFF_FACTOR: f64 = 100.0;
+/// How long this instance trusts what it read about capped types.
+const CAPPED_FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// How long a retryable failure waits before its next attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial_seconds: f64,
+    pub factor: f64,
+    pub max_seconds: f64,
+    /// Each delay is drawn from its upper half, so that tasks that failed
+    /// together do not all come back at once.
+    pub jitter: bool,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial_seconds: 1.0,
+            factor: 2.0,
+            max_seconds: 3600.0,
+            jitter: true,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay after the `attempt`th attempt (1 for the first) failed:
+    /// `initial × factor^(attempt−1)`, at most `max`, then jittered by
+    /// `sample` (in [0, 1)) into its upper half.
+    pub fn delay(&self, attempt: i32, sample: f64) -> Duration {
+        let exponent = Ord::max(attempt.saturating_sub(1), 0);
+        let full = (self.initial_seconds * self.factor.powi(exponent)).min(self.max_seconds);
+        let seconds = if self.jitter {
+            full * (0.5 + 0.5 * sample.clamp(0.0, 1.0))
+        } else {
+            full
+        };
+        Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::ZERO)
+    }
+}
+
+/// A task type's policy as it applies: the defaults where none was set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub max_attempts: i32,
+    pub backoff: Backoff,
+    pub concurrency: Option<i32>,
+    pub paused: bool,
+}
+
+impl Policy {
+    fn of(row: Option<&TaskTypePolicy>, default_max_attempts: i32) -> Self {
+        match row {
+            None => Self {
+                max_attempts: default_max_attempts,
+                backoff: Backoff::default(),
+                concurrency: None,
+                paused: false,
+            },
+            Some(row) => Self {
+                max_attempts: row.max_attempts.unwrap_or(default_max_attempts),
+                backoff: Backoff {
+                    initial_seconds: row.backoff_initial_seconds,
+                    factor: row.backoff_factor,
+                    max_seconds: row.backoff_max_seconds,
+                    jitter: row.backoff_jitter,
+                },
+                concurrency: row.concurrency,
+                paused: row.paused,
+            },
+        }
+    }
+}
+
+/// A change to a policy: `None` leaves a field as it was; for the fields
+/// that may be unset, `Some(None)` unsets it (the default attempts, no cap).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyChange {
+    pub max_attempts: Option<Option<i32>>,
+    pub initial_seconds: Option<f64>,
+    pub factor: Option<f64>,
+    pub max_seconds: Option<f64>,
+    pub jitter: Option<bool>,
+    pub concurrency: Option<Option<i32>>,
+    pub paused: Option<bool>,
+}
+
+/// A task type: its policy, and how many of its tasks wait and run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskType {
+    pub task_type: String,
+    pub policy: Policy,
+    pub pending: i64,
+    pub processing: i64,
+}
+
+pub fn check_priority(priority: i32) -> TaskResult<()> {
+    if !PRIORITIES.contains(&priority) {
+        return Err(TaskError::invalid(format!(
+            "priority must be between {} and {}, got {priority}",
+            PRIORITIES.start(),
+            PRIORITIES.end()
+        )));
+    }
+    Ok(())
+}
+
+pub fn check_max_attempts(max_attempts: i32) -> TaskResult<()> {
+    if !MAX_ATTEMPTS.contains(&max_attempts) {
+        return Err(TaskError::invalid(format!(
+            "maxAttempts must be between {} and {}, got {max_attempts}",
+            MAX_ATTEMPTS.start(),
+            MAX_ATTEMPTS.end()
+        )));
+    }
+    Ok(())
+}
+
+fn check_seconds(field: &str, value: f64) -> TaskResult<()> {
+    if !value.is_finite() || !(0.0..=MAX_BACKOFF_SECONDS).contains(&value) {
+        return Err(TaskError::invalid(format!(
+            "backoff.{field} must be between 0 and {MAX_BACKOFF_SECONDS} seconds, got {value}"
+        )));
+    }
+    Ok(())
+}
+
+/// The policy `change` makes of `current`, or why it is refused.
+fn apply(current: &Policy, stored_max: Option<i32>, change: &PolicyChange) -> TaskResult<Row> {
+    let max_attempts = change.max_attempts.unwrap_or(stored_max);
+    if let Some(max) = max_attempts {
+        check_max_attempts(max)?;
+    }
+    let backoff = Backoff {
+        initial_seconds: change
+            .initial_seconds
+            .unwrap_or(current.backoff.initial_seconds),
+        factor: change.factor.unwrap_or(current.backoff.factor),
+        max_seconds: change.max_seconds.unwrap_or(current.backoff.max_seconds),
+        jitter: change.jitter.unwrap_or(current.backoff.jitter),
+    };
+    check_seconds("initialSeconds", backoff.initial_seconds)?;
+    check_seconds("maxSeconds", backoff.max_seconds)?;
+    if !backoff.factor.is_finite() || !(1.0..=MAX_BACKOFF_FACTOR).contains(&backoff.factor) {
+        return Err(TaskError::invalid(format!(
+            "backoff.factor must be between 1 and {MAX_BACKOFF_FACTOR}, got {}",
+            backoff.factor
+        )));
+    }
+    if backoff.max_seconds < backoff.initial_seconds {
+        return Err(TaskError::invalid(format!(
+            "backoff.maxSeconds ({}) must not be less than backoff.initialSeconds ({})",
+            backoff.max_seconds, backoff.initial_seconds
+        )));
+    }
+    let concurrency = change.concurrency.unwrap_or(current.concurrency);
+    if let Some(cap) = concurrency
+        && !CONCURRENCY.contains(&cap)
+    {
+        return Err(TaskError::invalid(format!(
+            "concurrency must be between {} and {}, or null for no cap; got {cap}",
+            CONCURRENCY.start(),
+            CONCURRENCY.end()
+        )));
+    }
+    Ok(Row {
+        max_attempts,
+        backoff,
+        concurrency,
+        paused: change.paused.unwrap_or(current.paused),
+    })
+}
+
+/// A policy as stored: `max_attempts` null means the server's default.
+struct Row {
+    max_attempts: Option<i32>,
+    backoff: Backoff,
+    concurrency: Option<i32>,
+    paused: bool,
+}
+
+/// The policies of task types, and which types are capped, as this
+/// instance last read them.
+pub struct Queue {
+    db: Db,
+    default_max_attempts: i32,
+    capped: std::sync::Mutex<Option<(Instant, Arc<Vec<String>>)>>,
+}
+
+impl Queue {
+    pub fn new(db: Db, default_max_attempts: i32) -> Self {
+        Self {
+            db,
+            default_max_attempts,
+            capped: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn default_max_attempts(&self) -> i32 {
+        self.default_max_attempts
+    }
+
+    async fn row(&self, task_type: &str) -> TaskResult<Option<TaskTypePolicy>> {
+        Ok(self
+            .db
+            .query_one_raw(
+                self.db
+                    .get_database_backend()
+                    .build(&TaskTypes::find_by_id(task_type.to_owned()).into_query()),
+            )
+            .await?
+            .map(|row| TaskTypePolicy::from_query_result(&row, ""))
+            .transpose()?)
+    }
+
+    /// The policy `task_type` has now.
+    pub async fn policy(&self, task_type: &str) -> TaskResult<Policy> {
+        Ok(Policy::of(
+            self.row(task_type).await?.as_ref(),
+            self.default_max_attempts,
+        ))
+    }
+
+    /// Sets what `change` gives of `task_type`'s policy; the rest stays.
+    pub async fn set_policy(&self, task_type: &str, change: &PolicyChange) -> TaskResult<Policy> {
+        validate::task_type(task_type)?;
+        let stored = self.row(task_type).await?;
+        let current = Policy::of(stored.as_ref(), self.default_max_attempts);
+        let row = apply(
+            &current,
+            stored.as_ref().and_then(|row| row.max_attempts),
+            change,
+        )?;
+        let model = PolicyRow {
+            task_type: Set(task_type.to_owned()),
+            max_attempts: Set(row.max_attempts),
+            backoff_initial_seconds: Set(row.backoff.initial_seconds),
+            backoff_factor: Set(row.backoff.factor),
+            backoff_max_seconds: Set(row.backoff.max_seconds),
+            backoff_jitter: Set(row.backoff.jitter),
+            concurrency: Set(row.concurrency),
+            paused: Set(row.paused),
+            updated_at: Set(super::sea::now()),
+        };
+        // Two changes racing each write their whole row: the last wins.
+        let upsert = TaskTypes::insert(model)
+            .on_conflict(
+                OnConflict::column(PolicyColumn::TaskType)
+                    .update_columns([
+                        PolicyColumn::MaxAttempts,
+                        PolicyColumn::BackoffInitialSeconds,
+                        PolicyColumn::BackoffFactor,
+                        PolicyColumn::BackoffMaxSeconds,
+                        PolicyColumn::BackoffJitter,
+                        PolicyColumn::Concurrency,
+                        PolicyColumn::Paused,
+                        PolicyColumn::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .into_query();
+        self.db
+            .execute_raw(self.db.get_database_backend().build(&upsert))
+            .await?;
+        *self.capped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.policy(task_type).await
+    }
+
+    /// Every type with a policy or with tasks, by name, with its counts.
+    pub async fn task_types(&self, counts: Vec<(String, i64, i64)>) -> TaskResult<Vec<TaskType>> {
+        let select = TaskTypes::find()
+            .order_by_asc(PolicyColumn::TaskType)
+            .into_query();
+        let rows = self
+            .db
+            .query_all_raw(self.db.get_database_backend().build(&select))
+            .await?
+            .iter()
+            .map(|row| TaskTypePolicy::from_query_result(row, ""))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut types: std::collections::BTreeMap<String, TaskType> = rows
+            .iter()
+            .map(|row| {
+                let policy = Policy::of(Some(row), self.default_max_attempts);
+                (
+                    row.task_type.clone(),
+                    TaskType {
+                        task_type: row.task_type.clone(),
+                        policy,
+                        pending: 0,
+                        processing: 0,
+                    },
+                )
+            })
+            .collect();
+        for (task_type, pending, processing) in counts {
+            let entry = types.entry(task_type.clone()).or_insert_with(|| TaskType {
+                task_type,
+                policy: Policy::of(None, self.default_max_attempts),
+                pending: 0,
+                processing: 0,
+            });
+            entry.pending = pending;
+            entry.processing = processing;
+        }
+        Ok(types.into_values().collect())
+    }
+
+    /// The capped types, as read at most a second ago.
+    pub async fn capped(&self) -> TaskResult<Arc<Vec<String>>> {
+        if let Some((read_at, capped)) = &*self.capped.lock().unwrap_or_else(|e| e.into_inner())
+            && read_at.elapsed() < CAPPED_FRESH_FOR
+        {
+            return Ok(capped.clone());
+        }
+        let mut select = Query::select();
+        select
+            .column(PolicyColumn::TaskType)
+            .from(TaskTypes)
+            .and_where(Expr::col(PolicyColumn::Concurrency).is_not_null());
+        let capped: Vec<String> = self
+            .db
+            .query_all_raw(self.db.get_database_backend().build(&select))
+            .await?
+            .iter()
+            .map(|row| row.try_get_by_index::<String>(0))
+            .collect::<Result<_, _>>()?;
+        let capped = Arc::new(capped);
+        *self.capped.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), capped.clone()));
+        Ok(capped)
+    }
+}
+
+use sea_orm::FromQueryResult;
+
+/// Locks the policy rows of `types` that have a cap, in name order, until
+/// the transaction ends; returns the types it locked (PostgreSQL).
+pub fn lock_capped(types: &[String]) -> SelectStatement {
+    let mut select = Query::select();
+    select
+        .column(PolicyColumn::TaskType)
+        .from(TaskTypes)
+        .and_where(Expr::col(PolicyColumn::Concurrency).is_not_null())
+        .and_where(Expr::col(PolicyColumn::TaskType).is_in(types.iter().cloned()))
+        .order_by(PolicyColumn::TaskType, Order::Asc)
+        .lock(LockType::Update);
+    select
+}
+
+/// Which capped types a claim may take, after counting what they run.
+pub enum Caps<'a> {
+    /// Every capped type, counted in the statement (SQLite: one writer).
+    Counted,
+    /// Only these, whose policy rows the claim's transaction has locked;
+    /// other capped types are skipped.
+    Locked(&'a [String]),
+}
+
+/// The claim: the first runnable task in claim order (of `types`, or any
+/// when empty) becomes PROCESSING under `worker_id`'s lease until `until`.
+///
+/// Runnable: PENDING, `run_at` passed, its type not paused and under its
+/// cap. Order: priority (highest first), then turn (`fair_rank`), then
+/// `run_at`, then id.
+pub fn claim(
+    types: &[String],
+    caps: Caps<'_>,
+    at: DateTime<Utc>,
+    worker_id: &str,
+    until: DateTime<Utc>,
+) -> UpdateStatement {
+    let running = Alias::new("running");
+    let mut count = Query::select();
+    count
+        .expr(Expr::col(Asterisk).count())
+        .from_as(Tasks, running.clone())
+        .and_where(
+            Expr::col((running.clone(), Column::TaskType))
+                .equals((TaskTypes, PolicyColumn::TaskType)),
+        )
+        .and_where(Expr::col((running, Column::Status)).eq(TaskStatus::Processing.as_str()));
+    let at_cap = Expr::col(PolicyColumn::Concurrency).lte(Expr::SubQuery(
+        None,
+        Box::new(count.into_sub_query_statement()),
+    ));
+    let capped = Expr::col(PolicyColumn::Concurrency).is_not_null();
+    let over = match caps {
+        Caps::Counted => capped.and(at_cap),
+        Caps::Locked(locked) => capped.and(
+            Expr::col(PolicyColumn::TaskType)
+                .is_not_in(locked.iter().cloned())
+                .or(at_cap),
+        ),
+    };
+    let mut blocked = Query::select();
+    blocked
+        .column(PolicyColumn::TaskType)
+        .from(TaskTypes)
+        .cond_where(
+            Condition::any()
+                .add(Expr::col(PolicyColumn::Paused).eq(true))
+                .add(over),
+        );
+
+    // On PostgreSQL, SKIP LOCKED lets concurrent claimers pass each other
+    // instead of queueing on one row.
+    let mut first = Query::select();
+    first
+        .column(Column::Id)
+        .from(Tasks)
+        .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
+        .and_where(Expr::col(Column::RunAt).lte(at))
+        .and_where(Expr::col(Column::TaskType).not_in_subquery(blocked))
+        .order_by(Column::Priority, Order::Desc)
+        .order_by(Column::FairRank, Order::Asc)
+        .order_by(Column::RunAt, Order::Asc)
+        .order_by(Column::Id, Order::Asc)
+        .limit(1)
+        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    if !types.is_empty() {
+        first.and_where(Expr::col(Column::TaskType).is_in(types.iter().cloned()));
+    }
+    // `id = (subquery)`, not `id IN (subquery)`: PostgreSQL runs a scalar
+    // subquery once, but may rescan an IN subquery per row, and each rescan
+    // skips the rows this statement already locked and takes the next one:
+    // one claim would take every pending task.
+    let mut stmt = Query::update();
+    stmt.table(Tasks)
+        .and_where(Expr::col(Column::Id).eq(first))
+        .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
+        .value(Column::Status, TaskStatus::Processing.as_str())
+        .value(Column::Attempts, Expr::col(Column::Attempts).add(1))
+        .value(Column::WorkerId, worker_id)
+        .value(Column::LeaseExpiresAt, until)
+        .value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at));
+    stmt
+}
+
+/// The turn a new pending task of `user_id` takes, `offset` turns after
+/// the first it could take (for the owner's later creates in one batch):
+/// one past the owner's last pending turn, or the turn being served when
+/// the owner has nothing pending, whichever is later.
+pub fn next_turn(user_id: &str, offset: i64) -> Expr {
+    let mut last = Query::select();
+    last.expr(Expr::col(Column::FairRank).max().add(1))
+        .from(Tasks)
+        .and_where(Expr::col(Column::UserId).eq(user_id))
+        .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()));
+    let mut served = Query::select();
+    served
+        .column(Column::FairRank)
+        .from(Tasks)
+        .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
+        .order_by(Column::Priority, Order::Desc)
+        .order_by(Column::FairRank, Order::Asc)
+        .limit(1);
+    let sub = |select: &SelectStatement| {
+        Expr::SubQuery(None, Box::new(select.clone().into_sub_query_statement()))
+    };
+    // The later of the two; either alone when the other is null (SQLite's
+    // max() of a null is null, PostgreSQL's GREATEST skips it: neither is
+    // used).
+    let later = Expr::case(sub(&last).gt(sub(&served)), sub(&last)).finally(sub(&served));
+    Expr::expr(later).if_null(sub(&last)).if_null(0).add(offset)
+}
+
+/// The attempts a new task of `task_type` gets: its own when given, else
+/// its type's policy, else `default`.
+pub fn max_attempts_of(task_type: &str, own: Option<i32>, default: i32) -> Expr {
+    match own {
+        Some(max) => Expr::val(max),
+        None => {
+            let mut policy = Query::select();
+            policy
+                .column(PolicyColumn::MaxAttempts)
+                .from(TaskTypes)
+                .and_where(Expr::col(PolicyColumn::TaskType).eq(task_type));
+            Expr::SubQuery(None, Box::new(policy.into_sub_query_statement())).if_null(default)
+        }
+    }
+}
