@@ -90,7 +90,7 @@ pub struct Settings {
         global = true
     )]
     pub service_role: String,
-    /// Claims before a task whose leases keep expiring fails.
+    /// Attempts a task gets when neither its create nor its type's policy says.
     #[arg(long, env = "TASKQL_MAX_ATTEMPTS", default_value = "3", global = true)]
     pub max_attempts: String,
     /// Delete finished tasks older than this (e.g. 30d); off when unset.

@@ -794,3 +794,101 @@ async fn an_idempotent_create_racing_a_delete_never_fails_internally() {
     }
     assert!(created > 0);
 }
+
+/// A database made before the queue columns existed: its tasks get them
+/// (runnable since their creation, priority 0, three attempts, first
+/// turn), filling them logs no change, and the tasks claim and log as
+/// new ones do.
+#[tokio::test]
+async fn tasks_from_before_the_queue_columns_are_upgraded_in_place() {
+    use migration::MigratorTrait;
+    let test = TestDb::new().await;
+    let db = taskql::db::connect(&test.url, 4).await.expect("connect");
+    migration::Migrator::up(&db, Some(4))
+        .await
+        .expect("first four migrations");
+    let backend = db.get_database_backend();
+    let (one, two) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let created = chrono::DateTime::parse_from_rfc3339("2026-11-30T10:00:00.123456Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    for (id, status) in [(one, "pending"), (two, "failed")] {
+        db.execute_raw(Statement::from_sql_and_values(
+            backend,
+            if test.is_postgres {
+                "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, created_at, updated_at, version) \
+                 VALUES ($1, 'alice', 'old', $2, '{}', 1, $3, $3, 1)"
+            } else {
+                "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, created_at, updated_at, version) \
+                 VALUES (?, 'alice', 'old', ?, '{}', 1, ?, ?, 1)"
+            },
+            if test.is_postgres {
+                vec![id.into(), status.into(), created.into()]
+            } else {
+                vec![id.into(), status.into(), created.into(), created.into()]
+            },
+        ))
+        .await
+        .expect("insert an old row");
+    }
+    let events = |db: &sea_orm::DatabaseConnection| {
+        let db = db.clone();
+        async move {
+            if test_is_postgres(&db) {
+                // Changes reach the log through task_changes.
+                db.query_one_raw(Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT task_events_take_changes() AS head",
+                ))
+                .await
+                .unwrap();
+            }
+            let row = db
+                .query_one_raw(Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT COUNT(*) AS n FROM task_events",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "n").unwrap()
+        }
+    };
+    let logged_before = events(&db).await;
+    taskql::db::migrate(&db).await.expect("the rest");
+    assert_eq!(
+        events(&db).await,
+        logged_before,
+        "filling the new columns is not a change of the tasks"
+    );
+    db.close().await.unwrap();
+
+    let (service, _db) = test.service().await;
+    let upgraded = service.get_task(one, &alice()).await.unwrap();
+    assert_eq!(upgraded.run_at, created);
+    assert_eq!(upgraded.priority, 0);
+    assert_eq!(upgraded.max_attempts, 3);
+    assert_eq!(upgraded.attempts, 1);
+    let claimed = service
+        .claim_task(&as_worker(), Default::default())
+        .await
+        .unwrap()
+        .expect("the old pending task is runnable");
+    assert_eq!(claimed.id, one);
+    assert_eq!(claimed.attempts, 2, "attempts carry on from the old row");
+    let retried = service.retry_task(two, &alice()).await.unwrap();
+    assert_eq!(retried.status, TaskStatus::Pending);
+    assert_eq!(retried.attempts, 1, "a retry keeps the fencing number");
+
+    // And back down, then up again.
+    let db = taskql::db::connect(&test.url, 4).await.expect("connect");
+    migration::Migrator::down(&db, Some(1))
+        .await
+        .expect("down one");
+    taskql::db::migrate(&db).await.expect("up again");
+    db.close().await.unwrap();
+}
+
+fn test_is_postgres(db: &sea_orm::DatabaseConnection) -> bool {
+    db.get_database_backend() == sea_orm::DatabaseBackend::Postgres
+}

@@ -474,26 +474,21 @@ impl SeaTaskService {
             let Some(task) = self.find(update.task_id).await? else {
                 return Err(TaskError::NotFound);
             };
-            let fenced = update.expected_attempt.is_some();
-            let holds = match task.status {
-                TaskStatus::Processing => true,
-                // A fenced report is from the worker that held the attempt:
-                // if the task is PENDING, it was already backed off (an
-                // exact repeat) or its lease expired.
-                TaskStatus::Pending => !fenced,
-                _ => false,
-            };
-            if update.expected_attempt.is_some_and(|n| n != task.attempts) {
+            if !matches!(task.status, TaskStatus::Pending | TaskStatus::Processing)
+                || update.expected_attempt.is_some_and(|n| n != task.attempts)
+            {
                 return Ok(None);
             }
-            if !holds {
-                let repeat = task.status == TaskStatus::Pending
-                    && (error_message.is_none() || error_message == task.error_message.as_deref());
-                return if fenced && repeat {
-                    Ok(Some(task))
-                } else {
-                    Ok(None)
-                };
+            // A fenced report on a PENDING task of the same attempt: either
+            // its exact repeat (the task was already backed off), or its
+            // lease expired before the worker reported; then the failure
+            // still counts, and backs the task off.
+            if update.expected_attempt.is_some()
+                && task.status == TaskStatus::Pending
+                && task.error_message.is_some()
+                && (error_message.is_none() || error_message == task.error_message.as_deref())
+            {
+                return Ok(Some(task));
             }
             let used = task.attempts - task.retry_base;
             if used >= task.max_attempts {
@@ -557,8 +552,16 @@ impl SeaTaskService {
         if let Some(result_id) = &update.result_id {
             stmt.value(Column::ResultId, result_id.as_str());
         }
-        if let Some(message) = error_message {
-            stmt.value(Column::ErrorMessage, message);
+        match (error_message, to) {
+            (Some(message), _) => {
+                stmt.value(Column::ErrorMessage, message);
+            }
+            // The error of an earlier attempt that backed off is history
+            // once the task succeeds.
+            (None, TaskStatus::Completed) => {
+                stmt.value(Column::ErrorMessage, Option::<String>::None);
+            }
+            _ => {}
         }
         match (update.progress, to) {
             (Some(p), _) => {
