@@ -9,8 +9,10 @@
 //! (the lowest pending rank of the highest priority). Claims take the
 //! lowest rank first within a priority, so an owner who queues 30 tasks
 //! and one who queues 1 alternate: the second owner's task is claimed first
-//! or second. The rank is read when the create is written; two creates of
-//! one owner racing on two connections may take the same turn, which only
+//! or second. The rank is read when the create is written. One instance
+//! writes an owner's creates one statement after the other (one batch
+//! takes consecutive turns), so they read each other's turns; creates of
+//! one owner racing on two instances may take the same turn, which only
 //! orders them by `run_at` instead.
 //!
 //! **The cap.** A claim that may take a capped type counts that type's

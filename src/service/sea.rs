@@ -51,6 +51,8 @@ const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
 const MAX_CREATE_BATCH: usize = 64;
 /// Insert statements of batched creates in flight at once on PostgreSQL:
 /// while one commits (waits for its WAL flush), the next batch executes.
+/// Each owner's creates go to one of them, so an owner's creates are
+/// written one statement after the other and read each other's turns.
 const POSTGRES_INSERTERS: usize = 4;
 /// How many times a create with an idempotency key tries to insert while
 /// the task holding its key keeps being deleted between conflict and read.
@@ -67,8 +69,9 @@ pub struct SeaTaskService {
     watch: Watch,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
-    /// Creates waiting to be inserted (see [`insert_queued`]).
-    creates: mpsc::UnboundedSender<QueuedCreate>,
+    /// Creates waiting to be inserted, one queue per inserter (see
+    /// [`insert_queued`]).
+    creates: Vec<mpsc::UnboundedSender<QueuedCreate>>,
 }
 
 /// Now, at the microsecond precision both databases store.
@@ -264,22 +267,16 @@ struct QueuedCreate {
 }
 
 /// Inserts queued creates, all that are waiting (up to a batch) in one
-/// statement, with at most `INSERTERS` statements in flight (one on SQLite,
-/// which has one writer). A create that finds an inserter idle is inserted
-/// at once, alone; under load, creates gather while the statements before
-/// them commit. It runs apart from the requests, so a client that hangs up
-/// cannot stop a batch that others wait on.
-async fn insert_queued(
-    writer: Writer,
-    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<QueuedCreate>>>,
-) {
+/// statement, one statement at a time; there are `POSTGRES_INSERTERS` of
+/// these (one on SQLite, which has one writer). A create that finds its
+/// inserter idle is inserted at once, alone; under load, creates gather
+/// while the statement before them commits. It runs apart from the
+/// requests, so a client that hangs up cannot stop a batch that others
+/// wait on.
+async fn insert_queued(writer: Writer, mut queue: mpsc::UnboundedReceiver<QueuedCreate>) {
     let mut batch = Vec::with_capacity(MAX_CREATE_BATCH);
     loop {
-        let received = queue
-            .lock()
-            .await
-            .recv_many(&mut batch, MAX_CREATE_BATCH)
-            .await;
+        let received = queue.recv_many(&mut batch, MAX_CREATE_BATCH).await;
         if received == 0 {
             return;
         }
@@ -308,15 +305,17 @@ impl SeaTaskService {
             log,
             queue: queue.clone(),
         };
-        let (creates, waiting) = mpsc::unbounded_channel();
-        let waiting = Arc::new(tokio::sync::Mutex::new(waiting));
         let inserters = match writer.db.backend() {
             Backend::Postgres => POSTGRES_INSERTERS,
             Backend::Sqlite => 1,
         };
-        for _ in 0..inserters {
-            tokio::spawn(insert_queued(writer.clone(), waiting.clone()));
-        }
+        let creates = (0..inserters)
+            .map(|_| {
+                let (creates, waiting) = mpsc::unbounded_channel();
+                tokio::spawn(insert_queued(writer.clone(), waiting));
+                creates
+            })
+            .collect();
         Self {
             writer,
             watch,
@@ -324,6 +323,13 @@ impl SeaTaskService {
             creates,
             metrics,
         }
+    }
+
+    /// The queue of the inserter that writes `owner`'s creates.
+    fn inserter_of(&self, owner: &str) -> &mpsc::UnboundedSender<QueuedCreate> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(owner);
+        &self.creates[hash as usize % self.creates.len()]
     }
 
     /// The change log and this instance's reader of it.
@@ -636,7 +642,7 @@ impl TaskService for SeaTaskService {
             let id = *model.id.as_ref();
             let (reply, inserted) = oneshot::channel();
             let stopped = || TaskError::Internal("the insert queue stopped".into());
-            self.creates
+            self.inserter_of(&user.id)
                 .send(QueuedCreate {
                     model,
                     max_attempts: new.max_attempts,
