@@ -5,8 +5,8 @@
 //!
 //! **Turns.** Each pending task has a `fair_rank`, its turn among its
 //! owner's pending tasks: a create takes one past the owner's last pending
-//! turn, or, for an owner with nothing pending, the turn now being served
-//! (the lowest pending rank of the highest priority). Claims take the
+//! turn, or the turn now being served at its priority (the lowest pending
+//! rank there), whichever is later. Claims take the
 //! lowest rank first within a priority, so an owner who queues 30 tasks
 //! and one who queues 1 alternate: the second owner's task is claimed first
 //! or second. The rank is read when the create is written. One instance
@@ -491,11 +491,11 @@ pub fn claim(
     stmt
 }
 
-/// The turn a new pending task of `user_id` takes, `offset` turns after
-/// the first it could take (for the owner's later creates in one batch):
-/// one past the owner's last pending turn, or the turn being served when
-/// the owner has nothing pending, whichever is later.
-pub fn next_turn(user_id: &str, offset: i64) -> Expr {
+/// The turn a new pending task of `user_id` at `priority` takes, `offset`
+/// turns after the first it could take (for the owner's later creates in
+/// one batch): one past the owner's last pending turn, or the turn being
+/// served at its priority, whichever is later.
+pub fn next_turn(user_id: &str, priority: i32, offset: i64) -> Expr {
     let mut last = Query::select();
     last.expr(Expr::col(Column::FairRank).max().add(1))
         .from(Tasks)
@@ -506,7 +506,7 @@ pub fn next_turn(user_id: &str, offset: i64) -> Expr {
         .column(Column::FairRank)
         .from(Tasks)
         .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
-        .order_by(Column::Priority, Order::Desc)
+        .and_where(Expr::col(Column::Priority).eq(priority))
         .order_by(Column::FairRank, Order::Asc)
         .limit(1);
     let sub = |select: &SelectStatement| {

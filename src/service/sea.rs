@@ -130,6 +130,22 @@ fn stamp_change(update: &mut UpdateStatement, at: DateTime<Utc>) {
         .value(Column::UpdatedAt, at);
 }
 
+/// Whether the task's attempt may still be reported on: it is PROCESSING,
+/// or it went back to PENDING after a claim (an expired lease, a backoff),
+/// or it was never claimed (attempt 0, which no claim hands out).
+/// `retryTask` ends the attempt (`retry_base` catches up with `attempts`).
+fn attempt_is_open() -> Expr {
+    Expr::col(Column::Status)
+        .eq(TaskStatus::Processing.as_str())
+        .or(Expr::col(Column::RetryBase).lt(Expr::col(Column::Attempts)))
+        .or(Expr::col(Column::Attempts).eq(0))
+}
+
+/// Whether `retryTask` ended the attempt of a task read (see [`attempt_is_open`]).
+fn attempt_ended_by_retry(task: &Task) -> bool {
+    task.status == TaskStatus::Pending && task.attempts > 0 && task.retry_base >= task.attempts
+}
+
 /// `update` with its change stamped (see [`stamp_change`]).
 fn stamped(mut update: UpdateStatement, at: DateTime<Utc>) -> UpdateStatement {
     stamp_change(&mut update, at);
@@ -208,7 +224,9 @@ impl Writer {
             *later += 1;
             let task_type = create.model.task_type.as_ref();
             let row = Column::iter().map(|column| match column {
-                Column::FairRank => queue::next_turn(user_id, offset),
+                Column::FairRank => {
+                    queue::next_turn(user_id, *create.model.priority.as_ref(), offset)
+                }
                 Column::MaxAttempts => queue::max_attempts_of(
                     task_type,
                     create.max_attempts,
@@ -480,8 +498,10 @@ impl SeaTaskService {
             let Some(task) = self.find(update.task_id).await? else {
                 return Err(TaskError::NotFound);
             };
+            let fenced = update.expected_attempt.is_some();
             if !matches!(task.status, TaskStatus::Pending | TaskStatus::Processing)
                 || update.expected_attempt.is_some_and(|n| n != task.attempts)
+                || (fenced && attempt_ended_by_retry(&task))
             {
                 return Ok(None);
             }
@@ -489,7 +509,7 @@ impl SeaTaskService {
             // its exact repeat (the task was already backed off), or its
             // lease expired before the worker reported; then the failure
             // still counts, and backs the task off.
-            if update.expected_attempt.is_some()
+            if fenced
                 && task.status == TaskStatus::Pending
                 && task.error_message.is_some()
                 && (error_message.is_none() || error_message == task.error_message.as_deref())
@@ -506,6 +526,9 @@ impl SeaTaskService {
                 .delay(Ord::max(used, 1), rand::rng().random::<f64>());
             let at = now();
             let run_at = at + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+            // Stored at the precision the databases keep.
+            let run_at =
+                DateTime::from_timestamp_micros(run_at.timestamp_micros()).unwrap_or(run_at);
             let mut stmt = self.update_of(task.id);
             stmt.value(Column::Status, TaskStatus::Pending.as_str())
                 .value(Column::RunAt, run_at)
@@ -553,7 +576,8 @@ impl SeaTaskService {
             };
         stmt.and_where(Expr::col(Column::Status).is_in(statuses(from)));
         if let Some(expected) = update.expected_attempt {
-            stmt.and_where(Expr::col(Column::Attempts).eq(expected));
+            stmt.and_where(Expr::col(Column::Attempts).eq(expected))
+                .and_where(attempt_is_open());
         }
         if let Some(result_id) = &update.result_id {
             stmt.value(Column::ResultId, result_id.as_str());
@@ -684,10 +708,11 @@ impl TaskService for SeaTaskService {
                 "a task cannot be set back to PENDING; only an expired lease returns it there",
             ));
         }
-        if update.retryable && to == TaskStatus::Failed {
-            if let Some(task) = self.back_off(&update, error_message.as_deref()).await? {
-                return Ok(task);
-            }
+        if update.retryable
+            && to == TaskStatus::Failed
+            && let Some(task) = self.back_off(&update, error_message.as_deref()).await?
+        {
+            return Ok(task);
         }
         let stmt = self.status_change(&update, error_message.as_deref(), now());
         if let Some(task) = self.update_rows(stmt).await?.pop() {
@@ -712,6 +737,13 @@ impl TaskService for SeaTaskService {
             return Err(TaskError::conflict(format!(
                 "expectedAttempt {expected} is stale: the task is on attempt {}",
                 task.attempts
+            )));
+        }
+        if let Some(expected) = update.expected_attempt
+            && attempt_ended_by_retry(&task)
+        {
+            return Err(TaskError::conflict(format!(
+                "attempt {expected} ended when the task was retried; stop working on it"
             )));
         }
         if let Some(expected) = update.expected_attempt
