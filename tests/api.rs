@@ -900,3 +900,123 @@ async fn graphql_over_http_negotiates_and_refuses_what_it_should() {
     let response = get(&[]).await.unwrap();
     assert_eq!(response.status(), 400);
 }
+
+/// JSON text is UTF-8 throughout: invalid bytes anywhere in a body are a 400,
+/// even in parts taskql ignores; valid non-ASCII text goes through intact.
+#[tokio::test]
+async fn a_body_with_invalid_utf8_anywhere_is_a_400() {
+    let app = spawn_app().await;
+    let url = format!("{}/graphql", app.base);
+    let token = app.user_token("alice");
+    let post = |body: Vec<u8>, accept: &'static str| {
+        app.http
+            .post(&url)
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .body(body)
+            .send()
+    };
+    let query = "{ tasks { nodes { id } } }";
+    // `@` marks where the bad bytes go.
+    let places = [
+        (
+            "the query",
+            r#"{"query": "{ tasks { nodes { id } } } # @"}"#,
+        ),
+        (
+            "a variable",
+            r#"{"query": "{ tasks { nodes { id } } }", "variables": {"note": "@"}}"#,
+        ),
+        (
+            "a variable's name",
+            r#"{"query": "{ tasks { nodes { id } } }", "variables": {"@": 1}}"#,
+        ),
+        (
+            "the extensions",
+            r#"{"query": "{ tasks { nodes { id } } }", "extensions": {"trace": "@"}}"#,
+        ),
+        (
+            "the operation name",
+            r#"{"query": "query A { tasks { nodes { id } } }", "operationName": "A@"}"#,
+        ),
+        (
+            "deep in an unknown field",
+            r#"{"query": "{ tasks { nodes { id } } }", "x": {"y": [1, {"z": "@"}]}}"#,
+        ),
+        (
+            "an unknown field",
+            r#"{"query": "{ tasks { nodes { id } } }", "clientInfo": "@"}"#,
+        ),
+        (
+            "an unknown field's name",
+            r#"{"query": "{ tasks { nodes { id } } }", "@": true}"#,
+        ),
+        (
+            "a batch",
+            r#"[{"query": "{ tasks { nodes { id } } }"}, {"query": "{ tasks { nodes { id } } }", "extensions": {"a": "@"}}]"#,
+        ),
+    ];
+    let bad_bytes: [(&str, &[u8]); 5] = [
+        ("a lone 0xFF", b"\xff"),
+        ("a bad continuation", b"\xc3\x28"),
+        ("an overlong slash", b"\xc0\xaf"),
+        ("a surrogate", b"\xed\xa0\x80"),
+        ("a cut-off euro sign", b"\xe2\x82"),
+    ];
+    let mut accepted = Vec::new();
+    for (place, template) in places {
+        let (before, after) = template.split_once('@').expect("a marker");
+        for (what, bad) in bad_bytes {
+            let body = [before.as_bytes(), bad, after.as_bytes()].concat();
+            for accept in ["application/graphql-response+json", "application/json"] {
+                let response = post(body.clone(), accept).await.unwrap();
+                let status = response.status();
+                let answer: Value = response.json().await.unwrap();
+                let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
+                if status != 400
+                    || answer.get("data").is_some()
+                    || error_code(&answer) != Some("BAD_REQUEST")
+                    || !message.contains("UTF-8")
+                {
+                    accepted.push(format!("{what} in {place} as {accept}: {status} {answer}"));
+                }
+            }
+        }
+        // The same body with "é" is JSON (an operation named "Aé" is then
+        // not found, which is GraphQL's business, not a bad body).
+        let body = [before, "é", after].concat();
+        let response = post(body.into_bytes(), "application/json").await.unwrap();
+        assert_eq!(response.status(), 200, "é in {place}");
+        let answer: Value = response.json().await.unwrap();
+        assert_ne!(error_code(&answer), Some("BAD_REQUEST"), "{answer}");
+    }
+
+    assert!(
+        accepted.is_empty(),
+        "not a 400 BAD_REQUEST that says UTF-8:\n{}",
+        accepted.join("\n")
+    );
+
+    // Non-ASCII text, emoji included, is accepted anywhere; metadata keeps it as sent.
+    let metadata = json!({ "prompt": "un café crème 🦊", "tags": ["日本語", "Ωmega"] });
+    let created = app
+        .create_task(
+            &token,
+            json!({ "type": "x", "metadata": metadata }),
+            "id metadata",
+        )
+        .await;
+    assert_eq!(created["metadata"], metadata);
+    let body = json!({
+        "query": format!("# résumé 🦊\n{query}"),
+        "extensions": { "note": "🐱 é" },
+        "clientName": "appli mobile 📱",
+    });
+    let response = post(body.to_string().into_bytes(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(data(answer)["tasks"]["nodes"][0]["id"], created["id"]);
+}
