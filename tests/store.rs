@@ -791,3 +791,66 @@ async fn an_idempotent_create_racing_a_delete_never_fails_internally() {
     }
     assert!(created > 0);
 }
+
+/// A test's database goes with it even when the test panics while a server
+/// is still connected to it: on PostgreSQL the database is dropped, on
+/// SQLite its file removed.
+#[test]
+fn a_test_database_is_dropped_even_when_its_test_panics() {
+    let (sender, url) = std::sync::mpsc::channel();
+    // A test of its own: a thread running a runtime, as #[tokio::test] does.
+    let failing = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let app = spawn_app().await;
+            app.create_task(
+                &app.user_token("alice"),
+                serde_json::json!({ "type": "x" }),
+                "id",
+            )
+            .await;
+            sender.send(app.database.url.clone()).unwrap();
+            panic!("a test failing while its server is connected");
+        })
+    })
+    .join();
+    assert!(failing.is_err(), "the inner test was meant to panic");
+    let url = url.recv().expect("the inner test made a database");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match std::env::var(PG_ENV) {
+        Ok(base) if !base.is_empty() => {
+            let name = url.rsplit('/').next().unwrap().to_owned();
+            let left = runtime.block_on(async {
+                let admin = taskql::db::connect(&base, 1).await.unwrap();
+                let row = admin
+                    .query_one_raw(Statement::from_sql_and_values(
+                        admin.get_database_backend(),
+                        "SELECT COUNT(*) AS n FROM pg_database WHERE datname = $1",
+                        [name.clone().into()],
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                row.try_get::<i64>("", "n").unwrap()
+            });
+            assert_eq!(left, 0, "database {name} is still there");
+        }
+        _ => {
+            let path = url
+                .strip_prefix("sqlite://")
+                .and_then(|rest| rest.split('?').next())
+                .unwrap();
+            assert!(
+                !std::path::Path::new(path).exists(),
+                "{path} is still there"
+            );
+        }
+    }
+}
