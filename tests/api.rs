@@ -1020,3 +1020,91 @@ async fn a_body_with_invalid_utf8_anywhere_is_a_400() {
     let answer: Value = response.json().await.unwrap();
     assert_eq!(data(answer)["tasks"]["nodes"][0]["id"], created["id"]);
 }
+
+/// A worker looks a result up by its id alone, over every user's tasks, and
+/// that lookup is served by an index of its own rather than a scan.
+#[tokio::test]
+async fn a_worker_finds_any_users_task_by_result_id_through_an_index() {
+    let app = spawn_app().await;
+    let worker = app.worker_token();
+    let mut ids = Vec::new();
+    for user in ["alice", "bob"] {
+        let task = create(&app, &app.user_token(user), "render").await;
+        let id = task["id"].as_str().unwrap().to_owned();
+        let done = set_status(
+            &app,
+            json!({ "id": id, "status": "COMPLETED", "resultId": format!("image-of-{user}") }),
+        )
+        .await;
+        assert_eq!(
+            done["data"]["updateTaskStatus"]["status"], "COMPLETED",
+            "{done}"
+        );
+        ids.push(id);
+    }
+    // Enough other tasks, each with a result id of its own, that a scan
+    // would cost more than the index.
+    let others = (0..400).map(|i| {
+        let user = if i % 2 == 0 { alice() } else { bob() };
+        let service = app.service.clone();
+        async move { new_task(service.as_ref(), &user, "filler").await }
+    });
+    futures::future::join_all(others).await;
+    use sea_orm::{ConnectionTrait, Statement};
+    let backend = app.db.get_database_backend();
+    app.db
+        .execute_raw(Statement::from_string(
+            backend,
+            "UPDATE tasks SET result_id = 'filler-' || id WHERE result_id IS NULL",
+        ))
+        .await
+        .unwrap();
+    app.db.execute_unprepared("ANALYZE").await.unwrap();
+
+    let lookup = "query($r: String!) { taskByResultId(resultId: $r) { id resultId } }";
+    for (user, id) in ["alice", "bob"].into_iter().zip(&ids) {
+        let result_id = format!("image-of-{user}");
+        let found = data(
+            app.gql(Some(&worker), lookup, json!({ "r": result_id }))
+                .await,
+        );
+        assert_eq!(found["taskByResultId"]["id"], id.as_str(), "{user}");
+        assert_eq!(found["taskByResultId"]["resultId"], result_id.as_str());
+    }
+    let none = data(
+        app.gql(Some(&worker), lookup, json!({ "r": "image-of-carol" }))
+            .await,
+    );
+    assert!(none["taskByResultId"].is_null(), "{none}");
+
+    // The statement a worker's lookup runs: no user, the newest first.
+    let select = "SELECT * FROM tasks WHERE result_id = 'image-of-bob' \
+                  ORDER BY created_at DESC, id DESC LIMIT 1";
+    let explain = match backend {
+        sea_orm::DatabaseBackend::Postgres => format!("EXPLAIN {select}"),
+        _ => format!("EXPLAIN QUERY PLAN {select}"),
+    };
+    let plan: Vec<String> = app
+        .db
+        .query_all_raw(Statement::from_string(backend, explain))
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let column = if backend == sea_orm::DatabaseBackend::Postgres {
+                "QUERY PLAN"
+            } else {
+                "detail"
+            };
+            row.try_get::<String>("", column).unwrap()
+        })
+        .collect();
+    let uses_index = plan.iter().any(|line| {
+        line.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|word| word == "tasks_result_idx")
+    });
+    assert!(
+        uses_index,
+        "the lookup does not use tasks_result_idx: {plan:#?}"
+    );
+}

@@ -792,6 +792,32 @@ async fn an_idempotent_create_racing_a_delete_never_fails_internally() {
     assert!(created > 0);
 }
 
+/// The index of a worker's `taskByResultId` comes and goes with its migration.
+#[tokio::test]
+async fn the_result_id_index_migrates_down_and_up_again() {
+    use migration::{Migrator, MigratorTrait};
+    let test = TestDb::new().await;
+    let db = test.connect().await;
+    let find = if test.is_postgres {
+        "SELECT COUNT(*) AS n FROM pg_indexes WHERE indexname = 'tasks_result_idx'"
+    } else {
+        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'index' AND name = 'tasks_result_idx'"
+    };
+    let indexes = async || {
+        db.query_one_raw(Statement::from_string(db.get_database_backend(), find))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap()
+    };
+    assert_eq!(indexes().await, 1, "migrated");
+    Migrator::down(&db, Some(1)).await.expect("down");
+    assert_eq!(indexes().await, 0, "after down");
+    Migrator::up(&db, None).await.expect("up again");
+    assert_eq!(indexes().await, 1, "up again");
+}
+
 /// A test's database goes with it even when the test panics while a server
 /// is still connected to it: on PostgreSQL the database is dropped, on
 /// SQLite its file removed.
