@@ -8,8 +8,11 @@
 //! it was left, and pings only one that sat idle for [`PING_AFTER_IDLE`]. It
 //! never reuses a connection whose statement failed at the connection level
 //! or was cancelled midway; it closes it. And every wait is bounded: getting
-//! a connection (`acquire_timeout`), and each statement (`statement_timeout`,
-//! enforced by PostgreSQL and, for a server that stopped answering, here).
+//! a connection (`acquire_timeout`), each statement (`statement_timeout`,
+//! enforced by PostgreSQL), and each call as a whole, here: a connection and
+//! its statement within `acquire_timeout + statement_timeout`. In a network
+//! partition packets vanish, the server's timeout never reaches taskql and
+//! TCP may wait indefinitely; only this side's deadline ends the wait.
 //!
 //! SeaORM's entity API runs on `Db` through `ConnectionTrait`, so the
 //! service builds its statements with SeaORM as before.
@@ -30,6 +33,9 @@ use sea_orm::{
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The moment a database call is given up.
+type Deadline = tokio::time::Instant;
 
 /// The database a `DATABASE_URL` names, decided once from its scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,10 +72,6 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(30);
 /// Prepared statements each connection keeps (a batched create of n rows is
 /// a statement of its own).
 const STATEMENT_CACHE: usize = 300;
-/// How much longer than `statement_timeout` a statement may take before this
-/// side gives up on the connection (the server's own timeout fires first
-/// unless the server or the network stopped answering).
-const CLIENT_GRACE: Duration = Duration::from_secs(2);
 
 /// How the service's connections behave.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +81,18 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
     /// Longest a statement may run.
     pub statement_timeout: Duration,
+}
+
+impl PoolSettings {
+    /// The longest one database call takes on this side: getting a
+    /// connection, then its statement (in a transaction, `BEGIN`, each
+    /// statement and `COMMIT` are calls of their own). Past it the call fails
+    /// with SERVICE_UNAVAILABLE and its connection is closed. What the wait
+    /// for a connection left of `acquire_timeout` is the statement's grace
+    /// past `statement_timeout`, for the server's own timeout to answer first.
+    pub fn call_limit(&self) -> Duration {
+        self.acquire_timeout + self.statement_timeout
+    }
 }
 
 impl Default for PoolSettings {
@@ -289,19 +303,20 @@ impl Drop for Pooled {
 }
 
 impl Pooled {
-    /// Runs one database call on this connection, bounded in time. The
-    /// connection is taken out for the call, so a call dropped midway (its
-    /// request went away) takes the half-read connection with it.
+    /// Runs one database call on this connection, given up at `deadline`.
+    /// The connection is taken out for the call, so a call dropped midway
+    /// (its request went away, or the deadline passed) takes the half-read
+    /// connection with it.
     async fn run<T>(
         &mut self,
         what: &str,
+        deadline: Deadline,
         call: impl AsyncFnOnce(&mut Conn) -> Result<T, sqlx::Error>,
     ) -> Result<T, sqlx::Error> {
-        let limit = self.pool.settings.statement_timeout + CLIENT_GRACE;
         let Some(mut conn) = self.conn.take() else {
             return Err(sqlx::Error::PoolClosed);
         };
-        let outcome = match tokio::time::timeout(limit, call(&mut conn)).await {
+        let outcome = match tokio::time::timeout_at(deadline, call(&mut conn)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(timed_out(what)),
         };
@@ -321,24 +336,61 @@ impl Pooled {
         self.conn.is_some()
     }
 
+    /// Runs a query, given up after [`PoolSettings::call_limit`].
     pub async fn fetch_all(
         &mut self,
         sql: &str,
         values: Values,
     ) -> Result<Vec<QueryResult>, DbErr> {
-        self.run("a query", async |conn| conn.fetch_all(sql, values).await)
-            .await
-            .map_err(|e| sqlx_err(DbErr::Query, e))
+        let deadline = self.pool.call_deadline();
+        self.fetch_all_by(sql, values, deadline).await
     }
 
+    /// Runs a statement, given up after [`PoolSettings::call_limit`].
     pub async fn execute(&mut self, sql: &str, values: Values) -> Result<ExecResult, DbErr> {
-        self.run("a statement", async |conn| conn.execute(sql, values).await)
-            .await
-            .map_err(|e| sqlx_err(DbErr::Exec, e))
+        let deadline = self.pool.call_deadline();
+        self.execute_by(sql, values, deadline).await
     }
 
+    /// Runs statements without parameters, given up after
+    /// [`PoolSettings::call_limit`].
     pub async fn execute_unprepared(&mut self, sql: &str) -> Result<ExecResult, DbErr> {
-        self.run("a statement", async |conn| {
+        let deadline = self.pool.call_deadline();
+        self.execute_unprepared_by(sql, deadline).await
+    }
+
+    async fn fetch_all_by(
+        &mut self,
+        sql: &str,
+        values: Values,
+        deadline: Deadline,
+    ) -> Result<Vec<QueryResult>, DbErr> {
+        self.run("a query", deadline, async |conn| {
+            conn.fetch_all(sql, values).await
+        })
+        .await
+        .map_err(|e| sqlx_err(DbErr::Query, e))
+    }
+
+    async fn execute_by(
+        &mut self,
+        sql: &str,
+        values: Values,
+        deadline: Deadline,
+    ) -> Result<ExecResult, DbErr> {
+        self.run("a statement", deadline, async |conn| {
+            conn.execute(sql, values).await
+        })
+        .await
+        .map_err(|e| sqlx_err(DbErr::Exec, e))
+    }
+
+    async fn execute_unprepared_by(
+        &mut self,
+        sql: &str,
+        deadline: Deadline,
+    ) -> Result<ExecResult, DbErr> {
+        self.run("a statement", deadline, async |conn| {
             conn.execute_unprepared(sql).await
         })
         .await
@@ -347,6 +399,11 @@ impl Pooled {
 }
 
 impl Pool {
+    /// When a call starting now must have ended.
+    fn call_deadline(&self) -> Deadline {
+        Deadline::now() + self.settings.call_limit()
+    }
+
     fn discard_idle(&self) {
         let dropped = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
         self.open.fetch_sub(dropped.len(), Ordering::Relaxed);
@@ -561,7 +618,9 @@ impl Db {
         let started = Instant::now();
         let mut conn = self.acquire_within(limit).await?;
         let left = limit.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, conn.run("a ping", async |c| c.ping().await)).await {
+        let deadline = self.pool.call_deadline();
+        let ping = conn.run("a ping", deadline, async |c| c.ping().await);
+        match tokio::time::timeout(left, ping).await {
             Ok(outcome) => outcome.map_err(|e| sqlx_err(DbErr::Conn, e)),
             Err(_) => Err(sqlx_err(DbErr::Conn, timed_out("a ping"))),
         }
@@ -569,8 +628,9 @@ impl Db {
 
     /// Starts a transaction on one connection; it rolls back unless committed.
     pub async fn begin(&self) -> Result<DbTransaction, DbErr> {
+        let deadline = self.pool.call_deadline();
         let mut conn = self.acquire().await?;
-        conn.execute_unprepared("BEGIN").await?;
+        conn.execute_unprepared_by("BEGIN", deadline).await?;
         conn.reusable = false;
         Ok(DbTransaction {
             backend: self.pool.backend,
@@ -581,17 +641,22 @@ impl Db {
     async fn query(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
         let Statement { sql, values, .. } = stmt;
         let values = values.unwrap_or(Values(Vec::new()));
+        let deadline = self.pool.call_deadline();
         let mut conn = self.acquire().await?;
         // A read on a connection that turns out to be dead (the database
-        // restarted) is tried once more on a fresh one: reading twice is harmless.
+        // restarted) is tried once more on a fresh one, within the same
+        // deadline: reading twice is harmless, waiting twice as long is not.
         let is_read = sql.trim_start().starts_with("SELECT");
         let retry = is_read.then(|| values.clone());
-        match conn.fetch_all(&sql, values).await {
-            Err(err) if !conn.is_alive() && retry.is_some() => {
+        match conn.fetch_all_by(&sql, values, deadline).await {
+            Err(err) if !conn.is_alive() && retry.is_some() && Deadline::now() < deadline => {
                 drop(conn);
                 tracing::debug!(error = %err, "a read failed on a stale connection; trying a fresh one");
-                let mut conn = self.acquire().await?;
-                conn.fetch_all(&sql, retry.unwrap_or(Values(Vec::new())))
+                let left = deadline.saturating_duration_since(Deadline::now());
+                let mut conn = self
+                    .acquire_within(left.min(self.pool.settings.acquire_timeout))
+                    .await?;
+                conn.fetch_all_by(&sql, retry.unwrap_or(Values(Vec::new())), deadline)
                     .await
             }
             outcome => outcome,
@@ -607,11 +672,15 @@ impl ConnectionTrait for Db {
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
         let values = stmt.values.unwrap_or(Values(Vec::new()));
-        self.acquire().await?.execute(&stmt.sql, values).await
+        let deadline = self.pool.call_deadline();
+        let mut conn = self.acquire().await?;
+        conn.execute_by(&stmt.sql, values, deadline).await
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
-        self.acquire().await?.execute_unprepared(sql).await
+        let deadline = self.pool.call_deadline();
+        let mut conn = self.acquire().await?;
+        conn.execute_unprepared_by(sql, deadline).await
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {

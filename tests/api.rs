@@ -900,3 +900,211 @@ async fn graphql_over_http_negotiates_and_refuses_what_it_should() {
     let response = get(&[]).await.unwrap();
     assert_eq!(response.status(), 400);
 }
+
+/// JSON text is UTF-8 throughout: invalid bytes anywhere in a body are a 400,
+/// even in parts taskql ignores; valid non-ASCII text goes through intact.
+#[tokio::test]
+async fn a_body_with_invalid_utf8_anywhere_is_a_400() {
+    let app = spawn_app().await;
+    let url = format!("{}/graphql", app.base);
+    let token = app.user_token("alice");
+    let post = |body: Vec<u8>, accept: &'static str| {
+        app.http
+            .post(&url)
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .body(body)
+            .send()
+    };
+    let query = "{ tasks { nodes { id } } }";
+    // `@` marks where the bad bytes go.
+    let places = [
+        (
+            "the query",
+            r#"{"query": "{ tasks { nodes { id } } } # @"}"#,
+        ),
+        (
+            "a variable",
+            r#"{"query": "{ tasks { nodes { id } } }", "variables": {"note": "@"}}"#,
+        ),
+        (
+            "a variable's name",
+            r#"{"query": "{ tasks { nodes { id } } }", "variables": {"@": 1}}"#,
+        ),
+        (
+            "the extensions",
+            r#"{"query": "{ tasks { nodes { id } } }", "extensions": {"trace": "@"}}"#,
+        ),
+        (
+            "the operation name",
+            r#"{"query": "query A { tasks { nodes { id } } }", "operationName": "A@"}"#,
+        ),
+        (
+            "deep in an unknown field",
+            r#"{"query": "{ tasks { nodes { id } } }", "x": {"y": [1, {"z": "@"}]}}"#,
+        ),
+        (
+            "an unknown field",
+            r#"{"query": "{ tasks { nodes { id } } }", "clientInfo": "@"}"#,
+        ),
+        (
+            "an unknown field's name",
+            r#"{"query": "{ tasks { nodes { id } } }", "@": true}"#,
+        ),
+        (
+            "a batch",
+            r#"[{"query": "{ tasks { nodes { id } } }"}, {"query": "{ tasks { nodes { id } } }", "extensions": {"a": "@"}}]"#,
+        ),
+    ];
+    let bad_bytes: [(&str, &[u8]); 5] = [
+        ("a lone 0xFF", b"\xff"),
+        ("a bad continuation", b"\xc3\x28"),
+        ("an overlong slash", b"\xc0\xaf"),
+        ("a surrogate", b"\xed\xa0\x80"),
+        ("a cut-off euro sign", b"\xe2\x82"),
+    ];
+    let mut accepted = Vec::new();
+    for (place, template) in places {
+        let (before, after) = template.split_once('@').expect("a marker");
+        for (what, bad) in bad_bytes {
+            let body = [before.as_bytes(), bad, after.as_bytes()].concat();
+            for accept in ["application/graphql-response+json", "application/json"] {
+                let response = post(body.clone(), accept).await.unwrap();
+                let status = response.status();
+                let answer: Value = response.json().await.unwrap();
+                let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
+                if status != 400
+                    || answer.get("data").is_some()
+                    || error_code(&answer) != Some("BAD_REQUEST")
+                    || !message.contains("UTF-8")
+                {
+                    accepted.push(format!("{what} in {place} as {accept}: {status} {answer}"));
+                }
+            }
+        }
+        // The same body with "é" is JSON (an operation named "Aé" is then
+        // not found, which is GraphQL's business, not a bad body).
+        let body = [before, "é", after].concat();
+        let response = post(body.into_bytes(), "application/json").await.unwrap();
+        assert_eq!(response.status(), 200, "é in {place}");
+        let answer: Value = response.json().await.unwrap();
+        assert_ne!(error_code(&answer), Some("BAD_REQUEST"), "{answer}");
+    }
+
+    assert!(
+        accepted.is_empty(),
+        "not a 400 BAD_REQUEST that says UTF-8:\n{}",
+        accepted.join("\n")
+    );
+
+    // Non-ASCII text, emoji included, is accepted anywhere; metadata keeps it as sent.
+    let metadata = json!({ "prompt": "un café crème 🦊", "tags": ["日本語", "Ωmega"] });
+    let created = app
+        .create_task(
+            &token,
+            json!({ "type": "x", "metadata": metadata }),
+            "id metadata",
+        )
+        .await;
+    assert_eq!(created["metadata"], metadata);
+    let body = json!({
+        "query": format!("# résumé 🦊\n{query}"),
+        "extensions": { "note": "🐱 é" },
+        "clientName": "appli mobile 📱",
+    });
+    let response = post(body.to_string().into_bytes(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(data(answer)["tasks"]["nodes"][0]["id"], created["id"]);
+}
+
+/// A worker looks a result up by its id alone, over every user's tasks, and
+/// that lookup is served by an index of its own rather than a scan.
+#[tokio::test]
+async fn a_worker_finds_any_users_task_by_result_id_through_an_index() {
+    let app = spawn_app().await;
+    let worker = app.worker_token();
+    let mut ids = Vec::new();
+    for user in ["alice", "bob"] {
+        let task = create(&app, &app.user_token(user), "render").await;
+        let id = task["id"].as_str().unwrap().to_owned();
+        let done = set_status(
+            &app,
+            json!({ "id": id, "status": "COMPLETED", "resultId": format!("image-of-{user}") }),
+        )
+        .await;
+        assert_eq!(
+            done["data"]["updateTaskStatus"]["status"], "COMPLETED",
+            "{done}"
+        );
+        ids.push(id);
+    }
+    // Enough other tasks, each with a result id of its own, that a scan
+    // would cost more than the index.
+    let others = (0..400).map(|i| {
+        let user = if i % 2 == 0 { alice() } else { bob() };
+        let service = app.service.clone();
+        async move { new_task(service.as_ref(), &user, "filler").await }
+    });
+    futures::future::join_all(others).await;
+    use sea_orm::{ConnectionTrait, Statement};
+    let backend = app.db.get_database_backend();
+    app.db
+        .execute_raw(Statement::from_string(
+            backend,
+            "UPDATE tasks SET result_id = 'filler-' || id WHERE result_id IS NULL",
+        ))
+        .await
+        .unwrap();
+    app.db.execute_unprepared("ANALYZE").await.unwrap();
+
+    let lookup = "query($r: String!) { taskByResultId(resultId: $r) { id resultId } }";
+    for (user, id) in ["alice", "bob"].into_iter().zip(&ids) {
+        let result_id = format!("image-of-{user}");
+        let found = data(
+            app.gql(Some(&worker), lookup, json!({ "r": result_id }))
+                .await,
+        );
+        assert_eq!(found["taskByResultId"]["id"], id.as_str(), "{user}");
+        assert_eq!(found["taskByResultId"]["resultId"], result_id.as_str());
+    }
+    let none = data(
+        app.gql(Some(&worker), lookup, json!({ "r": "image-of-carol" }))
+            .await,
+    );
+    assert!(none["taskByResultId"].is_null(), "{none}");
+
+    // The statement a worker's lookup runs: no user, the newest first.
+    let select = "SELECT * FROM tasks WHERE result_id = 'image-of-bob' \
+                  ORDER BY created_at DESC, id DESC LIMIT 1";
+    let explain = match backend {
+        sea_orm::DatabaseBackend::Postgres => format!("EXPLAIN {select}"),
+        _ => format!("EXPLAIN QUERY PLAN {select}"),
+    };
+    let plan: Vec<String> = app
+        .db
+        .query_all_raw(Statement::from_string(backend, explain))
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let column = if backend == sea_orm::DatabaseBackend::Postgres {
+                "QUERY PLAN"
+            } else {
+                "detail"
+            };
+            row.try_get::<String>("", column).unwrap()
+        })
+        .collect();
+    let uses_index = plan.iter().any(|line| {
+        line.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|word| word == "tasks_result_idx")
+    });
+    assert!(
+        uses_index,
+        "the lookup does not use tasks_result_idx: {plan:#?}"
+    );
+}

@@ -25,6 +25,9 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const TIMEOUT_SETTING: &str = "2s";
 /// How long past a timeout the server may take to act on it.
 const MARGIN: Duration = Duration::from_secs(4);
+/// How long past its own deadline for a database call taskql may take to
+/// answer (the response is written and read on a busy machine).
+const DEADLINE_SLACK: Duration = Duration::from_millis(750);
 
 const LIST_TASKS: &str = "{ tasks(first: 100) { nodes { id } } }";
 const CREATE_TASK: &str = "mutation { createTask(input: {type: \"edge.test\"}) { id } }";
@@ -831,11 +834,11 @@ async fn survives_a_postgres_outage(name: &'static str, mode: ProxyMode) {
         "/readyz took {:?}",
         readyz.1
     );
-    // A statement already sent on a silent connection waits for the statement
-    // timeout (1 s) and the client's grace (2 s); anything else, for the
-    // acquire timeout (1 s).
+    // A statement already sent on a silent connection waits for taskql's
+    // own deadline (acquire and statement timeouts, 2 s); anything else, for
+    // the acquire timeout (1 s).
     let limit = match mode {
-        ProxyMode::Partition => Duration::from_secs(5),
+        ProxyMode::Partition => Duration::from_secs(2) + DEADLINE_SLACK,
         _ => Duration::from_millis(2500),
     };
     for answer in &answers {
@@ -893,4 +896,108 @@ async fn postgres_partitioned_mid_connection_gives_503_then_recovers_without_los
         ProxyMode::Partition,
     )
     .await;
+}
+
+/// Whether `query` succeeds within `within`, tried every 200 ms; how long it took.
+async fn succeeds_again(
+    server: &Server,
+    token: &str,
+    query: &str,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if let Ok((200, body)) = server
+            .graphql(token, query, json!({}), Duration::from_secs(5))
+            .await
+            && body["errors"].is_null()
+        {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+/// In a network partition PostgreSQL's own statement_timeout never reaches
+/// taskql and TCP waits for as long as it likes: a statement already sent
+/// on a connection that went silent ends only by taskql's deadline, the
+/// acquire timeout plus the statement timeout.
+#[tokio::test]
+async fn a_partition_mid_statement_is_503_within_the_acquire_and_statement_timeouts() {
+    let name = "a_partition_mid_statement_is_503_within_the_acquire_and_statement_timeouts";
+    if postgres_url_or_skip(name).is_none() {
+        return;
+    }
+    let run = begin(name).await;
+    let acquire = Duration::from_secs(1);
+    let statement = Duration::from_secs(2);
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(&host_port(&db.url)).await;
+    let mut server = Server::start(
+        &through(&db.url, proxy.addr),
+        &[
+            ("TASKQL_DB_ACQUIRE_TIMEOUT", "1s"),
+            ("TASKQL_DB_STATEMENT_TIMEOUT", "2s"),
+        ],
+    )
+    .await;
+    let token = token_for("alice", None);
+
+    let mut answers = Vec::new();
+    for (what, query) in [("a query", LIST_TASKS), ("a mutation", CREATE_TASK)] {
+        // Succeeds on a connection that stays open in the pool, so the
+        // request below sends its statement before anything goes silent.
+        let warmed = succeeds_again(&server, &token, query, Duration::from_secs(10)).await;
+        assert!(warmed.is_some(), "{what} fails before the partition");
+        proxy.set(ProxyMode::Partition);
+        let asked = Instant::now();
+        let result = server
+            .graphql(&token, query, json!({}), Duration::from_secs(20))
+            .await;
+        let took = asked.elapsed();
+        proxy.set(ProxyMode::Forward);
+        let recovered = succeeds_again(&server, &token, query, Duration::from_secs(10)).await;
+        answers.push((what, result, took, recovered));
+    }
+    eprintln!(
+        "partition with acquire {acquire:?} and statement {statement:?} timeouts: {:?}",
+        answers
+            .iter()
+            .map(|(what, result, took, recovered)| format!(
+                "{what}: {:?} in {}, succeeds again after {recovered:?}",
+                result
+                    .as_ref()
+                    .map(|(status, body)| (status, error_codes(body))),
+                seconds(*took)
+            ))
+            .collect::<Vec<_>>()
+    );
+
+    let bound = acquire + statement + DEADLINE_SLACK;
+    for (what, result, took, recovered) in answers {
+        let (status, body) = result.unwrap_or_else(|e| panic!("{what}: no answer: {e}"));
+        assert_eq!(status, 503, "{what}: {body}");
+        let codes = error_codes(&body);
+        assert!(
+            !codes.is_empty() && codes.iter().all(|c| c == "SERVICE_UNAVAILABLE"),
+            "{what}: {body}"
+        );
+        assert!(body["data"].is_null(), "{what}: {body}");
+        assert!(took < bound, "{what} took {took:?}, over {bound:?}");
+        // Longer than the statement timeout: the statement was sent, and no
+        // answer from the server ended the wait.
+        assert!(
+            took > statement,
+            "{what} took only {took:?}: nothing was in flight"
+        );
+        let recovered =
+            recovered.unwrap_or_else(|| panic!("{what} never succeeds after the partition heals"));
+        assert!(
+            recovered < Duration::from_secs(5),
+            "{what} succeeds again only after {recovered:?}"
+        );
+    }
+    assert!(server.is_running());
+    drop(run);
 }

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,103 +28,13 @@ const POLICY_FIELDS: &str = "type policy { maxAttempts backoff { initialSeconds 
 
 // ---- set-up ------------------------------------------------------------------
 
-/// Drops the test's PostgreSQL database when the test ends, passed or
-/// failed: `TestDb` leaves it behind. Declared before the apps on the
-/// database, so that they go first.
-struct DropDatabase {
-    admin_url: Option<String>,
-    name: String,
-}
-
-impl DropDatabase {
-    fn of(database: &TestDb) -> Self {
-        let admin_url = database
-            .is_postgres
-            .then(|| std::env::var(PG_ENV).expect("a PostgreSQL test database came from it"));
-        let name = database
-            .url
-            .rsplit_once('/')
-            .map(|(_, name)| name.to_owned())
-            .unwrap_or_default();
-        Self { admin_url, name }
-    }
-}
-
-impl Drop for DropDatabase {
-    fn drop(&mut self) {
-        let Some(admin_url) = self.admin_url.take() else {
-            return;
-        };
-        let name = std::mem::take(&mut self.name);
-        let dropping = name.clone();
-        // Drop runs on the test's runtime, which cannot block on itself: the
-        // statement runs on a thread with a runtime of its own. FORCE ends
-        // the connections the apps' pools still hold.
-        let outcome = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            runtime.block_on(async {
-                let admin = taskql::db::connect(&admin_url, 1)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut outcome = Ok(());
-                for _ in 0..5 {
-                    outcome = admin
-                        .execute_unprepared(&format!(
-                            "DROP DATABASE IF EXISTS {dropping} WITH (FORCE)"
-                        ))
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string());
-                    if outcome.is_ok() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                admin.close().await.ok();
-                outcome
-            })
-        })
-        .join();
-        let failed = match outcome {
-            Ok(Ok(())) => return,
-            Ok(Err(err)) => err,
-            Err(_) => "the dropping thread panicked".to_owned(),
-        };
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "could not drop test database {name}: {failed}"
-        );
-    }
-}
-
-/// One app on a fresh database that is dropped after it.
-struct Fresh {
-    app: TestApp,
-    _drop: DropDatabase,
-}
-
-impl Deref for Fresh {
-    type Target = TestApp;
-    fn deref(&self) -> &TestApp {
-        &self.app
-    }
-}
-
-async fn fresh_app() -> Fresh {
+/// One app on a fresh database (dropped after the test).
+async fn fresh_app() -> TestApp {
     fresh_app_with(|_| {}).await
 }
 
-async fn fresh_app_with(tweak: impl FnOnce(&mut taskql::config::Settings)) -> Fresh {
-    let database = Arc::new(TestDb::new().await);
-    let drop = DropDatabase::of(&database);
-    Fresh {
-        app: spawn_app_with(database, tweak).await,
-        _drop: drop,
-    }
+async fn fresh_app_with(tweak: impl FnOnce(&mut taskql::config::Settings)) -> TestApp {
+    spawn_app_with(Arc::new(TestDb::new().await), tweak).await
 }
 
 // ---- helpers -------------------------------------------------------------------
@@ -1397,7 +1306,6 @@ async fn a_pause_set_on_one_instance_stops_claims_on_another_at_once() {
         return;
     };
     let database = Arc::new(TestDb::new().await);
-    let _drop = DropDatabase::of(&database);
     let one = spawn_app_with(database.clone(), |_| {}).await;
     let two = spawn_app_with(database.clone(), |_| {}).await;
     let alice = one.user_token("alice");
@@ -1620,7 +1528,6 @@ async fn assert_cap_holds(apps: &[Arc<TestApp>], workers: usize, per_round: usiz
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_concurrency_cap_holds_for_six_workers_on_one_instance() {
     let database = Arc::new(TestDb::new().await);
-    let _drop = DropDatabase::of(&database);
     let apps = [Arc::new(spawn_app_with(database, |_| {}).await)];
     assert_cap_holds(&apps, 6, 30, &[2, 1, 3]).await;
 }
@@ -1633,7 +1540,6 @@ async fn the_concurrency_cap_holds_for_eight_workers_on_two_instances() {
         return;
     };
     let database = Arc::new(TestDb::new().await);
-    let _drop = DropDatabase::of(&database);
     let apps = [
         Arc::new(spawn_app_with(database.clone(), |_| {}).await),
         Arc::new(spawn_app_with(database.clone(), |_| {}).await),

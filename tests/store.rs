@@ -880,9 +880,9 @@ async fn tasks_from_before_the_queue_columns_are_upgraded_in_place() {
     assert_eq!(retried.status, TaskStatus::Pending);
     assert_eq!(retried.attempts, 1, "a retry keeps the fencing number");
 
-    // And back down, then up again.
+    // And back down past the queue columns, then up again.
     let db = taskql::db::connect(&test.url, 4).await.expect("connect");
-    migration::Migrator::down(&db, Some(1))
+    migration::Migrator::down(&db, Some(2))
         .await
         .expect("down one");
     taskql::db::migrate(&db).await.expect("up again");
@@ -891,4 +891,93 @@ async fn tasks_from_before_the_queue_columns_are_upgraded_in_place() {
 
 fn test_is_postgres(db: &sea_orm::DatabaseConnection) -> bool {
     db.get_database_backend() == sea_orm::DatabaseBackend::Postgres
+}
+
+/// The index of a worker's `taskByResultId` comes and goes with its migration.
+#[tokio::test]
+async fn the_result_id_index_migrates_down_and_up_again() {
+    use migration::{Migrator, MigratorTrait};
+    let test = TestDb::new().await;
+    let db = test.connect().await;
+    let find = if test.is_postgres {
+        "SELECT COUNT(*) AS n FROM pg_indexes WHERE indexname = 'tasks_result_idx'"
+    } else {
+        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'index' AND name = 'tasks_result_idx'"
+    };
+    let indexes = async || {
+        db.query_one_raw(Statement::from_string(db.get_database_backend(), find))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap()
+    };
+    assert_eq!(indexes().await, 1, "migrated");
+    Migrator::down(&db, Some(1)).await.expect("down");
+    assert_eq!(indexes().await, 0, "after down");
+    Migrator::up(&db, None).await.expect("up again");
+    assert_eq!(indexes().await, 1, "up again");
+}
+
+/// A test's database goes with it even when the test panics while a server
+/// is still connected to it: on PostgreSQL the database is dropped, on
+/// SQLite its file removed.
+#[test]
+fn a_test_database_is_dropped_even_when_its_test_panics() {
+    let (sender, url) = std::sync::mpsc::channel();
+    // A test of its own: a thread running a runtime, as #[tokio::test] does.
+    let failing = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let app = spawn_app().await;
+            app.create_task(
+                &app.user_token("alice"),
+                serde_json::json!({ "type": "x" }),
+                "id",
+            )
+            .await;
+            sender.send(app.database.url.clone()).unwrap();
+            panic!("a test failing while its server is connected");
+        })
+    })
+    .join();
+    assert!(failing.is_err(), "the inner test was meant to panic");
+    let url = url.recv().expect("the inner test made a database");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match std::env::var(PG_ENV) {
+        Ok(base) if !base.is_empty() => {
+            let name = url.rsplit('/').next().unwrap().to_owned();
+            let left = runtime.block_on(async {
+                let admin = taskql::db::connect(&base, 1).await.unwrap();
+                let row = admin
+                    .query_one_raw(Statement::from_sql_and_values(
+                        admin.get_database_backend(),
+                        "SELECT COUNT(*) AS n FROM pg_database WHERE datname = $1",
+                        [name.clone().into()],
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                row.try_get::<i64>("", "n").unwrap()
+            });
+            assert_eq!(left, 0, "database {name} is still there");
+        }
+        _ => {
+            let path = url
+                .strip_prefix("sqlite://")
+                .and_then(|rest| rest.split('?').next())
+                .unwrap();
+            assert!(
+                !std::path::Path::new(path).exists(),
+                "{path} is still there"
+            );
+        }
+    }
 }

@@ -6,6 +6,7 @@ mod m20261126_000002_index_created_at;
 mod m20261127_000003_task_counts;
 mod m20261204_000004_task_events;
 mod m20261204_000005_queue;
+mod m20261204_000006_result_id_index;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000003_task_counts::Migration),
             Box::new(m20261204_000004_task_events::Migration),
             Box::new(m20261204_000005_queue::Migration),
+            Box::new(m20261204_000006_result_id_index::Migration),
         ]
     }
 }

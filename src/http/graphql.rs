@@ -359,12 +359,20 @@ fn parse_body(bytes: &Bytes) -> Result<(Vec<async_graphql::Request>, bool), Malf
             crate::error::echo(&err.to_string())
         ))
     };
-    let batch = bytes
-        .iter()
+    // JSON text is UTF-8, all of it. serde_json checks only the strings it
+    // keeps, so invalid bytes in a field taskql skips would pass unseen.
+    let text = std::str::from_utf8(bytes).map_err(|err| {
+        malformed(format!(
+            "the body is not a GraphQL request in JSON: invalid UTF-8 at byte {}",
+            err.valid_up_to()
+        ))
+    })?;
+    let batch = text
+        .bytes()
         .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|&b| b == b'[');
+        .is_some_and(|b| b == b'[');
     if batch {
-        let list: Vec<WireRequest> = serde_json::from_slice(bytes).map_err(not_json)?;
+        let list: Vec<WireRequest> = serde_json::from_str(text).map_err(not_json)?;
         if list.is_empty() || list.len() > MAX_BATCH {
             return Err(malformed(format!(
                 "a batch must hold 1 to {MAX_BATCH} operations"
@@ -376,7 +384,7 @@ fn parse_body(bytes: &Bytes) -> Result<(Vec<async_graphql::Request>, bool), Malf
             .collect::<Result<Vec<_>, _>>()?;
         Ok((requests, true))
     } else {
-        let single: WireRequest = serde_json::from_slice(bytes).map_err(not_json)?;
+        let single: WireRequest = serde_json::from_str(text).map_err(not_json)?;
         Ok((vec![single.into_request()?], false))
     }
 }

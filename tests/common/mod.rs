@@ -14,10 +14,70 @@ use taskql::service::{SeaTaskService, TaskService, Worker};
 
 pub const PG_ENV: &str = "TASKQL_TEST_DATABASE_URL";
 
+/// A test's own database; it goes away with this, even when the test panics.
 pub struct TestDb {
     pub url: String,
     pub is_postgres: bool,
     _dir: Option<tempfile::TempDir>,
+    _database: Option<DropDatabase>,
+}
+
+/// Drops a PostgreSQL database (`WITH (FORCE)`: servers of the test may
+/// still be connected) when dropped, after the test passed or while it
+/// unwinds from a panic. `Drop` cannot await, and runs inside the test's
+/// runtime (on its one thread, or while it shuts down), so the `DROP` runs
+/// on a thread and runtime of its own, waited for.
+struct DropDatabase {
+    admin_url: String,
+    name: String,
+}
+
+/// Longest a test waits for its database to be dropped.
+const DROP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                tokio::time::timeout(DROP_TIMEOUT, drop_database(&admin_url, &name))
+                    .await
+                    .map_err(|_| format!("no answer within {DROP_TIMEOUT:?}"))?
+            })
+        })
+        .join();
+        // Never a panic here: during a test's unwinding it would abort the
+        // run and hide the test's own failure.
+        let problem = match dropped {
+            Ok(Ok(())) => return,
+            Ok(Err(problem)) => problem,
+            Err(_) => "the thread dropping it panicked".to_owned(),
+        };
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "test database {} was not dropped: {problem}",
+            self.name
+        );
+    }
+}
+
+async fn drop_database(admin_url: &str, name: &str) -> Result<(), String> {
+    use sea_orm::sqlx::{self, Connection};
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+        .execute(&mut admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    admin.close().await.map_err(|e| e.to_string())
 }
 
 impl TestDb {
@@ -34,13 +94,18 @@ impl TestDb {
                     .execute_unprepared(&format!("CREATE DATABASE {name}"))
                     .await
                     .expect("create test database");
+                // From here on, it is dropped whatever happens.
+                let database = DropDatabase {
+                    admin_url: base.clone(),
+                    name: name.clone(),
+                };
                 admin.close().await.ok();
                 let (prefix, _) = base.rsplit_once('/').expect("database url has a path");
-                let prefix = prefix.to_owned();
                 TestDb {
                     url: format!("{prefix}/{name}"),
                     is_postgres: true,
                     _dir: None,
+                    _database: Some(database),
                 }
             }
             _ => {
@@ -53,6 +118,7 @@ impl TestDb {
                     url,
                     is_postgres: false,
                     _dir: Some(dir),
+                    _database: None,
                 }
             }
         }
