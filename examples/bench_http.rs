@@ -535,15 +535,15 @@ enum RawConn {
     Sqlite(SqliteConnection),
 }
 
-const RAW_INSERT_PG: &str = "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, \
-     created_at, updated_at, version) VALUES ($1, $2, $3, 'pending', $4, 0, $5, $5, 1) RETURNING *";
+const RAW_INSERT_PG: &str = "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, run_at, \
+     created_at, updated_at, version) VALUES ($1, $2, $3, 'pending', $4, 0, $5, $5, $5, 1) RETURNING *";
 const RAW_INSERT_NOTIFY_PG: &str = "WITH changed AS (INSERT INTO tasks (id, user_id, type, status, \
-     metadata, attempts, created_at, updated_at, version) \
-     VALUES ($1, $2, $3, 'pending', $4, 0, $5, $5, 1) RETURNING *) \
+     metadata, attempts, run_at, created_at, updated_at, version) \
+     VALUES ($1, $2, $3, 'pending', $4, 0, $5, $5, $5, 1) RETURNING *) \
      SELECT changed.* FROM changed CROSS JOIN LATERAL \
      (SELECT pg_notify('taskql_bench_raw', to_jsonb(changed)::text)) AS notice";
-const RAW_INSERT_SQLITE: &str = "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, \
-     created_at, updated_at, version) VALUES (?1, ?2, ?3, 'pending', ?4, 0, ?5, ?5, 1) RETURNING *";
+const RAW_INSERT_SQLITE: &str = "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, run_at, \
+     created_at, updated_at, version) VALUES (?1, ?2, ?3, 'pending', ?4, 0, ?5, ?5, ?5, 1) RETURNING *";
 const RAW_LIST_PG: &str = "SELECT * FROM tasks WHERE user_id = $1 AND status IN ($2) \
      ORDER BY created_at DESC, id DESC LIMIT 11";
 const RAW_LIST_SQLITE: &str = "SELECT * FROM tasks WHERE user_id = ?1 AND status IN (?2) \

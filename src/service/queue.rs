@@ -36,10 +36,10 @@ use sea_orm::sea_query::{
     Alias, Asterisk, Condition, Expr, ExprTrait, LockBehavior, LockType, OnConflict, Order, Query,
     QueryStatementBuilder, SelectStatement, UpdateStatement,
 };
-use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait, QueryOrder, QueryTrait};
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait, QueryOrder, QueryTrait, Statement};
 
 use super::validate;
-use crate::db::Db;
+use crate::db::{Backend, Db};
 use crate::error::{TaskError, TaskResult};
 
 /// Lowest and highest `priority`.
@@ -491,46 +491,105 @@ pub fn claim(
     stmt
 }
 
-/// The turn a new pending task of `user_id` at `priority` takes, `offset`
-/// turns after the first it could take (for the owner's later creates in
-/// one batch): one past the owner's last pending turn, or the turn being
-/// served at its priority, whichever is later.
-pub fn next_turn(user_id: &str, priority: i32, offset: i64) -> Expr {
-    let mut last = Query::select();
-    last.expr(Expr::col(Column::FairRank).max().add(1))
-        .from(Tasks)
-        .and_where(Expr::col(Column::UserId).eq(user_id))
-        .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()));
-    let mut served = Query::select();
-    served
-        .column(Column::FairRank)
-        .from(Tasks)
-        .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
-        .and_where(Expr::col(Column::Priority).eq(priority))
-        .order_by(Column::FairRank, Order::Asc)
-        .limit(1);
-    let sub = |select: &SelectStatement| {
-        Expr::SubQuery(None, Box::new(select.clone().into_sub_query_statement()))
-    };
-    // The later of the two; either alone when the other is null (SQLite's
-    // max() of a null is null, PostgreSQL's GREATEST skips it: neither is
-    // used).
-    let later = Expr::case(sub(&last).gt(sub(&served)), sub(&last)).finally(sub(&served));
-    Expr::expr(later).if_null(sub(&last)).if_null(0).add(offset)
+/// Reads, in one statement, what a batch of creates needs: each owner's
+/// last pending turn, the turn being served at each priority, and each
+/// type's attempts. The lists travel as JSON text: one parameter each, and
+/// the statement stays the same size whatever the batch.
+fn batch_facts(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => {
+            "SELECT 'owner' AS kind, name, (SELECT fair_rank FROM tasks \
+                 WHERE user_id = name AND status = 'pending' ORDER BY fair_rank DESC LIMIT 1) AS n \
+             FROM json_array_elements_text($1::json) AS name \
+             UNION ALL \
+             SELECT 'priority', name, (SELECT fair_rank FROM tasks \
+                 WHERE status = 'pending' AND priority = name::integer ORDER BY fair_rank LIMIT 1) \
+             FROM json_array_elements_text($2::json) AS name \
+             UNION ALL \
+             SELECT 'type', task_type, CAST(max_attempts AS bigint) FROM task_types \
+             WHERE task_type IN (SELECT json_array_elements_text($3::json))"
+        }
+        Backend::Sqlite => {
+            "SELECT 'owner' AS kind, value AS name, (SELECT fair_rank FROM tasks \
+                 WHERE user_id = value AND status = 'pending' ORDER BY fair_rank DESC LIMIT 1) AS n \
+             FROM json_each(?1) \
+             UNION ALL \
+             SELECT 'priority', CAST(value AS TEXT), (SELECT fair_rank FROM tasks \
+                 WHERE status = 'pending' AND priority = value ORDER BY fair_rank LIMIT 1) \
+             FROM json_each(?2) \
+             UNION ALL \
+             SELECT 'type', task_type, max_attempts FROM task_types \
+             WHERE task_type IN (SELECT value FROM json_each(?3))"
+        }
+    }
 }
 
-/// The attempts a new task of `task_type` gets: its own when given, else
-/// its type's policy, else `default`.
-pub fn max_attempts_of(task_type: &str, own: Option<i32>, default: i32) -> Expr {
-    match own {
-        Some(max) => Expr::val(max),
-        None => {
-            let mut policy = Query::select();
-            policy
-                .column(PolicyColumn::MaxAttempts)
-                .from(TaskTypes)
-                .and_where(Expr::col(PolicyColumn::TaskType).eq(task_type));
-            Expr::SubQuery(None, Box::new(policy.into_sub_query_statement())).if_null(default)
+impl Queue {
+    /// Gives each create of `batch` (in order) its turn and its budget of
+    /// attempts. A turn is one past its owner's last pending turn (or the
+    /// owner's previous create in the batch), or the turn being served at
+    /// its priority, whichever is later. The budget is the create's own,
+    /// else its type's policy, else the default.
+    pub(super) async fn assign(&self, batch: &mut [super::sea::QueuedCreate]) -> TaskResult<()> {
+        use std::collections::{BTreeSet, HashMap};
+        let owners: BTreeSet<&str> = batch
+            .iter()
+            .map(|c| c.model.user_id.as_ref().as_str())
+            .collect();
+        let priorities: BTreeSet<i32> = batch.iter().map(|c| *c.model.priority.as_ref()).collect();
+        let types: BTreeSet<&str> = batch
+            .iter()
+            .filter(|c| c.max_attempts.is_none())
+            .map(|c| c.model.task_type.as_ref().as_str())
+            .collect();
+        let json = |names: Vec<String>| serde_json::Value::from(names).to_string();
+        let statement = Statement::from_sql_and_values(
+            self.db.get_database_backend(),
+            batch_facts(self.db.backend()),
+            [
+                json(owners.iter().map(|o| o.to_string()).collect()).into(),
+                json(priorities.iter().map(|p| p.to_string()).collect()).into(),
+                json(types.iter().map(|t| t.to_string()).collect()).into(),
+            ],
+        );
+        let mut last_turn = HashMap::new();
+        let mut served = HashMap::new();
+        let mut budget = HashMap::new();
+        for row in self.db.query_all_raw(statement).await? {
+            let kind: String = row.try_get_by_index(0)?;
+            let name: String = row.try_get_by_index(1)?;
+            let Some(n) = row.try_get_by_index::<Option<i64>>(2)? else {
+                continue;
+            };
+            match kind.as_str() {
+                "owner" => {
+                    last_turn.insert(name, n);
+                }
+                "priority" => {
+                    served.insert(name.parse::<i32>().unwrap_or_default(), n);
+                }
+                _ => {
+                    budget.insert(name, n);
+                }
+            }
         }
+        for create in batch.iter_mut() {
+            let priority = *create.model.priority.as_ref();
+            let owner = create.model.user_id.as_ref().clone();
+            let now_served = served.get(&priority).copied().unwrap_or(0);
+            let turn = last_turn
+                .get(&owner)
+                .map_or(now_served, |last| Ord::max(last + 1, now_served));
+            last_turn.insert(owner, turn);
+            create.model.fair_rank = Set(turn);
+            let max_attempts = create.max_attempts.unwrap_or_else(|| {
+                budget
+                    .get(create.model.task_type.as_ref())
+                    .and_then(|n| i32::try_from(*n).ok())
+                    .unwrap_or(self.default_max_attempts)
+            });
+            create.model.max_attempts = Set(max_attempts);
+        }
+        Ok(())
     }
 }

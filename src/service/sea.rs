@@ -20,9 +20,8 @@ use entity::{Task, TaskStatus, Tasks};
 use rand::Rng;
 use sea_orm::sea_query::{ExprTrait, OnConflict, Order, Query};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait,
-    Iterable, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, prelude::Expr,
-    sea_query::UpdateStatement,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Statement, prelude::Expr, sea_query::UpdateStatement,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::instrument;
@@ -211,40 +210,17 @@ impl Writer {
 
     /// Inserts `batch` in one statement and answers each create: its new
     /// row, or `None` when its idempotency key was taken.
-    async fn insert(&self, batch: Vec<QueuedCreate>) {
-        let mut insert = Query::insert();
-        insert.into_table(Tasks).columns(Column::iter());
-        // Each row takes its owner's next turn; an owner's later rows in
-        // this batch the turns after it.
-        let mut earlier = std::collections::HashMap::<&str, i64>::new();
-        for create in &batch {
-            let user_id = create.model.user_id.as_ref().as_str();
-            let later = earlier.entry(user_id).or_default();
-            let offset = *later;
-            *later += 1;
-            let task_type = create.model.task_type.as_ref();
-            let row = Column::iter().map(|column| match column {
-                Column::FairRank => {
-                    queue::next_turn(user_id, *create.model.priority.as_ref(), offset)
-                }
-                Column::MaxAttempts => queue::max_attempts_of(
-                    task_type,
-                    create.max_attempts,
-                    self.queue.default_max_attempts(),
-                ),
-                _ => match create.model.get(column).into_value() {
-                    Some(value) => Expr::val(value),
-                    None => Expr::cust("DEFAULT"),
-                },
-            });
-            if let Err(err) = insert.values(row) {
-                let err = TaskError::Internal(format!("building an insert: {err}"));
-                for create in batch {
-                    let _ = create.reply.send(Err(err.clone()));
-                }
-                return;
+    async fn insert(&self, mut batch: Vec<QueuedCreate>) {
+        // Each row takes its owner's next turn (an owner's later rows in
+        // this batch the turns after it) and its budget of attempts.
+        if let Err(err) = self.queue.assign(&mut batch).await {
+            for create in batch {
+                let _ = create.reply.send(Err(err.clone()));
             }
+            return;
         }
+        let models = batch.iter().map(|create| create.model.clone());
+        let mut insert = Tasks::insert_many(models).into_query();
         // NULL keys never conflict; a taken key inserts nothing.
         insert.on_conflict(
             OnConflict::columns([Column::UserId, Column::IdempotencyKey])
@@ -276,10 +252,10 @@ impl Writer {
 }
 
 /// A create waiting for its insert.
-struct QueuedCreate {
-    model: ActiveModel,
+pub(super) struct QueuedCreate {
+    pub(super) model: ActiveModel,
     /// The task's own budget; its type's policy decides when absent.
-    max_attempts: Option<i32>,
+    pub(super) max_attempts: Option<i32>,
     id: Uuid,
     reply: oneshot::Sender<TaskResult<Option<Task>>>,
 }
