@@ -757,7 +757,8 @@ async fn retry_puts_failed_or_cancelled_tasks_back_to_pending() {
         }
     };
 
-    // A failed task, retried by its owner: as new.
+    // A failed task, retried by its owner: as new, but for attempts, which
+    // never go down (the fencing number).
     let failed = new_task(service.as_ref(), &alice(), "image").await;
     service
         .claim_task(
@@ -779,7 +780,7 @@ async fn retry_puts_failed_or_cancelled_tasks_back_to_pending() {
     assert_eq!(
         task,
         &json!({
-            "id": failed.id.to_string(), "status": "PENDING", "attempts": 0, "progress": null,
+            "id": failed.id.to_string(), "status": "PENDING", "attempts": 1, "progress": null,
             "resultId": null, "errorMessage": null, "startedAt": null, "completedAt": null,
             "userId": "alice", "workerId": null, "leaseExpiresAt": null,
         }),
@@ -787,13 +788,13 @@ async fn retry_puts_failed_or_cancelled_tasks_back_to_pending() {
     );
     let stored = service.get_task(failed.id, &alice()).await.unwrap();
     assert_eq!(stored.version, before.version + 1);
-    // It can be claimed again, from attempt 1.
+    // It can be claimed again, as attempt 2.
     let again = service
         .claim_task(&w, ClaimRequest::default())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((again.id, again.attempts), (failed.id, 1));
+    assert_eq!((again.id, again.attempts), (failed.id, 2));
 
     // A cancelled task of bob's, retried by a worker.
     let cancelled = new_task(service.as_ref(), &bob(), "image").await;
