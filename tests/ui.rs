@@ -164,7 +164,8 @@ async fn the_dashboard_follows_the_server_live_in_a_browser() {
     assert!(result["workersTable"].as_str().unwrap().contains("gpu-1"));
     assert_eq!(
         result["retried"]["task"],
-        json!({ "status": "PENDING", "attempts": 0, "errorMessage": null })
+        json!({ "status": "PENDING", "attempts": 1, "errorMessage": null }),
+        "a retry keeps the attempts (the fencing number)"
     );
     let refusal = result["refusal"].as_str().unwrap();
     assert!(
