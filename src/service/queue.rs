@@ -36,7 +36,10 @@ use sea_orm::sea_query::{
     Alias, Asterisk, Condition, Expr, ExprTrait, LockBehavior, LockType, OnConflict, Order, Query,
     QueryStatementBuilder, SelectStatement, UpdateStatement,
 };
-use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait, QueryOrder, QueryTrait, Statement};
+use sea_orm::{
+    ActiveValue::Set, ConnectionTrait, EntityTrait, FromQueryResult, QueryOrder, QueryTrait,
+    Statement,
+};
 
 use super::validate;
 use crate::db::{Backend, Db};
@@ -250,10 +253,6 @@ impl Queue {
         }
     }
 
-    pub fn default_max_attempts(&self) -> i32 {
-        self.default_max_attempts
-    }
-
     async fn row(&self, task_type: &str) -> TaskResult<Option<TaskTypePolicy>> {
         Ok(self
             .db
@@ -276,7 +275,7 @@ impl Queue {
     }
 
     /// Sets what `change` gives of `task_type`'s policy; the rest stays.
-    pub async fn set_policy(&self, task_type: &str, change: &PolicyChange) -> TaskResult<Policy> {
+    pub async fn set_policy(&self, task_type: &str, change: &PolicyChange) -> TaskResult<()> {
         validate::task_type(task_type)?;
         let stored = self.row(task_type).await?;
         let current = Policy::of(stored.as_ref(), self.default_max_attempts);
@@ -317,7 +316,7 @@ impl Queue {
             .execute_raw(self.db.get_database_backend().build(&upsert))
             .await?;
         *self.capped.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.policy(task_type).await
+        Ok(())
     }
 
     /// Every type with a policy or with tasks, by name, with its counts.
@@ -385,8 +384,6 @@ impl Queue {
         Ok(capped)
     }
 }
-
-use sea_orm::FromQueryResult;
 
 /// Locks the policy rows of `types` that have a cap, in name order, until
 /// the transaction ends; returns the types it locked (PostgreSQL).

@@ -75,8 +75,13 @@ pub struct SeaTaskService {
 
 /// Now, at the microsecond precision both databases store.
 pub(crate) fn now() -> DateTime<Utc> {
-    let now = Utc::now();
-    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    in_micros(Utc::now())
+}
+
+/// `at` at the microsecond precision both databases store, so that the
+/// time returned is the time stored.
+fn in_micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
 fn statuses(list: &[TaskStatus]) -> Vec<&'static str> {
@@ -220,13 +225,14 @@ impl Writer {
             return;
         }
         let models = batch.iter().map(|create| create.model.clone());
-        let mut insert = Tasks::insert_many(models).into_query();
-        // NULL keys never conflict; a taken key inserts nothing.
-        insert.on_conflict(
-            OnConflict::columns([Column::UserId, Column::IdempotencyKey])
-                .do_nothing()
-                .to_owned(),
-        );
+        let mut insert = Tasks::insert_many(models)
+            .on_conflict(
+                // NULL keys never conflict; a taken key inserts nothing.
+                OnConflict::columns([Column::UserId, Column::IdempotencyKey])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .into_query();
         insert.returning_all();
         match self.commit(&insert).await {
             Ok(rows) => {
@@ -501,10 +507,9 @@ impl SeaTaskService {
                 .backoff
                 .delay(Ord::max(used, 1), rand::rng().random::<f64>());
             let at = now();
-            let run_at = at + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
-            // Stored at the precision the databases keep.
-            let run_at =
-                DateTime::from_timestamp_micros(run_at.timestamp_micros()).unwrap_or(run_at);
+            let run_at = in_micros(
+                at + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero()),
+            );
             let mut stmt = self.update_of(task.id);
             stmt.value(Column::Status, TaskStatus::Pending.as_str())
                 .value(Column::RunAt, run_at)
@@ -634,10 +639,7 @@ impl TaskService for SeaTaskService {
             );
             model.priority = sea_orm::ActiveValue::Set(priority);
             if let Some(run_at) = new.run_at {
-                // Stored at the precision the databases keep.
-                let run_at =
-                    DateTime::from_timestamp_micros(run_at.timestamp_micros()).unwrap_or(run_at);
-                model.run_at = sea_orm::ActiveValue::Set(run_at);
+                model.run_at = sea_orm::ActiveValue::Set(in_micros(run_at));
             }
             let id = *model.id.as_ref();
             let (reply, inserted) = oneshot::channel();
@@ -928,27 +930,28 @@ impl TaskService for SeaTaskService {
         let lease = lease_of(request.lease)?;
         let at = now();
         let until = lease_deadline(at, lease);
-        let claimed = match self.db().backend() {
-            Backend::Sqlite => {
-                let stmt = queue::claim(&request.types, Caps::Counted, at, worker_id, until);
-                self.update_rows(stamped(stmt, at)).await?.pop()
-            }
+        // SQLite's one writer makes the claim's count of a capped type hold;
+        // PostgreSQL locks the capped types in reach first (see `queue`).
+        let (caps, in_reach) = match self.db().backend() {
+            Backend::Sqlite => (Caps::Counted, Vec::new()),
             Backend::Postgres => {
-                let capped = self.queue.capped().await?;
-                let in_reach: Vec<String> = capped
+                let in_reach = self
+                    .queue
+                    .capped()
+                    .await?
                     .iter()
                     .filter(|t| request.types.is_empty() || request.types.contains(t))
                     .cloned()
                     .collect();
-                if in_reach.is_empty() {
-                    let stmt =
-                        queue::claim(&request.types, Caps::Locked(&[]), at, worker_id, until);
-                    self.update_rows(stamped(stmt, at)).await?.pop()
-                } else {
-                    self.claim_capped(&request.types, &in_reach, at, worker_id, until)
-                        .await?
-                }
+                (Caps::Locked(&[]), in_reach)
             }
+        };
+        let claimed = if in_reach.is_empty() {
+            let stmt = queue::claim(&request.types, caps, at, worker_id, until);
+            self.update_rows(stamped(stmt, at)).await?.pop()
+        } else {
+            self.claim_capped(&request.types, &in_reach, at, worker_id, until)
+                .await?
         };
 
         if let Some(task) = &claimed {
@@ -1114,32 +1117,21 @@ impl TaskService for SeaTaskService {
         task_type: &str,
         change: PolicyChange,
     ) -> TaskResult<TaskType> {
-        let policy = self.queue.set_policy(task_type, &change).await?;
-        let counts = self
-            .task_types(worker)
+        self.queue.set_policy(task_type, &change).await?;
+        // The type has a policy row now, so it is among the types.
+        self.task_types(worker)
             .await?
             .into_iter()
-            .find(|t| t.task_type == task_type);
-        Ok(TaskType {
-            task_type: task_type.to_owned(),
-            policy,
-            pending: counts.as_ref().map_or(0, |t| t.pending),
-            processing: counts.as_ref().map_or(0, |t| t.processing),
-        })
+            .find(|t| t.task_type == task_type)
+            .ok_or_else(|| TaskError::Internal(format!("task type {task_type} vanished")))
     }
 
     #[instrument(level = "debug", skip_all)]
     async fn task_types(&self, worker: &Worker) -> TaskResult<Vec<TaskType>> {
         let everyone = CurrentUser::service(worker.id());
         let (_, by_type) = stats::counts(self.db(), &everyone).await?;
-        let pending = stats::STATUSES
-            .iter()
-            .position(|s| *s == TaskStatus::Pending)
-            .unwrap_or(0);
-        let processing = stats::STATUSES
-            .iter()
-            .position(|s| *s == TaskStatus::Processing)
-            .unwrap_or(1);
+        let index = |status: TaskStatus| stats::status_index(status.as_str()).unwrap_or_default();
+        let (pending, processing) = (index(TaskStatus::Pending), index(TaskStatus::Processing));
         let counts = by_type
             .into_iter()
             .map(|t| (t.task_type, t.counts[pending], t.counts[processing]))

@@ -180,7 +180,8 @@ pub async fn task_stats(
     Ok(stats)
 }
 
-fn status_index(status: &str) -> Option<usize> {
+/// Where `status` (as stored) is in [`STATUSES`], and in every count array.
+pub(crate) fn status_index(status: &str) -> Option<usize> {
     STATUSES.iter().position(|s| s.as_str() == status)
 }
 
