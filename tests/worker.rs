@@ -9,9 +9,8 @@ mod common;
 mod worker_client;
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::*;
@@ -45,25 +44,6 @@ const TASK: &str =
     "query($id: ID!) { task(id: $id) { id status resultId errorMessage progress attempts } }";
 
 // ---- helpers -------------------------------------------------------------
-
-/// Polls `check` until it yields a value, failing after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn fetch(db: &impl ConnectionTrait, id: Uuid) -> Task {
     Tasks::find_by_id(id)
