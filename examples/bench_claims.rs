@@ -7,13 +7,20 @@
 //!     --postgres postgres://postgres@127.0.0.1:5432/test           # and PostgreSQL
 //! ```
 //!
-//! One cycle is: claim the oldest pending task under a lease, then complete it
-//! fenced by the attempt claimed. The service path adds what the raw path
-//! leaves out: the NOTIFY on PostgreSQL (sent by the same statement), row
-//! decoding and the in-process event. Each repetition refills the table
-//! with the same number of pending tasks; service and raw alternate, and the
-//! medians are reported.
+//! One cycle is: claim the first pending task in claim order under a lease,
+//! then complete it fenced by the attempt claimed. The service path adds
+//! what the raw path leaves out: the type policies (pause, caps), the change
+//! log, row decoding and the in-process event. Each repetition refills the
+//! table with the same number of pending tasks; service and raw alternate,
+//! and the medians are reported.
+//!
+//! `--backlog N` measures claims with a deep queue instead: N pending tasks
+//! spread over 10 types, 1,000 owners, three priorities and, for one in ten,
+//! a `run_at` a day away, written once; each repetition then claims and
+//! completes `--tasks` of them. `--explain` prints PostgreSQL's plan of the
+//! service's claim statement over that backlog.
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -44,6 +51,13 @@ struct Args {
     /// Repetitions of each mode.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Claim from a standing backlog of this many pending tasks instead of
+    /// refilling the table each repetition.
+    #[arg(long)]
+    backlog: Option<usize>,
+    /// PostgreSQL: print the plan (EXPLAIN ANALYZE) of the claim statement.
+    #[arg(long)]
+    explain: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +114,17 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
     )
     .await?;
     let service = Arc::new(SeaTaskService::new(pool, Default::default()));
+    if let Some(n) = args.backlog {
+        let started = Instant::now();
+        seed_backlog(&db, n).await?;
+        println!(
+            "{backend}: {n} pending tasks written in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        if args.explain && db.get_database_backend() == DatabaseBackend::Postgres {
+            explain_claim(&db).await?;
+        }
+    }
     let mut rates = [Vec::new(), Vec::new(), Vec::new()];
     let modes: &[Mode] = if db.get_database_backend() == DatabaseBackend::Postgres {
         &[Mode::Service, Mode::Raw, Mode::RawNotify]
@@ -109,15 +134,19 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
     // One unmeasured round of each warms the pool and the statement caches.
     for rep in 0..=args.reps {
         for &mode in modes {
-            refill(&db, args.tasks).await?;
+            if args.backlog.is_none() {
+                refill(&db, args.tasks).await?;
+            }
+            let before = completed(&db).await?;
+            let budget = Arc::new(AtomicUsize::new(args.tasks));
             let started = Instant::now();
             let cycles = match mode {
-                Mode::Service => run_service(&service, args.workers).await?,
-                Mode::Raw => run_raw(&db, args.workers, false).await?,
-                Mode::RawNotify => run_raw(&db, args.workers, true).await?,
+                Mode::Service => run_service(&service, args.workers, &budget).await?,
+                Mode::Raw => run_raw(&db, args.workers, false, &budget).await?,
+                Mode::RawNotify => run_raw(&db, args.workers, true, &budget).await?,
             };
             let elapsed = started.elapsed();
-            if cycles != args.tasks || completed(&db).await? != args.tasks {
+            if cycles != args.tasks || completed(&db).await? - before != args.tasks {
                 return Err(format!("{mode:?} completed {cycles} of {} tasks", args.tasks).into());
             }
             if rep > 0 {
@@ -210,10 +239,11 @@ async fn completed(db: &DatabaseConnection) -> Result<usize, sea_orm::DbErr> {
 async fn run_service(
     service: &Arc<SeaTaskService>,
     workers: usize,
+    budget: &Arc<AtomicUsize>,
 ) -> Result<usize, Box<dyn std::error::Error>> {
     let handles: Vec<_> = (0..workers)
         .map(|w| {
-            let service = service.clone();
+            let (service, budget) = (service.clone(), budget.clone());
             tokio::spawn(async move {
                 let mut cycles = 0;
                 let worker = Worker::new(&CurrentUser::service(format!("bench-{w}")))?;
@@ -222,7 +252,10 @@ async fn run_service(
                     lease: Some(LEASE),
                     worker_id: Some(format!("bench-{w}")),
                 };
-                while let Some(task) = service.claim_task(&worker, request.clone()).await? {
+                while take(&budget) {
+                    let Some(task) = service.claim_task(&worker, request.clone()).await? else {
+                        break;
+                    };
                     let mut done = StatusUpdate::new(task.id, TaskStatus::Completed);
                     done.result_id = Some(format!("r-{}", task.id));
                     done.expected_attempt = Some(task.attempts);
@@ -266,12 +299,14 @@ impl RawSql {
                 "UPDATE tasks SET status = 'processing', attempts = attempts + 1, worker_id = {}, \
                  lease_expires_at = {}, started_at = COALESCE(started_at, {}), \
                  version = version + 1, updated_at = {} \
-                 WHERE id = (SELECT id FROM tasks WHERE status = 'pending' \
-                 ORDER BY created_at, id LIMIT 1{lock}) AND status = 'pending' RETURNING *",
+                 WHERE id = (SELECT id FROM tasks WHERE status = 'pending' AND run_at <= {} \
+                 ORDER BY priority DESC, fair_rank, run_at, id LIMIT 1{lock}) \
+                 AND status = 'pending' RETURNING *",
                 p(1),
                 p(2),
                 p(3),
-                p(4)
+                p(4),
+                p(5)
             ),
             complete: format!(
                 "UPDATE tasks SET status = 'completed', result_id = {}, progress = 100, \
@@ -292,6 +327,7 @@ async fn run_raw(
     db: &DatabaseConnection,
     workers: usize,
     notify: bool,
+    budget: &Arc<AtomicUsize>,
 ) -> Result<usize, Box<dyn std::error::Error>> {
     let backend = db.get_database_backend();
     let mut sql = RawSql::for_backend(backend);
@@ -310,18 +346,24 @@ async fn run_raw(
     let sql = Arc::new(sql);
     let handles: Vec<_> = (0..workers)
         .map(|w| {
-            let (db, sql) = (db.clone(), sql.clone());
+            let (db, sql, budget) = (db.clone(), sql.clone(), budget.clone());
             tokio::spawn(async move {
                 let mut cycles = 0;
                 let worker: Value = format!("bench-{w}").into();
-                loop {
+                while take(&budget) {
                     let at = chrono::Utc::now();
                     let lease_until = at + chrono::Duration::from_std(LEASE).unwrap_or_default();
                     let claimed = db
                         .query_one_raw(Statement::from_sql_and_values(
                             backend,
                             &sql.claim,
-                            [worker.clone(), lease_until.into(), at.into(), at.into()],
+                            [
+                                worker.clone(),
+                                lease_until.into(),
+                                at.into(),
+                                at.into(),
+                                at.into(),
+                            ],
                         ))
                         .await?;
                     let Some(row) = claimed else { break };
@@ -355,4 +397,80 @@ async fn run_raw(
         total += handle.await??;
     }
     Ok(total)
+}
+
+/// Takes one cycle from the budget; false once it is spent.
+fn take(budget: &AtomicUsize) -> bool {
+    budget
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(1))
+        .is_ok()
+}
+
+/// Writes `n` pending tasks as a deep, mixed queue: 10 types, 1,000 owners
+/// taking turns, priorities 10, 0 and −10 (one, three and one in five),
+/// and one task in ten scheduled a day ahead.
+async fn seed_backlog(db: &DatabaseConnection, n: usize) -> Result<(), sea_orm::DbErr> {
+    use sea_orm::ActiveValue::Set;
+    Tasks::delete_many().exec(db).await?;
+    let start = chrono::Utc::now() - chrono::Duration::hours(1);
+    let later = chrono::Utc::now() + chrono::Duration::days(1);
+    let owners = 1000;
+    for first in (0..n).step_by(500) {
+        let models: Vec<ActiveModel> = (first..n.min(first + 500))
+            .map(|i| {
+                let at = start + chrono::Duration::microseconds(i as i64);
+                let mut model = ActiveModel::pending(
+                    format!("user-{}", i % owners),
+                    format!("type-{}", i % 10),
+                    serde_json::json!({ "prompt": "a red fox", "n": i }),
+                    None,
+                    at,
+                );
+                model.priority = Set(match i % 5 {
+                    0 => 10,
+                    4 => -10,
+                    _ => 0,
+                });
+                model.fair_rank = Set((i / owners) as i64);
+                if i % 10 == 7 {
+                    model.run_at = Set(later);
+                }
+                model
+            })
+            .collect();
+        Tasks::insert_many(models).exec_without_returning(db).await?;
+    }
+    db.execute_unprepared("ANALYZE tasks").await?;
+    Ok(())
+}
+
+/// Prints the plan of the service's claim statement, run and rolled back.
+async fn explain_claim(db: &DatabaseConnection) -> Result<(), sea_orm::DbErr> {
+    use sea_orm::TransactionTrait;
+    let at = chrono::Utc::now();
+    let until = at + chrono::Duration::from_std(LEASE).unwrap_or_default();
+    for types in [Vec::new(), vec!["type-3".to_string()]] {
+        let statement = taskql::service::queue::claim(
+            &types,
+            taskql::service::queue::Caps::Counted,
+            at,
+            "explain",
+            until,
+        );
+        let (sql, values) = statement.build(sea_orm::sea_query::PostgresQueryBuilder);
+        let txn = db.begin().await?;
+        let rows = txn
+            .query_all_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {sql}"),
+                values,
+            ))
+            .await?;
+        txn.rollback().await?;
+        println!("claim of {types:?}:\n{sql}");
+        for row in rows {
+            println!("  {}", row.try_get::<String>("", "QUERY PLAN")?);
+        }
+    }
+    Ok(())
 }

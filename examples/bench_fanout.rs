@@ -9,6 +9,12 @@
 //!     --postgres postgres://postgres@127.0.0.1:5432/test        # two instances
 //! ```
 //!
+//! With `--positions`, each subscription also selects `queuePosition`: it
+//! follows its task's place in line (every task is of one type), and the
+//! server ranks that line once a second while anyone watches it. The idle
+//! CPU (a few seconds with nothing changing, after every snapshot came)
+//! shows what the rankings cost.
+//!
 //! With `--postgres`, two servers share a fresh database: subscriptions on
 //! one, every change made through the other, so each delivery crosses
 //! instances (the change log's mover, its notice, the other reader).
@@ -29,7 +35,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -66,11 +72,16 @@ struct Args {
     /// The server binary.
     #[arg(long, env = "TASKQL_BIN")]
     bin: Option<PathBuf>,
+    /// Subscriptions also select `queuePosition`, so each follows its
+    /// task's place in line and gets the task again as it moves up.
+    #[arg(long)]
+    positions: bool,
 }
 
 const SECRET: &str = "bench-fanout-secret-0123456789abcdef";
 const WATCH: &str =
     "subscription($id: ID!) { taskUpdated(id: $id) { id status progress resultId completedAt } }";
+const WATCH_PLACE: &str = "subscription($id: ID!) { taskUpdated(id: $id) { id status progress resultId completedAt queuePosition } }";
 const UPDATE: &str =
     "mutation($input: UpdateTaskStatusInput!) { updateTaskStatus(input: $input) { id status } }";
 const CREATE: &str = "mutation { createTask(input: {type: \"image.generate\", metadata: {prompt: \"a cat\"}}) { id } }";
@@ -88,7 +99,14 @@ struct Run {
     updates_per_sec: f64,
     /// From the first subscribe to the last snapshot.
     setup: Duration,
+    /// Server CPU per second of wall time while nothing changes.
+    idle_cpu: f64,
+    /// Moves up the line delivered during the burst (with `--positions`).
+    moves: usize,
 }
+
+/// How long the idle CPU is measured.
+const IDLE: Duration = Duration::from_secs(5);
 
 struct Summary {
     p50: f64,
@@ -125,7 +143,7 @@ async fn main() -> Result<(), BoxError> {
                 "N={n:>6} run {run}: RSS {} -> {} KiB ({:.1} KiB/sub); \
                  response->delivery p50 {:.2} ms p99 {:.2} ms max {:.2} ms \
                  ({} delivered before the response); request->delivery p50 {:.2} ms p99 {:.2} ms; \
-                 {:.0} updates/s; all subscribed in {:.2} s",
+                 {:.0} updates/s; all subscribed in {:.2} s; idle CPU {:.1}%; {} moves sent",
                 result.rss_before_kib,
                 result.rss_after_kib,
                 result.rss_per_sub_kib,
@@ -137,6 +155,8 @@ async fn main() -> Result<(), BoxError> {
                 result.after_request.p99,
                 result.updates_per_sec,
                 result.setup.as_secs_f64(),
+                result.idle_cpu * 100.0,
+                result.moves,
             );
             runs.push(result);
         }
@@ -144,19 +164,21 @@ async fn main() -> Result<(), BoxError> {
     }
     println!();
     println!(
-        "| subscriptions | RSS per subscription | response→delivery p50 | p99 | request→delivery p50 | p99 | updates/s |"
+        "| subscriptions | RSS per subscription | response→delivery p50 | p99 | request→delivery p50 | p99 | updates/s | subscribed in | idle CPU |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (n, runs) in &table {
         let med = |f: &dyn Fn(&Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         println!(
-            "| {n} | {:.1} KiB | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} |",
+            "| {n} | {:.1} KiB | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} | {:.2} s | {:.1}% |",
             med(&|r| r.rss_per_sub_kib),
             med(&|r| r.after_response.p50),
             med(&|r| r.after_response.p99),
             med(&|r| r.after_request.p50),
             med(&|r| r.after_request.p99),
             med(&|r| r.updates_per_sec),
+            med(&|r| r.setup.as_secs_f64()),
+            med(&|r| r.idle_cpu * 100.0),
         );
     }
     println!("(medians of {} runs)", args.runs);
@@ -193,6 +215,11 @@ async fn post(
 struct Deliveries {
     epoch: Instant,
     snapshots: AtomicUsize,
+    /// Whether each subscription's first state came (later PENDING ones
+    /// are moves up the line).
+    snapshot_seen: Vec<AtomicBool>,
+    /// Moves up the line delivered (with `--positions`).
+    moves: AtomicUsize,
     /// Nanoseconds after `epoch` when COMPLETED arrived; 0 while not yet.
     completed_at: Vec<AtomicU64>,
     completed: AtomicUsize,
@@ -212,6 +239,7 @@ async fn open_connection(
     token: &str,
     tasks: Vec<(usize, String)>,
     deliveries: Arc<Deliveries>,
+    watch: &'static str,
 ) -> Result<tokio::task::JoinHandle<()>, BoxError> {
     let mut request = ws_url.into_client_request()?;
     request.headers_mut().insert(
@@ -234,7 +262,7 @@ async fn open_connection(
         let subscribe = json!({
             "id": index.to_string(),
             "type": "subscribe",
-            "payload": {"query": WATCH, "variables": {"id": id}},
+            "payload": {"query": watch, "variables": {"id": id}},
         });
         sink.send(Message::text(subscribe.to_string())).await?;
     }
@@ -256,9 +284,12 @@ async fn open_connection(
                 continue;
             };
             match message["payload"]["data"]["taskUpdated"]["status"].as_str() {
-                Some("PENDING") => {
+                Some("PENDING") if !deliveries.snapshot_seen[index].swap(true, Ordering::Relaxed) => {
                     deliveries.snapshots.fetch_add(1, Ordering::Relaxed);
                     deliveries.progress.notify_one();
+                }
+                Some("PENDING") => {
+                    deliveries.moves.fetch_add(1, Ordering::Relaxed);
                 }
                 Some("COMPLETED") => {
                     deliveries.completed_at[index].store(now, Ordering::Relaxed);
@@ -365,10 +396,13 @@ async fn bench_on(
     let deliveries = Arc::new(Deliveries {
         epoch: Instant::now(),
         snapshots: AtomicUsize::new(0),
+        snapshot_seen: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        moves: AtomicUsize::new(0),
         completed_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
         completed: AtomicUsize::new(0),
         progress: Notify::new(),
     });
+    let watch = if args.positions { WATCH_PLACE } else { WATCH };
     let mut readers = Vec::new();
     let mut index = 0;
     let subscribing = Instant::now();
@@ -381,7 +415,7 @@ async fn bench_on(
             })
             .collect();
         let token = token(&format!("user-{user}"), None)?;
-        readers.push(open_connection(&server.ws_url, &token, tasks, deliveries.clone()).await?);
+        readers.push(open_connection(&server.ws_url, &token, tasks, deliveries.clone(), watch).await?);
     }
     wait_for(
         &deliveries,
@@ -393,6 +427,11 @@ async fn bench_on(
     let setup = subscribing.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after_kib = server.rss_kib()?;
+    // What watching costs with nothing changing (the lines' rankings, with
+    // `--positions`): server CPU over a few idle seconds.
+    let cpu_before = server.cpu_time()?;
+    tokio::time::sleep(IDLE).await;
+    let idle_cpu = (server.cpu_time()? - cpu_before).as_secs_f64() / IDLE.as_secs_f64();
 
     // The burst: a worker completes every task.
     let started = Instant::now();
@@ -454,5 +493,7 @@ async fn bench_on(
         before_response,
         updates_per_sec: n as f64 / burst.as_secs_f64(),
         setup,
+        idle_cpu,
+        moves: deliveries.moves.load(Ordering::Relaxed),
     })
 }

@@ -79,7 +79,9 @@ where
 #[Subscription(name = "Subscription")]
 impl SubscriptionRoot {
     /// The task's current state, then every change in order; completes after
-    /// a terminal state or a deletion.
+    /// a terminal state or a deletion. A subscription that selects
+    /// `queuePosition` or `estimatedStartAt` also gets the task again each
+    /// time its position moves while it is PENDING, at most once a second.
     async fn task_updated(
         &self,
         ctx: &Context<'_>,
@@ -88,8 +90,12 @@ impl SubscriptionRoot {
         let user = current_user(ctx)?;
         let task_id = task_id(&id)?;
         let slot = take_slot(ctx)?;
+        // Only a subscription that asks for the place follows the line.
+        let fields = ctx.look_ahead();
+        let placed =
+            fields.field("queuePosition").exists() || fields.field("estimatedStartAt").exists();
         let stream = service(ctx)
-            .watch_task(user, task_id)
+            .watch_task(user, task_id, placed)
             .await
             .map_err(graphql_error)?;
         Ok(live(ctx, stream, slot, Task::from))

@@ -1,6 +1,13 @@
 //! The API shape of tasks. Storage rows convert into these; they are not rows.
-use async_graphql::{Enum, ID, InputObject, Json, Object, SimpleObject};
+use std::sync::Arc;
+
+use async_graphql::{
+    ComplexObject, Context, Enum, ID, InputObject, Json, Object, Result, SimpleObject,
+};
 use chrono::{DateTime, Utc};
+use tokio::sync::OnceCell;
+
+use crate::service::{Place, Watched};
 
 use crate::events::TaskEvent as BusEvent;
 
@@ -17,6 +24,7 @@ pub enum TaskStatus {
 
 /// A background job and where it is.
 #[derive(SimpleObject, Clone, Debug)]
+#[graphql(complex)]
 pub struct Task {
     pub id: ID,
     #[graphql(name = "type")]
@@ -55,6 +63,64 @@ pub struct Task {
     /// retryTask) before a failure or an expired lease makes it FAILED for
     /// good.
     pub max_attempts: i32,
+    /// Its place in line, read once (when asked, unless it came with the task).
+    #[graphql(skip)]
+    pub place: Arc<OnceCell<Option<Place>>>,
+}
+
+#[ComplexObject]
+impl Task {
+    /// Where a PENDING task stands in its type's line: 1 is the next task of
+    /// its type a worker would claim. Null unless the task is PENDING and
+    /// its runAt has passed. In `taskUpdated`, the task is sent again when
+    /// its position moves, at most once a second.
+    async fn queue_position(&self, ctx: &Context<'_>) -> Result<Option<i32>> {
+        Ok(self
+            .place(ctx)
+            .await?
+            .map(|place| i32::try_from(place.position).unwrap_or(i32::MAX)))
+    }
+
+    /// When a PENDING task should start, from how fast its type's tasks
+    /// were claimed lately. Null when it has no position, its type is
+    /// paused, or none of its type was claimed in the last 15 minutes.
+    async fn estimated_start_at(&self, ctx: &Context<'_>) -> Result<Option<DateTime<Utc>>> {
+        Ok(self
+            .place(ctx)
+            .await?
+            .and_then(|place| place.estimated_start_at))
+    }
+}
+
+impl Task {
+    async fn place(&self, ctx: &Context<'_>) -> Result<Option<Place>> {
+        if self.status != TaskStatus::Pending {
+            return Ok(None);
+        }
+        let place = self
+            .place
+            .get_or_try_init(|| async {
+                let user = super::current_user(ctx)?;
+                let id = super::task_id(&self.id)?;
+                super::service(ctx)
+                    .queue_place(user, id)
+                    .await
+                    .map_err(super::graphql_error)
+            })
+            .await?;
+        Ok(*place)
+    }
+}
+
+impl From<Watched> for Task {
+    fn from(watched: Watched) -> Self {
+        let task = Task::from(watched.task);
+        if let Some(place) = watched.place {
+            // A fresh cell: it cannot be set yet.
+            let _ = task.place.set(place);
+        }
+        task
+    }
 }
 
 impl From<entity::Task> for Task {
@@ -78,6 +144,7 @@ impl From<entity::Task> for Task {
             run_at: task.run_at,
             priority: task.priority,
             max_attempts: task.max_attempts,
+            place: Arc::default(),
         }
     }
 }

@@ -12,12 +12,14 @@ use crate::events::TaskEvent;
 use futures::stream::BoxStream;
 
 pub mod changelog;
+pub mod line;
 pub mod queue;
 mod sea;
 pub mod stats;
 pub mod validate;
 mod watch;
 
+pub use line::Place;
 pub use queue::{Backoff, Policy, PolicyChange, TaskType};
 pub use sea::SeaTaskService;
 pub use stats::{StatsRequest, TaskStats};
@@ -32,6 +34,15 @@ pub const MAX_LEASE: Duration = Duration::from_secs(3600);
 /// The right to claim tasks, report on them and move them along the status
 /// machine. Only a caller with the service role gets one, so every way into
 /// the service (GraphQL, the CLI, a test) meets the same rule.
+/// A task as `watch_task` yields it.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub task: Task,
+    /// Its place in line: `Some(None)` when not pending and runnable;
+    /// `None` when it could not be read with the task (ask `queue_place`).
+    pub place: Option<Option<Place>>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Worker {
     id: String,
@@ -201,12 +212,19 @@ pub trait TaskService: Send + Sync {
     async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize>;
 
     /// The task's current state, then every change in order; ends after a
-    /// terminal state or a deletion (`taskUpdated`).
+    /// terminal state or a deletion (`taskUpdated`). With `placed`, each
+    /// task comes with its place in line, and while it is pending the task
+    /// comes again each time its position moves.
     async fn watch_task(
         &self,
         user: &CurrentUser,
         task_id: Uuid,
-    ) -> TaskResult<BoxStream<'static, TaskResult<Task>>>;
+        placed: bool,
+    ) -> TaskResult<BoxStream<'static, TaskResult<Watched>>>;
+
+    /// Where a task the caller may see stands in its type's line; `None`
+    /// unless it is pending and runnable (see `line`).
+    async fn queue_place(&self, user: &CurrentUser, task_id: Uuid) -> TaskResult<Option<Place>>;
 
     /// Every change of the tasks `user` sees, in the change log's order;
     /// with `after` (an event's cursor), first every such change past it

@@ -28,12 +28,13 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::changelog::Changelog;
+use super::line::{Lines, Place};
 use super::queue::{self, Caps, PolicyChange, Queue, TaskType};
 use super::watch::Watch;
 use super::{
     ClaimRequest, DEFAULT_LEASE, Heartbeat, MAX_LEASE, MAX_PAGE_SIZE, NewTask, ReapOutcome,
-    StatsRequest, StatusUpdate, TaskFilter, TaskPage, TaskService, TaskStats, Worker, stats,
-    validate,
+    StatsRequest, StatusUpdate, TaskFilter, TaskPage, TaskService, TaskStats, Watched, Worker,
+    stats, validate,
 };
 use crate::auth::CurrentUser;
 use crate::db::{Backend, Db, DbTransaction};
@@ -66,6 +67,7 @@ const FOLD_LOCK: i64 = 0x7461_736b_716c_0002;
 pub struct SeaTaskService {
     writer: Writer,
     watch: Watch,
+    lines: Lines,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     /// Creates waiting to be inserted, one queue per inserter (see
@@ -298,8 +300,9 @@ impl SeaTaskService {
         // The log's reader moves and reads on connections of its own, so
         // delivery does not wait behind requests for a pooled one.
         let log = Changelog::start(db.apart(2), EventBus::new(), metrics.clone());
-        let watch = Watch::new(db.clone(), log.clone());
         let queue = Arc::new(Queue::new(db.clone(), max_attempts));
+        let lines = Lines::new(db.clone(), queue.clone());
+        let watch = Watch::new(db.clone(), log.clone(), lines.clone());
         let writer = Writer {
             db,
             log,
@@ -319,6 +322,7 @@ impl SeaTaskService {
         Self {
             writer,
             watch,
+            lines,
             queue,
             creates,
             metrics,
@@ -1093,8 +1097,13 @@ impl TaskService for SeaTaskService {
         &self,
         user: &CurrentUser,
         task_id: Uuid,
-    ) -> TaskResult<BoxStream<'static, TaskResult<Task>>> {
-        self.watch.task(user.clone(), task_id).await
+        placed: bool,
+    ) -> TaskResult<BoxStream<'static, TaskResult<Watched>>> {
+        self.watch.task(user.clone(), task_id, placed).await
+    }
+
+    async fn queue_place(&self, user: &CurrentUser, task_id: Uuid) -> TaskResult<Option<Place>> {
+        self.lines.place(user, task_id).await
     }
 
     async fn watch_events(

@@ -4,14 +4,16 @@
 //! these streams yield.
 use std::sync::Arc;
 
-use entity::{Task, Tasks};
+use entity::{Task, TaskStatus, Tasks};
 use futures::stream::BoxStream;
 use sea_orm::EntityTrait;
 use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
+use super::Watched;
 use super::changelog::{self, Changelog, Horizon};
+use super::line::{Following, Lines, Place};
 use crate::auth::CurrentUser;
 use crate::db::Db;
 use crate::error::{TaskError, TaskResult};
@@ -30,15 +32,41 @@ const READ_TRIES: u32 = 3;
 pub struct Watch {
     db: Db,
     log: Changelog,
+    lines: Lines,
     reads: Arc<Semaphore>,
 }
 
 impl Watch {
-    pub fn new(db: Db, log: Changelog) -> Self {
+    pub fn new(db: Db, log: Changelog, lines: Lines) -> Self {
         Self {
             db,
             log,
+            lines,
             reads: Arc::new(Semaphore::new(STREAM_READS)),
+        }
+    }
+
+    /// Follows the task in its type's line while it is pending, and reads
+    /// its place now: `None` if that read failed (the reader may ask again).
+    async fn follow(
+        &self,
+        user: &CurrentUser,
+        task: &Task,
+        following: &mut Option<Following>,
+    ) -> Option<Option<Place>> {
+        if task.status != TaskStatus::Pending {
+            *following = None;
+            return Some(None);
+        }
+        if following.is_none() {
+            *following = Some(self.lines.follow(&task.task_type, task.id));
+        }
+        match self.lines.place(user, task.id).await {
+            Ok(place) => Some(place),
+            Err(err) => {
+                tracing::warn!(error = %err, task = %task.id, "reading a task's place failed");
+                None
+            }
         }
     }
 
@@ -54,12 +82,15 @@ impl Watch {
     }
 
     /// The task's current state, then every change in order; ends after a
-    /// terminal state or a deletion. `NOT_FOUND` if the user may not see it.
+    /// terminal state or a deletion. With `placed`, while the task is
+    /// pending, its place in line too: the task again whenever its position
+    /// moves, at most once a tick. `NOT_FOUND` if the user may not see it.
     pub async fn task(
         &self,
         user: CurrentUser,
         task_id: Uuid,
-    ) -> TaskResult<BoxStream<'static, TaskResult<Task>>> {
+        placed: bool,
+    ) -> TaskResult<BoxStream<'static, TaskResult<Watched>>> {
         // Listen before reading, so a change committed in between is not
         // lost; events at or below the version read are dropped as repeats.
         // Every change committed after the read is past the position the
@@ -69,14 +100,44 @@ impl Watch {
         let current = self.read_task(task_id, &user).await?;
         let watch = self.clone();
         Ok(Box::pin(async_stream::stream! {
-            let mut last = current.version;
+            let mut following = None;
+            let place = if placed {
+                watch.follow(&user, &current, &mut following).await
+            } else {
+                None
+            };
+            // The position last sent; `None` when the place was left to the reader.
+            let mut sent = place.map(|place| place.map(|p| p.position));
+            let mut last = current.clone();
             let finished = current.status.is_terminal();
-            yield Ok(current);
+            yield Ok(Watched { task: current, place });
             if finished {
                 return;
             }
             loop {
-                let task = match events.recv().await {
+                let moved = async {
+                    match following.as_mut() {
+                        Some(following) => following.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                // `yield` cannot stand inside `select!`: it says which woke.
+                let received = tokio::select! {
+                    received = events.recv() => Some(received),
+                    () = moved => None,
+                };
+                let Some(received) = received else {
+                    // A task that left the line did so by a change, which
+                    // its event tells; a rank only moves it within.
+                    if let Some(Some(place)) = following.as_ref().and_then(Following::place)
+                        && sent != Some(Some(place.position))
+                    {
+                        sent = Some(Some(place.position));
+                        yield Ok(Watched { task: last.clone(), place: Some(Some(place)) });
+                    }
+                    continue;
+                };
+                let task = match received {
                     Ok(event) if event.kind == TaskEventKind::Deleted => return,
                     Ok(event) => event.task.clone(),
                     // Fell behind its buffer: the current state says where it is.
@@ -90,12 +151,18 @@ impl Watch {
                     },
                     Err(RecvError::Closed) => return,
                 };
-                if task.version <= last {
+                if task.version <= last.version {
                     continue;
                 }
-                last = task.version;
+                let place = if placed {
+                    watch.follow(&user, &task, &mut following).await
+                } else {
+                    None
+                };
+                sent = place.map(|place| place.map(|p| p.position));
+                last = task.clone();
                 let finished = task.status.is_terminal();
-                yield Ok(task);
+                yield Ok(Watched { task, place });
                 if finished {
                     return;
                 }
