@@ -176,6 +176,8 @@ impl Events {
         mut responses: BoxStream<'static, Response>,
     ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
         async_stream::stream! {
+            // Held, by name, for as long as the stream lives.
+            let _slot = self._slot;
             let interval = self.state.keepalive_interval;
             let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
