@@ -75,8 +75,14 @@ async fn a_hash_runs_once_its_document_was_sent_over_post_and_get() {
         json!({ "variables": variables, "extensions": persisted(&hash) }),
     )
     .await;
-    assert_eq!(unknown["errors"][0]["message"], "PersistedQueryNotFound", "{unknown}");
-    assert_eq!(common::error_code(&unknown), Some("PERSISTED_QUERY_NOT_FOUND"));
+    assert_eq!(
+        unknown["errors"][0]["message"], "PersistedQueryNotFound",
+        "{unknown}"
+    );
+    assert_eq!(
+        common::error_code(&unknown),
+        Some("PERSISTED_QUERY_NOT_FOUND")
+    );
     assert!(unknown.get("data").is_none(), "{unknown}");
 
     let registered = post(
@@ -108,7 +114,11 @@ async fn a_hash_runs_once_its_document_was_sent_over_post_and_get() {
     // Over GET, a document never sent is not found either.
     let other = persisted(&sha256("{ __typename }")).to_string();
     let unknown = get(&app, &alice, &[("extensions", &other)]).await;
-    assert_eq!(common::error_code(&unknown), Some("PERSISTED_QUERY_NOT_FOUND"), "{unknown}");
+    assert_eq!(
+        common::error_code(&unknown),
+        Some("PERSISTED_QUERY_NOT_FOUND"),
+        "{unknown}"
+    );
     // And registered over GET, it runs by its hash after.
     let registered = get(
         &app,
@@ -141,7 +151,10 @@ async fn a_hash_that_does_not_match_its_document_is_refused() {
 
     // Nor was the wrong pairing kept.
     let by_hash = post(&app, &alice, json!({ "extensions": persisted(&wrong) })).await;
-    assert_eq!(common::error_code(&by_hash), Some("PERSISTED_QUERY_NOT_FOUND"));
+    assert_eq!(
+        common::error_code(&by_hash),
+        Some("PERSISTED_QUERY_NOT_FOUND")
+    );
 
     let version_2 = post(
         &app,
@@ -149,7 +162,10 @@ async fn a_hash_that_does_not_match_its_document_is_refused() {
         json!({ "extensions": { "persistedQuery": { "version": 2, "sha256Hash": wrong } } }),
     )
     .await;
-    assert_eq!(common::error_code(&version_2), Some("PERSISTED_QUERY_NOT_SUPPORTED"));
+    assert_eq!(
+        common::error_code(&version_2),
+        Some("PERSISTED_QUERY_NOT_SUPPORTED")
+    );
 }
 
 /// A server in trusted-documents mode, with `TASK` and `WATCH` trusted
@@ -181,8 +197,17 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
     let variables = json!({ "id": id });
 
     // Any other document from a user is refused, however it comes.
-    let refused = post(&app, &alice, json!({ "query": "{ __schema { types { name } } }" })).await;
-    assert_eq!(common::error_code(&refused), Some("PERSISTED_QUERY_REQUIRED"), "{refused}");
+    let refused = post(
+        &app,
+        &alice,
+        json!({ "query": "{ __schema { types { name } } }" }),
+    )
+    .await;
+    assert_eq!(
+        common::error_code(&refused),
+        Some("PERSISTED_QUERY_REQUIRED"),
+        "{refused}"
+    );
     let message = refused["errors"][0]["message"].as_str().unwrap_or_default();
     assert!(message.contains("only trusted documents"), "{message}");
     assert!(refused.get("data").is_none(), "{refused}");
@@ -193,11 +218,25 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
         json!({ "query": other, "extensions": persisted(&sha256(other)) }),
     )
     .await;
-    assert_eq!(common::error_code(&registering), Some("PERSISTED_QUERY_REQUIRED"));
+    assert_eq!(
+        common::error_code(&registering),
+        Some("PERSISTED_QUERY_REQUIRED")
+    );
     let over_get = get(&app, &alice, &[("query", other)]).await;
-    assert_eq!(common::error_code(&over_get), Some("PERSISTED_QUERY_REQUIRED"));
-    let unknown = post(&app, &alice, json!({ "extensions": persisted(&sha256(other)) })).await;
-    assert_eq!(common::error_code(&unknown), Some("PERSISTED_QUERY_REQUIRED"));
+    assert_eq!(
+        common::error_code(&over_get),
+        Some("PERSISTED_QUERY_REQUIRED")
+    );
+    let unknown = post(
+        &app,
+        &alice,
+        json!({ "extensions": persisted(&sha256(other)) }),
+    )
+    .await;
+    assert_eq!(
+        common::error_code(&unknown),
+        Some("PERSISTED_QUERY_REQUIRED")
+    );
 
     // A trusted document runs by its id, over POST and GET, or sent whole.
     let by_id = post(
@@ -216,12 +255,25 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
     )
     .await;
     assert_eq!(common::data(by_get)["task"]["status"], "PENDING");
-    let whole = post(&app, &alice, json!({ "query": TASK, "variables": variables })).await;
+    let whole = post(
+        &app,
+        &alice,
+        json!({ "query": TASK, "variables": variables }),
+    )
+    .await;
     assert_eq!(common::data(whole)["task"]["id"], id.as_str());
 
     // The service role runs anything, GraphiQL's introspection included.
-    let introspection = post(&app, &worker, json!({ "query": "{ __schema { queryType { name } } }" })).await;
-    assert_eq!(common::data(introspection)["__schema"]["queryType"]["name"], "Query");
+    let introspection = post(
+        &app,
+        &worker,
+        json!({ "query": "{ __schema { queryType { name } } }" }),
+    )
+    .await;
+    assert_eq!(
+        common::data(introspection)["__schema"]["queryType"]["name"],
+        "Query"
+    );
 
     // A bad token hears about its token, not about documents.
     let bad = post(&app, "not-a-jwt", json!({ "query": "{ __typename }" })).await;
@@ -256,9 +308,16 @@ async fn in_trusted_mode_streams_and_websockets_refuse_other_documents_too() {
     let client = WsClient::connect_as(&app.ws_url, &alice).await;
     let mut refused = client.subscribe("subscription { taskEvents { kind } }", json!({}));
     let event = refused.next().await;
-    assert_eq!(event.error_code(), Some("PERSISTED_QUERY_REQUIRED"), "{event:?}");
+    assert_eq!(
+        event.error_code(),
+        Some("PERSISTED_QUERY_REQUIRED"),
+        "{event:?}"
+    );
     let mut trusted = client.subscribe(WATCH, json!({ "id": id }));
-    assert_eq!(trusted.next_data().await["taskUpdated"]["status"], "PENDING");
+    assert_eq!(
+        trusted.next_data().await["taskUpdated"]["status"],
+        "PENDING"
+    );
 }
 
 #[tokio::test]
@@ -281,7 +340,12 @@ async fn an_apollo_manifest_is_read_too() {
     )
     .await;
     assert_eq!(common::data(by_hash)["task"]["id"], id.as_str());
-    let other = post(&app, &alice, json!({ "query": WATCH, "variables": { "id": id } })).await;
+    let other = post(
+        &app,
+        &alice,
+        json!({ "query": WATCH, "variables": { "id": id } }),
+    )
+    .await;
     assert_eq!(common::error_code(&other), Some("PERSISTED_QUERY_REQUIRED"));
 }
 
@@ -335,8 +399,16 @@ async fn apollo_clients_persisted_query_link_registers_then_sends_hashes() {
     for run in ["post", "get"] {
         let seen = &report[run];
         assert!(seen["error"].is_null(), "{run}: {report:#}");
-        assert_eq!(seen["first"]["task"]["id"], id.as_str(), "{run}: {report:#}");
-        assert_eq!(seen["second"]["task"]["id"], id.as_str(), "{run}: {report:#}");
+        assert_eq!(
+            seen["first"]["task"]["id"],
+            id.as_str(),
+            "{run}: {report:#}"
+        );
+        assert_eq!(
+            seen["second"]["task"]["id"],
+            id.as_str(),
+            "{run}: {report:#}"
+        );
         // The first call: the hash alone, refused as not found, then the
         // document with it; the second: the hash alone, answered.
         let requests = seen["requests"].as_array().expect("requests");

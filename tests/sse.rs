@@ -78,7 +78,11 @@ async fn a_subscription_streams_each_change_then_completes() {
         ],
         "{payloads:?}"
     );
-    assert_eq!(end, Message::Complete, "the server completes after COMPLETED");
+    assert_eq!(
+        end,
+        Message::Complete,
+        "the server completes after COMPLETED"
+    );
     assert_eq!(stream.next_message().await, Message::End);
 }
 
@@ -114,12 +118,18 @@ async fn queries_over_post_and_get_answer_one_next_then_complete() {
     let mutation = json!({ "query": "mutation($id: ID!) { cancelTask(id: $id) { status } }",
                            "variables": { "id": id } });
     let mut stream = EventStream::new(sse::post(&app, Some(&alice), &mutation).await);
-    assert_eq!(stream.next_data().await["cancelTask"]["status"], "CANCELLED");
+    assert_eq!(
+        stream.next_data().await["cancelTask"]["status"],
+        "CANCELLED"
+    );
     assert_eq!(stream.next_event().await, Message::Complete);
     let over_get = sse::get(
         &app,
         Some(&alice),
-        &[("query", "mutation { createTask(input: {type: \"x\"}) { id } }")],
+        &[(
+            "query",
+            "mutation { createTask(input: {type: \"x\"}) { id } }",
+        )],
     )
     .await;
     assert_eq!(over_get.status(), 405);
@@ -163,7 +173,11 @@ async fn a_missing_bad_or_expired_token_is_refused_before_any_event() {
     ] {
         let response = sse::post(&app, token, &watch(&id)).await;
         assert_eq!(response.status(), 401, "{case}");
-        assert_eq!(header(&response, "www-authenticate"), Some("Bearer"), "{case}");
+        assert_eq!(
+            header(&response, "www-authenticate"),
+            Some("Bearer"),
+            "{case}"
+        );
         assert!(
             header(&response, "content-type").is_some_and(|t| t.starts_with("application/json")),
             "{case}: a JSON error, no stream"
@@ -190,10 +204,7 @@ async fn keep_alive_comments_come_at_the_keepalive_interval() {
     let alice = app.user_token("alice");
     let id = create_task(&app, &alice).await;
     let mut stream = EventStream::new(sse::post(&app, Some(&alice), &watch(&id)).await);
-    assert_eq!(
-        stream.next_data().await["taskUpdated"]["status"],
-        "PENDING"
-    );
+    assert_eq!(stream.next_data().await["taskUpdated"]["status"], "PENDING");
     let mut comments = 0;
     let until = tokio::time::Instant::now() + Duration::from_millis(1500);
     while let Some(message) = stream
@@ -307,7 +318,10 @@ async fn on_postgres_a_stream_on_one_instance_sees_changes_made_through_another(
     set_status(&b, &id, "COMPLETED", json!({ "resultId": "through-b" })).await;
     let (payloads, end) = stream.until_end().await;
     let last = payloads.last().expect("the completion arrived on A");
-    assert_eq!(last["data"]["taskUpdated"]["resultId"], "through-b", "{payloads:?}");
+    assert_eq!(
+        last["data"]["taskUpdated"]["resultId"], "through-b",
+        "{payloads:?}"
+    );
     assert_eq!(end, Message::Complete);
 }
 
@@ -367,9 +381,16 @@ async fn the_graphql_sse_client_and_urql_over_it_follow_a_task_to_completion() {
             output.status
         )
     });
-    assert!(ready, "the clients never got the first state: {report:#}\n{diagnostics}");
+    assert!(
+        ready,
+        "the clients never got the first state: {report:#}\n{diagnostics}"
+    );
 
-    assert_eq!(report["query"]["data"]["task"]["id"], id.as_str(), "{report:#}");
+    assert_eq!(
+        report["query"]["data"]["task"]["id"],
+        id.as_str(),
+        "{report:#}"
+    );
     assert_eq!(report["refused"]["status"], 401, "{report:#}");
     for client in ["graphqlSse", "urql"] {
         let seen = &report[client];
@@ -378,7 +399,10 @@ async fn the_graphql_sse_client_and_urql_over_it_follow_a_task_to_completion() {
             json!(["PENDING", "PROCESSING", "COMPLETED"]),
             "{client}: {report:#}"
         );
-        assert_eq!(seen["last"]["resultId"], "concept-sse", "{client}: {report:#}");
+        assert_eq!(
+            seen["last"]["resultId"], "concept-sse",
+            "{client}: {report:#}"
+        );
         assert_eq!(seen["errors"], json!([]), "{client}: {report:#}");
         assert_eq!(seen["completed"], true, "{client}: {report:#}");
     }

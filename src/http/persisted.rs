@@ -201,7 +201,10 @@ impl PersistedDocuments {
                     if trusted_only {
                         return Err(not_trusted());
                     }
-                    return Err(refusal("PERSISTED_QUERY_NOT_FOUND", "PersistedQueryNotFound"));
+                    return Err(refusal(
+                        "PERSISTED_QUERY_NOT_FOUND",
+                        "PersistedQueryNotFound",
+                    ));
                 };
                 request.query = query.to_string();
                 Ok(())
@@ -221,8 +224,7 @@ impl PersistedDocuments {
                 Ok(())
             }
             (None, _) if trusted_only => {
-                if request.query.is_empty() || !self.is_trusted_text(&sha256_hex(&request.query))
-                {
+                if request.query.is_empty() || !self.is_trusted_text(&sha256_hex(&request.query)) {
                     return Err(not_trusted());
                 }
                 Ok(())
@@ -265,7 +267,10 @@ mod tests {
             registered.insert(format!("{i}"), format!("{{ n{i} }}").into());
         }
         assert_eq!(registered.documents.len(), REGISTERED_DOCUMENTS);
-        assert!(!registered.documents.contains_key("0"), "the oldest went first");
+        assert!(
+            !registered.documents.contains_key("0"),
+            "the oldest went first"
+        );
         let big: Arc<str> = "x".repeat(REGISTERED_BYTES / 2 + 1).into();
         registered.insert("big1".into(), big.clone());
         registered.insert("big2".into(), big);

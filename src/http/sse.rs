@@ -19,8 +19,8 @@ use async_graphql::Response;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::graphql::{
@@ -113,10 +113,7 @@ fn respond(
     let (responses, operation): (BoxStream<'static, Response>, Operation) = match resolved {
         Ok(()) => {
             let (request, operation) = prepare(&state, request);
-            (
-                state.schema.execute_stream(request.data(caller)),
-                operation,
-            )
+            (state.schema.execute_stream(request.data(caller)), operation)
         }
         // Refused before it ran: reported in a `next`, as the protocol asks.
         Err(refused) => (

@@ -456,8 +456,9 @@ fn start(
                 .execute_stream_with_session_data(request, session_data.clone())
         }
         // Refused before it ran: answered like a document that does not validate.
-        Err(refused) => futures::stream::once(async move { Response::from_errors(vec![refused]) })
-            .boxed(),
+        Err(refused) => {
+            futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed()
+        }
     };
     let (responses, handle) = futures::stream::abortable(responses);
     let ended = id.clone();

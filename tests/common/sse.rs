@@ -129,7 +129,10 @@ impl EventStream {
     pub async fn next_data(&mut self) -> Value {
         match self.next_event().await {
             Message::Next(payload) => {
-                assert!(payload.get("errors").is_none(), "unexpected errors: {payload}");
+                assert!(
+                    payload.get("errors").is_none(),
+                    "unexpected errors: {payload}"
+                );
                 payload["data"].clone()
             }
             other => panic!("expected a next event, got {other:?}"),
@@ -172,7 +175,10 @@ fn parse(block: &str) -> Message {
         ),
         Some("complete") => {
             // EventSource calls no listener for an event without data.
-            assert!(has_data && data.is_empty(), "complete carries an empty data field");
+            assert!(
+                has_data && data.is_empty(),
+                "complete carries an empty data field"
+            );
             Message::Complete
         }
         Some(other) => Message::Other(other.to_owned(), data),
