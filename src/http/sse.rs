@@ -38,7 +38,7 @@ const KEEPALIVE: &[u8] = b":\n\n";
 pub(super) async fn post(state: Arc<HttpState>, headers: HeaderMap, body: Body) -> HttpResponse {
     let user = match authenticate(&state, &headers) {
         Ok(user) => user,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let Ok(slot) = state.websocket_slots.clone().try_acquire_owned() else {
         return streams_full();
@@ -69,7 +69,7 @@ pub(super) async fn get(
 ) -> HttpResponse {
     let user = match authenticate(&state, &headers) {
         Ok(user) => user,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let Ok(slot) = state.websocket_slots.clone().try_acquire_owned() else {
         return streams_full();
@@ -79,7 +79,7 @@ pub(super) async fn get(
 
 /// The caller, who must hold a valid token: a stream outlives the request,
 /// so nothing is streamed to a caller who could not run anything.
-fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<CurrentUser, HttpResponse> {
+fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<CurrentUser, Box<HttpResponse>> {
     let why = match caller_from_headers(&state.auth, headers) {
         Caller::Authenticated(user) if !user.has_expired() => return Ok(user),
         Caller::Authenticated(_) => "the token has expired; sign in again".to_owned(),
@@ -90,7 +90,7 @@ fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<CurrentUser, H
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    Err(response)
+    Err(Box::new(response))
 }
 
 /// Starts the operation and answers with its event stream.
@@ -161,7 +161,7 @@ struct Events {
 
 /// What wakes a stream.
 enum Step {
-    Next(Option<Response>),
+    Next(Option<Box<Response>>),
     KeepAlive,
     Expired,
     ShutDown,
@@ -187,7 +187,7 @@ impl Events {
                     biased;
                     _ = shut_down(&mut shutdown) => Step::ShutDown,
                     _ = &mut expiry => Step::Expired,
-                    next = responses.next() => Step::Next(next),
+                    next = responses.next() => Step::Next(next.map(Box::new)),
                     _ = keepalive.tick() => Step::KeepAlive,
                 };
                 match step {
@@ -198,7 +198,7 @@ impl Events {
                             first = false;
                             record_operation(&self.state, &self.request_id, &self.operation, &response, self.started);
                         }
-                        match serde_json::to_string(&WireResponse::from(&response)) {
+                        match serde_json::to_string(&WireResponse::from(&*response)) {
                             Ok(json) => yield Ok(Bytes::from(format!("event: next\ndata: {json}\n\n"))),
                             Err(err) => {
                                 tracing::error!(error = %err, "cannot serialize a GraphQL response");
