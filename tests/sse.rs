@@ -407,3 +407,40 @@ async fn the_graphql_sse_client_and_urql_over_it_follow_a_task_to_completion() {
         assert_eq!(seen["completed"], true, "{client}: {report:#}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_accepts_json_as_much_as_an_event_stream_gets_json() {
+    let app = spawn_app().await;
+    let alice = app.user_token("alice");
+    // What urql's fetchExchange sends with every query.
+    let urql_accept = "application/graphql-response+json, application/graphql+json, \
+                       application/json, text/event-stream, multipart/mixed";
+    let response = app
+        .http
+        .get(format!("{}/graphql", app.base))
+        .bearer_auth(&alice)
+        .header("accept", urql_accept)
+        .query(&[("query", "{ __typename }")])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        header(&response, "content-type"),
+        Some("application/graphql-response+json; charset=utf-8")
+    );
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(common::data(body)["__typename"], "Query");
+    // Preferred by its quality, the event stream wins.
+    let response = app
+        .http
+        .get(format!("{}/graphql", app.base))
+        .bearer_auth(&alice)
+        .header("accept", "application/json;q=0.5, text/event-stream")
+        .query(&[("query", "{ __typename }")])
+        .send()
+        .await
+        .expect("request");
+    let mut stream = EventStream::new(response);
+    assert_eq!(stream.next_data().await["__typename"], "Query");
+    assert_eq!(stream.next_event().await, Message::Complete);
+}

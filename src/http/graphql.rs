@@ -87,11 +87,12 @@ fn negotiate(headers: &HeaderMap) -> Option<MediaType> {
     }
 }
 
-/// Whether the client asks for an event stream (graphql-sse) before JSON.
+/// Whether the client asks for an event stream (graphql-sse sends only
+/// `text/event-stream`) over JSON. A client that accepts both as much (urql
+/// lists `text/event-stream` among JSON types) gets JSON.
 pub(crate) fn wants_event_stream(headers: &HeaderMap) -> bool {
-    accepts(headers).is_some_and(|a| {
-        a.event_stream > 0.0 && a.event_stream >= a.graphql_response && a.event_stream >= a.json
-    })
+    accepts(headers)
+        .is_some_and(|a| a.event_stream > 0.0 && a.event_stream > a.graphql_response.max(a.json))
 }
 
 /// Whether a GET comes from a browser that wants a page, not data.
