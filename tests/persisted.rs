@@ -318,6 +318,56 @@ async fn in_trusted_mode_streams_and_websockets_refuse_other_documents_too() {
         trusted.next_data().await["taskUpdated"]["status"],
         "PENDING"
     );
+
+    // A worker (the dashboard with a service-role token) subscribes to
+    // anything, over a websocket and an event stream.
+    let worker = app.worker_token();
+    let dashboard = WsClient::connect_as(&app.ws_url, &worker).await;
+    let mut events = dashboard.subscribe(
+        "subscription Events { taskEvents { kind task { id status } } }",
+        json!({}),
+    );
+    let mut stream = EventStream::new(
+        sse::post(
+            &app,
+            Some(&worker),
+            &json!({ "query": "subscription { taskEvents { kind task { status } } }" }),
+        )
+        .await,
+    );
+    // Both are live once a change made now reaches them.
+    let mut progress = 0;
+    let (on_socket, on_stream) = loop {
+        progress += 1;
+        let update = app
+            .update_status(
+                json!({ "id": id, "status": "PROCESSING", "progress": progress }),
+                "status",
+            )
+            .await;
+        assert_eq!(
+            update["data"]["updateTaskStatus"]["status"], "PROCESSING",
+            "{update}"
+        );
+        let socket = events.next_within(Duration::from_millis(500)).await;
+        let stream = stream.next_within(Duration::from_millis(500)).await;
+        if let (Some(socket), Some(stream)) = (socket, stream) {
+            break (socket, stream);
+        }
+        assert!(progress < 20, "the worker's subscriptions never went live");
+    };
+    let on_socket = on_socket.data().cloned().unwrap_or_default();
+    assert_eq!(
+        on_socket["taskEvents"]["task"]["status"], "PROCESSING",
+        "{on_socket}"
+    );
+    match on_stream {
+        Message::Next(payload) => assert_eq!(
+            payload["data"]["taskEvents"]["task"]["status"], "PROCESSING",
+            "{payload}"
+        ),
+        other => panic!("expected a next event, got {other:?}"),
+    }
 }
 
 #[tokio::test]

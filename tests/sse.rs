@@ -56,6 +56,8 @@ async fn a_subscription_streams_each_change_then_completes() {
     let response = sse::post(&app, Some(&alice), &watch(&id)).await;
     assert_eq!(header(&response, "cache-control"), Some("no-cache"));
     assert_eq!(header(&response, "x-accel-buffering"), Some("no"));
+    // Hop-by-hop, and forbidden in HTTP/2: not sent.
+    assert_eq!(header(&response, "connection"), None);
     let mut stream = EventStream::new(response);
     let first = stream.next_data().await;
     assert_eq!(first["taskUpdated"]["status"], "PENDING", "{first}");
