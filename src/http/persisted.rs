@@ -179,7 +179,7 @@ impl PersistedDocuments {
                         "PersistedQueryNotSupported: only version 1 of persistedQuery is supported",
                     ));
                 }
-                Some(persisted.sha256_hash.to_ascii_lowercase())
+                Some(persisted.sha256_hash)
             }
         };
         let trusted_only = self.trusted.is_some() && !is_service(caller);
@@ -189,12 +189,13 @@ impl PersistedDocuments {
         }
         match (persisted, request.query.is_empty()) {
             (Some(hash), true) => {
+                // A manifest's ids are looked up as they are; hashes in any case.
                 let found = self.trusted_document(&hash).or_else(|| {
                     self.registered
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .documents
-                        .get(&hash)
+                        .get(&hash.to_ascii_lowercase())
                         .cloned()
                 });
                 let Some(query) = found else {
@@ -211,7 +212,7 @@ impl PersistedDocuments {
             }
             (Some(hash), false) => {
                 let actual = sha256_hex(&request.query);
-                if actual != hash {
+                if !actual.eq_ignore_ascii_case(&hash) {
                     return Err(refusal("BAD_REQUEST", "provided sha does not match query"));
                 }
                 if trusted_only && !self.is_trusted_text(&actual) {
