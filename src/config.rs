@@ -158,9 +158,28 @@ pub struct Settings {
     /// Most HTTP connections at once (default: from the open-file limit).
     #[arg(long, env = "TASKQL_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<String>,
-    /// Most websockets at once (default: from the open-file limit, at most 10000).
+    /// Most websockets and event streams at once (default: from the
+    /// open-file limit, at most 10000).
     #[arg(long, env = "TASKQL_MAX_WEBSOCKETS", global = true)]
     pub max_websockets: Option<String>,
+    /// How often a websocket is pinged and an event stream gets a keep-alive
+    /// comment.
+    #[arg(
+        long,
+        env = "TASKQL_KEEPALIVE_INTERVAL",
+        default_value = "15s",
+        global = true
+    )]
+    pub keepalive_interval: String,
+    /// A JSON manifest of trusted documents (hash to document); when set,
+    /// users may run only these.
+    #[arg(
+        long,
+        env = "TASKQL_TRUSTED_DOCUMENTS",
+        global = true,
+        value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from)
+    )]
+    pub trusted_documents: Option<PathBuf>,
     /// Longest a shutdown waits for requests in flight.
     #[arg(
         long,
@@ -254,6 +273,9 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// `None`: sized from the open-file limit when serving.
     pub max_websockets: Option<usize>,
+    pub keepalive_interval: Duration,
+    /// `Some`: users may run only these documents.
+    pub trusted_documents: Option<std::sync::Arc<crate::http::persisted::TrustedDocuments>>,
     pub shutdown_timeout: Duration,
 }
 
@@ -540,6 +562,21 @@ impl Config {
             .map(|text| parse_positive("TASKQL_MAX_WEBSOCKETS", text, 1_000_000))
             .transpose()?
             .map(|n| n as usize);
+        let keepalive_interval =
+            parse_timeout("TASKQL_KEEPALIVE_INTERVAL", &settings.keepalive_interval)?;
+        let trusted_documents = match settings.trusted_documents.as_deref() {
+            None => None,
+            Some(path) if path.to_string_lossy().trim().is_empty() => {
+                return Err(bad(
+                    "TASKQL_TRUSTED_DOCUMENTS",
+                    "is set but empty; unset it, or give the path of a JSON manifest",
+                ));
+            }
+            Some(path) => Some(std::sync::Arc::new(
+                crate::http::persisted::TrustedDocuments::load(path)
+                    .map_err(|problem| bad("TASKQL_TRUSTED_DOCUMENTS", problem))?,
+            )),
+        };
         let shutdown_timeout =
             parse_timeout("TASKQL_SHUTDOWN_TIMEOUT", &settings.shutdown_timeout)?;
         let config = Self {
@@ -561,6 +598,8 @@ impl Config {
             body_timeout,
             max_connections,
             max_websockets,
+            keepalive_interval,
+            trusted_documents,
             shutdown_timeout,
         };
         // A key that does not parse is a start-up error, not a 401 later.

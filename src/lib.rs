@@ -132,6 +132,8 @@ impl App {
             live_subscriptions,
             max_subscriptions_per_connection: config.max_subscriptions_per_connection,
             websocket_slots: websocket_slots.clone(),
+            keepalive_interval: config.keepalive_interval,
+            persisted: http::persisted::PersistedDocuments::new(config.trusted_documents.clone()),
             body_timeout: config.body_timeout,
             shutdown: shutdown_rx,
             metrics,

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use super::{HttpState, MAX_BATCH, caller_from_headers, request_error};
-use crate::graphql::{self, WireResponse};
+use crate::graphql::{self, Caller, WireResponse};
 
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json; charset=utf-8";
 const JSON: &str = "application/json; charset=utf-8";
@@ -42,6 +42,7 @@ struct Accepts {
     graphql_response: f32,
     json: f32,
     html: f32,
+    event_stream: f32,
 }
 
 fn accepts(headers: &HeaderMap) -> Option<Accepts> {
@@ -50,6 +51,7 @@ fn accepts(headers: &HeaderMap) -> Option<Accepts> {
         graphql_response: 0.0,
         json: 0.0,
         html: 0.0,
+        event_stream: 0.0,
     };
     for range in header.split(',') {
         let mut parts = range.split(';');
@@ -64,6 +66,7 @@ fn accepts(headers: &HeaderMap) -> Option<Accepts> {
             }
             "application/json" | "application/*" | "*/*" => accepts.json = accepts.json.max(q),
             "text/html" => accepts.html = accepts.html.max(q),
+            "text/event-stream" => accepts.event_stream = accepts.event_stream.max(q),
             _ => {}
         }
     }
@@ -82,6 +85,14 @@ fn negotiate(headers: &HeaderMap) -> Option<MediaType> {
     } else {
         None
     }
+}
+
+/// Whether the client asks for an event stream (graphql-sse sends only
+/// `text/event-stream`) over JSON. A client that accepts both as much (urql
+/// lists `text/event-stream` among JSON types) gets JSON.
+pub(crate) fn wants_event_stream(headers: &HeaderMap) -> bool {
+    accepts(headers)
+        .is_some_and(|a| a.event_stream > 0.0 && a.event_stream > a.graphql_response.max(a.json))
 }
 
 /// Whether a GET comes from a browser that wants a page, not data.
@@ -118,7 +129,12 @@ fn malformed(message: String) -> Malformed {
 
 impl WireRequest {
     pub(crate) fn into_request(self) -> Result<async_graphql::Request, Malformed> {
-        let Some(query) = self.query else {
+        let persisted = self
+            .extensions
+            .as_ref()
+            .is_some_and(|e| e.contains_key("persistedQuery"));
+        // A persisted query may come without its document: its hash names it.
+        let Some(query) = self.query.or_else(|| persisted.then(String::new)) else {
             return Err(malformed(
                 "the request has no query: send {\"query\": \"…\"}".into(),
             ));
@@ -138,15 +154,15 @@ impl WireRequest {
 }
 
 /// What the log line says of an operation, and what its answer needs.
-struct Operation {
-    name: Option<String>,
-    kind: Option<OperationType>,
+pub(super) struct Operation {
+    pub(super) name: Option<String>,
+    pub(super) kind: Option<OperationType>,
     /// Introspection of the schema's description (see `hide_schema_description`).
-    schema_description: Vec<(String, String)>,
+    pub(super) schema_description: Vec<(String, String)>,
 }
 
 /// Hands the engine the cached parse of the request's document.
-fn prepare(
+pub(super) fn prepare(
     state: &HttpState,
     mut request: async_graphql::Request,
 ) -> (async_graphql::Request, Operation) {
@@ -184,7 +200,7 @@ fn kind_name(kind: Option<OperationType>) -> &'static str {
 
 /// Logs one line per operation (who asked what, how long it took, how it
 /// ended) and counts it in the metrics.
-fn record_operation(
+pub(super) fn record_operation(
     state: &HttpState,
     request_id: &str,
     operation: &Operation,
@@ -268,26 +284,44 @@ fn answer(responses: Vec<Response>, media: MediaType, batch: bool) -> HttpRespon
         .into_response()
 }
 
-fn request_id(headers: &HeaderMap) -> &str {
+pub(super) fn request_id(headers: &HeaderMap) -> &str {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
 }
 
+/// A request with the document it runs (see `persisted`), or why it cannot run.
+type Resolved = Result<async_graphql::Request, async_graphql::ServerError>;
+
 /// Runs the operations and answers in `media`.
 async fn run(
     state: &HttpState,
     headers: &HeaderMap,
-    requests: Vec<async_graphql::Request>,
+    caller: Caller,
+    requests: Vec<Resolved>,
     media: MediaType,
     batch: bool,
 ) -> HttpResponse {
-    let caller = caller_from_headers(&state.auth, headers);
     let request_id = request_id(headers);
     let mut responses = Vec::with_capacity(requests.len());
     for request in requests {
         let started = Instant::now();
+        let request = match request {
+            Ok(request) => request,
+            Err(refused) => {
+                let mut response = Response::from_errors(vec![refused]);
+                graphql::finish(&mut response);
+                let operation = Operation {
+                    name: None,
+                    kind: None,
+                    schema_description: Vec::new(),
+                };
+                record_operation(state, request_id, &operation, &response, started);
+                responses.push(response);
+                continue;
+            }
+        };
         let (request, operation) = prepare(state, request);
         let mut response = state.schema.execute(request.data(caller.clone())).await;
         graphql::hide_schema_description(&mut response, &operation.schema_description);
@@ -331,6 +365,9 @@ pub async fn post(
     body: Body,
 ) -> HttpResponse {
     state.metrics.http_requests.inc();
+    if wants_event_stream(&headers) && is_json(&headers) {
+        return super::sse::post(state, headers, body).await;
+    }
     if !is_json(&headers) {
         return request_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -349,10 +386,20 @@ pub async fn post(
         Ok(parsed) => parsed,
         Err(malformed) => return malformed.into_response(),
     };
-    run(&state, &headers, requests, media, batch).await
+    let caller = caller_from_headers(&state.auth, &headers);
+    let requests = requests
+        .into_iter()
+        .map(|mut request| {
+            state
+                .persisted
+                .resolve(&caller, &mut request)
+                .map(|()| request)
+        })
+        .collect();
+    run(&state, &headers, caller, requests, media, batch).await
 }
 
-fn parse_body(bytes: &Bytes) -> Result<(Vec<async_graphql::Request>, bool), Malformed> {
+pub(super) fn parse_body(bytes: &Bytes) -> Result<(Vec<async_graphql::Request>, bool), Malformed> {
     let not_json = |err: serde_json::Error| {
         malformed(format!(
             "the body is not a GraphQL request in JSON: {}",
@@ -399,29 +446,51 @@ pub async fn get(
         return super::graphiql().await.into_response();
     }
     state.metrics.http_requests.inc();
-    let Some(media) = negotiate(&headers) else {
-        return not_acceptable();
+    let event_stream = wants_event_stream(&headers);
+    let media = match negotiate(&headers) {
+        Some(media) => media,
+        None if event_stream => MediaType::Json,
+        None => return not_acceptable(),
     };
-    let request = match parse_query_string(query.as_deref().unwrap_or_default()) {
+    let mut request = match parse_query_string(query.as_deref().unwrap_or_default()) {
         Ok(request) => request,
         Err(malformed) => return malformed.into_response(),
     };
-    // Only queries over GET: a GET must not change anything.
-    if let Some(document) = state.documents.document(&request.query)
-        && graphql::operation_type(&document, request.operation_name.as_deref())
-            == Some(OperationType::Mutation)
-    {
-        let mut response = request_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "METHOD_NOT_ALLOWED",
-            "mutations must be sent with POST".into(),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return response;
+    if event_stream {
+        return super::sse::get(state, headers, request).await;
     }
-    run(&state, &headers, vec![request], media, false).await
+    // The document a hash names, to know whether it is a mutation.
+    let caller = caller_from_headers(&state.auth, &headers);
+    let resolved = state.persisted.resolve(&caller, &mut request);
+    if resolved.is_ok() && is_mutation(&state, &request) {
+        return mutation_over_get();
+    }
+    let request = resolved.map(|()| request);
+    run(&state, &headers, caller, vec![request], media, false).await
+}
+
+/// Whether the operation a request runs is a mutation.
+pub(super) fn is_mutation(state: &HttpState, request: &async_graphql::Request) -> bool {
+    state
+        .documents
+        .document(&request.query)
+        .is_some_and(|document| {
+            graphql::operation_type(&document, request.operation_name.as_deref())
+                == Some(OperationType::Mutation)
+        })
+}
+
+/// Only queries over GET: a GET must not change anything.
+pub(super) fn mutation_over_get() -> HttpResponse {
+    let mut response = request_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "mutations must be sent with POST".into(),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
 }
 
 /// A GET's `query`, `operationName`, and JSON-encoded `variables` and `extensions`.

@@ -1,5 +1,6 @@
 //! HTTP transport: routes, auth extraction, request bodies, limits.
-//! GraphQL over HTTP is in `graphql`, websockets in `ws`.
+//! GraphQL over HTTP is in `graphql`, event streams (graphql-sse) in `sse`,
+//! websockets in `ws`, persisted documents in `persisted`.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -22,10 +23,12 @@ use crate::graphql::{Caller, DocumentCache, LiveSubscriptions, TaskSchema};
 use crate::metrics::Metrics;
 
 pub mod graphql;
+pub mod persisted;
 pub mod serve;
+pub mod sse;
 pub mod ws;
 
-pub use ws::{CONNECTION_INIT_TIMEOUT, PING_INTERVAL};
+pub use ws::CONNECTION_INIT_TIMEOUT;
 
 /// Largest request body accepted on POST /graphql.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -44,8 +47,12 @@ pub struct HttpState {
     pub documents: DocumentCache,
     pub live_subscriptions: LiveSubscriptions,
     pub max_subscriptions_per_connection: usize,
-    /// One permit per websocket the server may hold.
+    /// One permit per websocket or event stream the server may hold.
     pub websocket_slots: Arc<Semaphore>,
+    /// How often websockets are pinged and event streams get a comment.
+    pub keepalive_interval: Duration,
+    /// Documents registered by hash, and the trusted ones.
+    pub persisted: persisted::PersistedDocuments,
     /// Longest a request body may take to arrive.
     pub body_timeout: Duration,
     pub shutdown: watch::Receiver<bool>,
@@ -112,6 +119,17 @@ pub(crate) fn request_error(status: StatusCode, code: &str, message: String) -> 
         "errors": [{ "message": message, "extensions": { "code": code } }]
     });
     (status, axum::Json(body)).into_response()
+}
+
+/// The answer when the server holds as many websockets and event streams
+/// as `TASKQL_MAX_WEBSOCKETS` allows.
+pub(crate) fn streams_full() -> Response {
+    request_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "SERVICE_UNAVAILABLE",
+        "the server holds as many websockets and event streams as it allows; try again later"
+            .into(),
+    )
 }
 
 /// An error after which the connection closes: the rest of the request

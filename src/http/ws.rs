@@ -9,9 +9,9 @@
 //! close instead. Protocol violations close with the protocol's codes: 4400
 //! malformed message, 4401 subscribe before `connection_ack`, 4408 no
 //! `connection_init` in time, 4409 a second subscribe with a live id, 4429 a
-//! second `connection_init`. The server pings every [`PING_INTERVAL`] and
-//! drops a client silent for three of them; it closes with 1001 on shutdown
-//! and with 4403 when the token expires.
+//! second `connection_init`. The server pings every keep-alive interval
+//! (`TASKQL_KEEPALIVE_INTERVAL`) and drops a client silent for three of
+//! them; it closes with 1001 on shutdown and with 4403 when the token expires.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,14 +30,12 @@ use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::graphql::WireRequest;
-use super::{HttpState, MAX_BODY_BYTES, request_error, verify};
+use super::{HttpState, MAX_BODY_BYTES, streams_full, verify};
 use crate::auth::{Authenticator, CurrentUser};
 use crate::graphql::{self, Caller, SubscriptionCounter, WireResponse};
 
 /// How long a websocket may stay open without `connection_init`.
 pub const CONNECTION_INIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Server pings this often; a client silent for three periods is dropped.
-pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// What a socket reads into at a time: messages are small, and a socket
 /// waiting for its `connection_init` should cost little.
 const READ_BUFFER: usize = 4 * 1024;
@@ -59,11 +57,7 @@ pub async fn upgrade(
     upgrade: WebSocketUpgrade,
 ) -> HttpResponse {
     let Ok(slot) = state.websocket_slots.clone().try_acquire_owned() else {
-        return request_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "SERVICE_UNAVAILABLE",
-            "the server holds as many websockets as it allows; try again later".into(),
-        );
+        return streams_full();
     };
     let upgrade = upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
@@ -315,8 +309,9 @@ async fn session(
     user: CurrentUser,
 ) -> Ended {
     let expires_at = user.expires_at;
+    let caller = Caller::Authenticated(user);
     let mut session_data = Data::default();
-    session_data.insert(Caller::Authenticated(user));
+    session_data.insert(caller.clone());
     session_data.insert(SubscriptionCounter {
         active: Default::default(),
         limit: state.max_subscriptions_per_connection,
@@ -328,7 +323,8 @@ async fn session(
         starts: 0,
     };
     let mut shutdown = state.shutdown.clone();
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let keepalive = state.keepalive_interval;
+    let mut ticker = tokio::time::interval(keepalive.min(Duration::from_secs(1)));
     let mut last_seen = Instant::now();
     let mut last_ping = Instant::now();
     loop {
@@ -344,7 +340,7 @@ async fn session(
                     Ok(None) => continue,
                     Err(ended) => return ended,
                 };
-                if let Err(ended) = handle(state, sink, protocol, &session_data, &mut operations, message).await {
+                if let Err(ended) = handle(state, sink, protocol, (&caller, &session_data), &mut operations, message).await {
                     return ended;
                 }
             }
@@ -361,10 +357,10 @@ async fn session(
                 if expires_at.is_some_and(|exp| now > exp.saturating_add(crate::auth::LEEWAY_SECS)) {
                     return Ended::Close(4403, "Forbidden: the token has expired".into());
                 }
-                if last_seen.elapsed() > PING_INTERVAL * 3 {
+                if last_seen.elapsed() > keepalive * 3 {
                     return Ended::Close(1001, "no answer to pings".into());
                 }
-                if last_ping.elapsed() >= PING_INTERVAL {
+                if last_ping.elapsed() >= keepalive {
                     last_ping = Instant::now();
                     if sink.send(Message::Ping(Default::default())).await.is_err() {
                         return Ended::Closed;
@@ -380,7 +376,7 @@ async fn handle(
     state: &HttpState,
     sink: &mut Sink,
     protocol: Protocol,
-    session_data: &Arc<Data>,
+    (caller, session_data): (&Caller, &Arc<Data>),
     operations: &mut Operations,
     message: ClientMessage,
 ) -> Result<(), Ended> {
@@ -421,7 +417,7 @@ async fn handle(
                     ));
                 }
             };
-            start(state, session_data, operations, id, request);
+            start(state, (caller, session_data), operations, id, request);
             Ok(())
         }
         (Protocol::TransportWs, ClientMessage::Complete { id })
@@ -443,19 +439,27 @@ async fn handle(
 
 fn start(
     state: &HttpState,
-    session_data: &Arc<Data>,
+    (caller, session_data): (&Caller, &Arc<Data>),
     operations: &mut Operations,
     id: String,
     mut request: async_graphql::Request,
 ) {
-    if let Some(document) = state.documents.document(&request.query) {
-        request.set_parsed_query(document);
-    }
     operations.starts += 1;
     let start = operations.starts;
-    let responses = state
-        .schema
-        .execute_stream_with_session_data(request, session_data.clone());
+    let responses = match state.persisted.resolve(caller, &mut request) {
+        Ok(()) => {
+            if let Some(document) = state.documents.document(&request.query) {
+                request.set_parsed_query(document);
+            }
+            state
+                .schema
+                .execute_stream_with_session_data(request, session_data.clone())
+        }
+        // Refused before it ran: answered like a document that does not validate.
+        Err(refused) => {
+            futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed()
+        }
+    };
     let (responses, handle) = futures::stream::abortable(responses);
     let ended = id.clone();
     let stream = responses

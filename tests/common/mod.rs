@@ -4,6 +4,7 @@
 
 pub mod edge;
 pub mod js;
+pub mod sse;
 pub mod ws;
 use std::sync::Arc;
 
