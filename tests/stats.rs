@@ -1393,7 +1393,8 @@ async fn minutes_older_than_a_day_and_an_hour_are_pruned() {
         stats_rows_before(&app.db, kept_from).await > 0,
         "the old minutes are there"
     );
-    assert!(service.prune_stats_minutes().await.unwrap() > 0);
+    // (The server's own pass, at start and every minute, may prune first.)
+    service.prune_stats_minutes().await.unwrap();
     assert_eq!(stats_rows_before(&app.db, kept_from).await, 0, "pruned");
     assert!(
         stats_rows_before(&app.db, kept_from + 300).await > 0,
