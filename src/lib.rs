@@ -105,6 +105,14 @@ impl App {
             let events = events.clone();
             async move { events.prune_events(event_retention).await }
         })));
+        let minutes = service.clone();
+        background.push(tokio::spawn(prune_forever(
+            "taskStats minutes",
+            move || {
+                let minutes = minutes.clone();
+                async move { minutes.prune_stats_minutes().await }
+            },
+        )));
         if config.backend == db::Backend::Postgres {
             background.push(tokio::spawn(fold_counts_forever(service.clone())));
             background.push(tokio::spawn(pg_listener::run(

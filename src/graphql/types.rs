@@ -288,9 +288,11 @@ pub struct ThroughputPoint {
 }
 
 /// Percentiles, in milliseconds, over the tasks of one type COMPLETED or
-/// FAILED in the last hour (the latest 20,000 at most): wait is from
-/// creation to the first claim, run from the first claim to the end. Null
-/// when no such task has the times.
+/// FAILED in the current minute and the 59 before it: wait is from
+/// creation to the first claim, run from the first claim to the end. A
+/// worker's are read from per-minute histograms, within 9.1% (or 1 ms) of
+/// the task's at that rank; a user's are exact, over the latest 20,000 at
+/// most. Null when no such task has the times.
 #[derive(SimpleObject, Clone, Debug)]
 pub struct TypeDurations {
     #[graphql(name = "type")]

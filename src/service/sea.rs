@@ -361,6 +361,25 @@ impl SeaTaskService {
         Ok(folded)
     }
 
+    /// Prunes the per-minute `taskStats` counters older than the longest
+    /// throughput window (and an hour); returns how many rows went. On
+    /// PostgreSQL it waits for the fold's lock, held a moment each second.
+    #[instrument(level = "debug", skip_all)]
+    pub async fn prune_stats_minutes(&self) -> TaskResult<u64> {
+        let txn = self.db().begin().await?;
+        if self.db().backend() == Backend::Postgres {
+            txn.execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT pg_advisory_xact_lock($1)",
+                [FOLD_LOCK.into()],
+            ))
+            .await?;
+        }
+        let pruned = stats::prune_minutes(&txn, now()).await?;
+        txn.commit().await?;
+        Ok(pruned)
+    }
+
     fn db(&self) -> &Db {
         &self.writer.db
     }
