@@ -7,6 +7,7 @@ mod m20261127_000003_task_counts;
 mod m20261204_000004_task_events;
 mod m20261204_000005_queue;
 mod m20261204_000006_result_id_index;
+mod m20261204_000008_traceparent;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000004_task_events::Migration),
             Box::new(m20261204_000005_queue::Migration),
             Box::new(m20261204_000006_result_id_index::Migration),
+            Box::new(m20261204_000008_traceparent::Migration),
         ]
     }
 }
