@@ -477,3 +477,31 @@ async fn a_frontend_on_another_origin_may_send_its_trace_context() {
         "{allowed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_spans_are_sent_at_shutdown() {
+    let database = TestDb::new().await;
+    let receiver = receiver().await;
+    // Batches every minute: only the shutdown sends this one in time.
+    let mut server = serve(
+        &database,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "60000"),
+        ],
+    );
+    let task = create(&server.base, None).await;
+    let (trace_id, _, _) = parts(task["traceparent"].as_str().unwrap());
+    let stopped = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let status = tokio::task::spawn_blocking(move || server.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let spans = receiver.trace(&trace_id);
+    assert!(named(&spans, "create_task").is_some(), "{spans:#?}");
+}
