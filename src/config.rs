@@ -449,7 +449,9 @@ fn local_secret_path(database: &Path) -> PathBuf {
 pub struct TraceExport {
     /// The URL spans are POSTed to (OTLP/HTTP, protobuf).
     pub endpoint: String,
-    pub service_name: String,
+    /// `OTEL_SERVICE_NAME`; without it, a `service.name` in
+    /// `OTEL_RESOURCE_ATTRIBUTES`, else `taskql`.
+    pub service_name: Option<String>,
     pub sampler: TraceSampler,
 }
 
@@ -547,9 +549,7 @@ pub fn trace_export(settings: &Settings) -> Result<Option<TraceExport>, ConfigEr
     };
     Ok(Some(TraceExport {
         endpoint,
-        service_name: otel_value(settings.otel_service_name.as_deref())
-            .unwrap_or("taskql")
-            .to_owned(),
+        service_name: otel_value(settings.otel_service_name.as_deref()).map(str::to_owned),
         sampler: TraceSampler {
             parent_based,
             ratio,
@@ -947,7 +947,7 @@ mod tests {
             on,
             TraceExport {
                 endpoint: "http://collector:4318/v1/traces".into(),
-                service_name: "taskql".into(),
+                service_name: None,
                 sampler: TraceSampler {
                     parent_based: true,
                     ratio: 1.0
@@ -967,7 +967,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(own.endpoint, "https://traces.example/in");
-        assert_eq!(own.service_name, "tasks-eu");
+        assert_eq!(own.service_name.as_deref(), Some("tasks-eu"));
         assert_eq!(
             own.sampler,
             TraceSampler {

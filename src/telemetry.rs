@@ -64,14 +64,25 @@ impl Traces {
                 setting: "OTEL_EXPORTER_OTLP_ENDPOINT",
                 problem: format!("cannot export to {}: {err}", export.endpoint),
             })?;
+        // The SDK reads OTEL_RESOURCE_ATTRIBUTES; a name set there stands
+        // unless OTEL_SERVICE_NAME (or its flag) gives one.
+        let detected = Resource::builder().build();
+        let unnamed = detected
+            .get(&opentelemetry::Key::from_static_str("service.name"))
+            .is_none_or(|name| name.as_str().starts_with("unknown_service"));
+        let service_name = match &export.service_name {
+            Some(name) => Some(name.clone()),
+            None if unnamed => Some("taskql".to_owned()),
+            None => None,
+        };
+        let resource = match service_name {
+            Some(name) => Resource::builder().with_service_name(name).build(),
+            None => detected,
+        };
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_sampler(sampler(export.sampler))
-            .with_resource(
-                Resource::builder()
-                    .with_service_name(export.service_name.clone())
-                    .build(),
-            )
+            .with_resource(resource)
             .build();
         Ok(Self { provider })
     }

@@ -427,7 +427,14 @@ async fn unsupported_trace_settings_stop_the_server_with_their_name() {
 async fn an_unsampled_trace_is_kept_unsampled_and_not_exported() {
     let database = TestDb::new().await;
     let receiver = receiver().await;
-    let server = traced(&database, &receiver);
+    let server = serve(
+        &database,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "service.name=tasks-eu"),
+        ],
+    );
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let task = create(
         &server.base,
@@ -442,12 +449,16 @@ async fn an_unsampled_trace_is_kept_unsampled_and_not_exported() {
     // A sampled request after it is exported; the unsampled one never is.
     let sampled = create(&server.base, None).await;
     let (sampled_trace, _, _) = parts(sampled["traceparent"].as_str().unwrap());
-    receiver
+    let spans = receiver
         .wait_for(&sampled_trace, |spans| {
             named(spans, "create_task").is_some()
         })
         .await;
     assert!(receiver.trace(trace_id).is_empty());
+    assert!(
+        spans.iter().all(|s| s.service == "tasks-eu"),
+        "named by OTEL_RESOURCE_ATTRIBUTES"
+    );
 }
 
 #[tokio::test]
@@ -504,4 +515,8 @@ async fn the_last_spans_are_sent_at_shutdown() {
     assert!(status.success(), "{status}");
     let spans = receiver.trace(&trace_id);
     assert!(named(&spans, "create_task").is_some(), "{spans:#?}");
+    assert!(
+        spans.iter().all(|s| s.service == "taskql"),
+        "the default name"
+    );
 }
