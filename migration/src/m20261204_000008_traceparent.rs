@@ -4,10 +4,10 @@ use sea_orm_migration::prelude::*;
 /// task (NULL when it was not traced), so the worker that runs the task
 /// continues that trace.
 ///
-/// It is appended last, after the columns of earlier migrations, which is
-/// where `Task::COLUMNS` expects it. The change log's triggers copy their
-/// own list of columns, which leaves it out: a task's trace context is
-/// fixed at its create and no subscriber needs it.
+/// It is appended last, after the columns the migrations before it add:
+/// that is where `Task::COLUMNS` expects it. The change log's triggers copy
+/// their own list of columns, which leaves it out: a task's trace context
+/// is fixed at its create and no subscriber needs it.
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
