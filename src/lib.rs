@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod pg_listener;
 pub mod service;
+pub mod telemetry;
 pub mod ui;
 
 use std::future::Future;

@@ -8,6 +8,7 @@ mod m20261204_000004_task_events;
 mod m20261204_000005_queue;
 mod m20261204_000006_result_id_index;
 mod m20261204_000007_stats_minutes;
+mod m20261204_000008_traceparent;
 mod m20261204_000009_type_indexes;
 
 pub struct Migrator;
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000005_queue::Migration),
             Box::new(m20261204_000006_result_id_index::Migration),
             Box::new(m20261204_000007_stats_minutes::Migration),
+            Box::new(m20261204_000008_traceparent::Migration),
             Box::new(m20261204_000009_type_indexes::Migration),
         ]
     }

@@ -63,6 +63,11 @@ pub struct Task {
     /// retryTask) before a failure or an expired lease makes it FAILED for
     /// good.
     pub max_attempts: i32,
+    /// The W3C trace context (`traceparent`) of the request that created
+    /// the task, when taskql traced it: a worker sends a child of it with
+    /// its calls about the task, so they join the creator's trace. Null
+    /// when the create was not traced, and in subscriptions' events.
+    pub traceparent: Option<String>,
     /// Its place in line, read once (when asked, unless it came with the task).
     #[graphql(skip)]
     pub place: Arc<OnceCell<Option<Place>>>,
@@ -144,6 +149,7 @@ impl From<entity::Task> for Task {
             run_at: task.run_at,
             priority: task.priority,
             max_attempts: task.max_attempts,
+            traceparent: task.traceparent,
             place: Arc::default(),
         }
     }
