@@ -28,8 +28,8 @@ use sea_orm::sqlx::sqlite::{
 };
 use sea_orm::sqlx::{self, AssertSqlSafe, ConnectOptions as _, Connection as _};
 use sea_orm::{
-    ConnAcquireErr, ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    DbErr, ExecResult, QueryResult, RuntimeErr, Statement,
+    ConnAcquireErr, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, ExecResult,
+    QueryResult, RuntimeErr, Statement,
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -37,32 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// The moment a database call is given up.
 type Deadline = tokio::time::Instant;
 
-/// The database a `DATABASE_URL` names, decided once from its scheme.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl Backend {
-    /// `sqlite:…`, `postgres://…` or `postgresql://…`; `None` for anything else.
-    pub fn of_url(url: &str) -> Option<Self> {
-        if url.starts_with("sqlite:") {
-            Some(Self::Sqlite)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Some(Self::Postgres)
-        } else {
-            None
-        }
-    }
-
-    pub fn sea_orm(self) -> DatabaseBackend {
-        match self {
-            Self::Sqlite => DatabaseBackend::Sqlite,
-            Self::Postgres => DatabaseBackend::Postgres,
-        }
-    }
-}
+pub use crate::config::Backend;
 
 /// SQLite allows one writer at a time; more connections only queue.
 pub const MAX_SQLITE_CONNECTIONS: u32 = 8;
@@ -73,7 +48,8 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(30);
 /// a statement of its own).
 const STATEMENT_CACHE: usize = 300;
 
-/// How the service's connections behave.
+/// How the service's connections behave: `TASKQL_DB_*` (see
+/// [`crate::config::DatabaseSettings`], where their defaults are).
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
     pub max_connections: u32,
@@ -81,6 +57,16 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
     /// Longest a statement may run.
     pub statement_timeout: Duration,
+}
+
+impl From<&crate::config::DatabaseSettings> for PoolSettings {
+    fn from(settings: &crate::config::DatabaseSettings) -> Self {
+        Self {
+            max_connections: settings.max_connections,
+            acquire_timeout: settings.acquire_timeout,
+            statement_timeout: settings.statement_timeout,
+        }
+    }
 }
 
 impl PoolSettings {
@@ -92,16 +78,6 @@ impl PoolSettings {
     /// past `statement_timeout`, for the server's own timeout to answer first.
     pub fn call_limit(&self) -> Duration {
         self.acquire_timeout + self.statement_timeout
-    }
-}
-
-impl Default for PoolSettings {
-    fn default() -> Self {
-        Self {
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(3),
-            statement_timeout: Duration::from_secs(10),
-        }
     }
 }
 
@@ -437,47 +413,142 @@ fn configure_sqlite() {
     });
 }
 
-impl Db {
-    /// Checks the URL and settings; connections open when first needed, so
-    /// a database that is down at start-up is retried by later requests.
-    pub fn new(url: &str, settings: PoolSettings) -> Result<Self, DbErr> {
+/// How to reach the database `DATABASE_URL` names: the URL parsed once,
+/// and the one place that says how taskql's connections to it are set up,
+/// for the service's pool ([`Db`]), the migrator ([`DbSettings::connect_migrator`])
+/// and PostgreSQL's LISTEN connection ([`DbSettings::listener_options`]).
+#[derive(Clone)]
+pub struct DbSettings {
+    backend: Backend,
+    url: Connector,
+}
+
+impl std::fmt::Debug for DbSettings {
+    // The parsed URL may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbSettings")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SQLite's busy timeout for the migrator: it may wait behind a running
+/// server's writers longer than one of the server's statements may.
+const MIGRATOR_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The migrator's longest wait for a connection.
+const MIGRATOR_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl DbSettings {
+    /// Parses `url` (`sqlite:…`, `postgres://…` or `postgresql://…`).
+    pub fn new(url: &str) -> Result<Self, DbErr> {
         let backend = Backend::of_url(url).ok_or_else(|| {
             DbErr::Custom("DATABASE_URL must start with sqlite: or postgres://".into())
         })?;
         let conn_err = |e| sqlx_err(DbErr::Conn, e);
-        let (connector, size) = match backend {
-            Backend::Postgres => {
-                let options: PgConnectOptions = url.parse().map_err(conn_err)?;
-                let options = options
-                    .application_name("taskql")
-                    .statement_cache_capacity(STATEMENT_CACHE)
-                    .options([(
-                        "statement_timeout",
-                        settings.statement_timeout.as_millis().to_string(),
-                    )])
-                    .disable_statement_logging();
+        let url = match backend {
+            Backend::Postgres => Connector::Postgres(url.parse().map_err(conn_err)?),
+            Backend::Sqlite => Connector::Sqlite(url.parse().map_err(conn_err)?),
+        };
+        Ok(Self { backend, url })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A PostgreSQL connection as taskql opens it, named `application_name`
+    /// in `pg_stat_activity`.
+    fn postgres(options: &PgConnectOptions, application_name: &str) -> PgConnectOptions {
+        options
+            .clone()
+            .application_name(application_name)
+            .statement_cache_capacity(STATEMENT_CACHE)
+            .disable_statement_logging()
+    }
+
+    /// An SQLite connection as taskql opens it: writers queue for SQLite's
+    /// one write lock up to `busy_timeout`, rather than fail at once.
+    fn sqlite(options: &SqliteConnectOptions, busy_timeout: Duration) -> SqliteConnectOptions {
+        configure_sqlite();
+        options
+            .clone()
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(busy_timeout)
+            .foreign_keys(true)
+            .create_if_missing(true)
+            .statement_cache_capacity(STATEMENT_CACHE)
+            .disable_statement_logging()
+    }
+
+    /// The service's connections, and how many of them there may be.
+    fn pool(&self, settings: &PoolSettings) -> (Connector, u32) {
+        match &self.url {
+            Connector::Postgres(options) => {
+                let options = Self::postgres(options, "taskql").options([(
+                    "statement_timeout",
+                    settings.statement_timeout.as_millis().to_string(),
+                )]);
                 (Connector::Postgres(options), settings.max_connections)
             }
-            Backend::Sqlite => {
-                configure_sqlite();
-                let options: SqliteConnectOptions = url.parse().map_err(conn_err)?;
-                let options = options
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
-                    // Writers queue for SQLite's one write lock up to the
-                    // statement timeout, rather than fail at once.
-                    .busy_timeout(settings.statement_timeout)
-                    .foreign_keys(true)
-                    .create_if_missing(true)
-                    .statement_cache_capacity(STATEMENT_CACHE)
-                    .disable_statement_logging();
-                (
-                    Connector::Sqlite(options),
-                    settings.max_connections.min(MAX_SQLITE_CONNECTIONS),
-                )
+            Connector::Sqlite(options) => (
+                Connector::Sqlite(Self::sqlite(options, settings.statement_timeout)),
+                settings.max_connections.min(MAX_SQLITE_CONNECTIONS),
+            ),
+        }
+    }
+
+    /// The options of PostgreSQL's LISTEN connection; `None` on SQLite.
+    pub fn listener_options(&self, application_name: &str) -> Option<PgConnectOptions> {
+        match &self.url {
+            Connector::Postgres(options) => Some(Self::postgres(options, application_name)),
+            Connector::Sqlite(_) => None,
+        }
+    }
+
+    /// A SeaORM pool of at most `max_connections`, for migrations and
+    /// one-off administration (the CLI's `migrate`, tests). The server
+    /// itself runs on [`Db`].
+    pub async fn connect_migrator(
+        &self,
+        max_connections: u32,
+    ) -> Result<DatabaseConnection, DbErr> {
+        use sea_orm::sqlx::pool::PoolOptions;
+        use sea_orm::{SqlxPostgresConnector, SqlxSqliteConnector};
+        let conn_err = |e| sqlx_err(DbErr::Conn, e);
+        fn pool_options<DB: sqlx::Database>(max_connections: u32) -> PoolOptions<DB> {
+            PoolOptions::new()
+                .max_connections(max_connections)
+                .min_connections(1)
+                .acquire_timeout(MIGRATOR_ACQUIRE_TIMEOUT)
+        }
+        Ok(match &self.url {
+            Connector::Postgres(options) => {
+                let options = Self::postgres(options, "taskql");
+                let pool = pool_options(max_connections)
+                    .connect_with(options)
+                    .await
+                    .map_err(conn_err)?;
+                SqlxPostgresConnector::from_sqlx_postgres_pool(pool)
             }
-        };
-        Ok(Self::with_connector(backend, connector, settings, size))
+            Connector::Sqlite(options) => {
+                let options = Self::sqlite(options, MIGRATOR_BUSY_TIMEOUT);
+                let pool = pool_options(max_connections.min(MAX_SQLITE_CONNECTIONS))
+                    .connect_with(options)
+                    .await
+                    .map_err(conn_err)?;
+                SqlxSqliteConnector::from_sqlx_sqlite_pool(pool)
+            }
+        })
+    }
+}
+
+impl Db {
+    /// The service's pool; connections open when first needed, so a
+    /// database that is down at start-up is retried by later requests.
+    pub fn new(database: &DbSettings, settings: PoolSettings) -> Self {
+        let (connector, size) = database.pool(&settings);
+        Self::with_connector(database.backend, connector, settings, size)
     }
 
     fn with_connector(
@@ -512,8 +583,8 @@ impl Db {
     }
 
     /// Like [`Db::new`], and opens one connection to show the database is reachable.
-    pub async fn connect(url: &str, settings: PoolSettings) -> Result<Self, DbErr> {
-        let db = Self::new(url, settings)?;
+    pub async fn connect(database: &DbSettings, settings: PoolSettings) -> Result<Self, DbErr> {
+        let db = Self::new(database, settings);
         db.acquire().await?;
         Ok(db)
     }
@@ -638,29 +709,76 @@ impl Db {
         })
     }
 
-    async fn query(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+    /// This pool, for statements the caller knows only read (see [`Reads`]).
+    pub fn reads(&self) -> Reads<'_> {
+        Reads(self)
+    }
+
+    /// Runs a query; `retry` says whether it only reads.
+    async fn query(&self, stmt: Statement, retry: Retry) -> Result<Vec<QueryResult>, DbErr> {
         let Statement { sql, values, .. } = stmt;
         let values = values.unwrap_or(Values(Vec::new()));
         let deadline = self.pool.call_deadline();
         let mut conn = self.acquire().await?;
-        // A read on a connection that turns out to be dead (the database
-        // restarted) is tried once more on a fresh one, within the same
-        // deadline: reading twice is harmless, waiting twice as long is not.
-        let is_read = sql.trim_start().starts_with("SELECT");
-        let retry = is_read.then(|| values.clone());
+        let again = (retry == Retry::OnStaleConnection).then(|| values.clone());
         match conn.fetch_all_by(&sql, values, deadline).await {
-            Err(err) if !conn.is_alive() && retry.is_some() && Deadline::now() < deadline => {
+            Err(err) if !conn.is_alive() && again.is_some() && Deadline::now() < deadline => {
                 drop(conn);
                 tracing::debug!(error = %err, "a read failed on a stale connection; trying a fresh one");
                 let left = deadline.saturating_duration_since(Deadline::now());
                 let mut conn = self
                     .acquire_within(left.min(self.pool.settings.acquire_timeout))
                     .await?;
-                conn.fetch_all_by(&sql, retry.unwrap_or(Values(Vec::new())), deadline)
+                conn.fetch_all_by(&sql, again.unwrap_or(Values(Vec::new())), deadline)
                     .await
             }
             outcome => outcome,
         }
+    }
+}
+
+/// Whether a query is tried again on a fresh connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Never,
+    /// Once, when its connection turned out dead (the database restarted).
+    OnStaleConnection,
+}
+
+/// A [`Db`] for statements its caller states only read. A query through it
+/// that fails on a connection that turns out dead is tried once more on a
+/// fresh one, within the same deadline: reading twice is harmless, waiting
+/// twice as long is not. Statements run through [`Db`] itself are never
+/// retried, since running a write twice may not be. `execute_*` calls are
+/// never retried either way.
+#[derive(Clone, Copy)]
+pub struct Reads<'a>(&'a Db);
+
+#[async_trait::async_trait]
+impl ConnectionTrait for Reads<'_> {
+    fn get_database_backend(&self) -> DatabaseBackend {
+        self.0.get_database_backend()
+    }
+
+    async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
+        self.0.execute_raw(stmt).await
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
+        ConnectionTrait::execute_unprepared(self.0, sql).await
+    }
+
+    async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+        Ok(self
+            .0
+            .query(stmt, Retry::OnStaleConnection)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        self.0.query(stmt, Retry::OnStaleConnection).await
     }
 }
 
@@ -684,11 +802,11 @@ impl ConnectionTrait for Db {
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
-        Ok(self.query(stmt).await?.into_iter().next())
+        Ok(self.query(stmt, Retry::Never).await?.into_iter().next())
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
-        self.query(stmt).await
+        self.query(stmt, Retry::Never).await
     }
 }
 
@@ -743,33 +861,11 @@ impl ConnectionTrait for DbTransaction {
     }
 }
 
-/// A SeaORM connection pool, for migrations and one-off administration (the
-/// CLI's `migrate`, tests). The server itself runs on [`Db`].
+/// [`DbSettings::connect_migrator`] for a URL.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
-    let mut options = ConnectOptions::new(url.to_owned());
-    options
-        .sqlx_logging(false)
-        .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(30));
-    match Backend::of_url(url) {
-        Some(Backend::Sqlite) => {
-            configure_sqlite();
-            options
-                .max_connections(max_connections.min(MAX_SQLITE_CONNECTIONS))
-                .min_connections(1)
-                .map_sqlx_sqlite_opts(|opts| {
-                    opts.journal_mode(SqliteJournalMode::Wal)
-                        .synchronous(SqliteSynchronous::Normal)
-                        .busy_timeout(Duration::from_secs(30))
-                        .foreign_keys(true)
-                        .create_if_missing(true)
-                });
-        }
-        _ => {
-            options.max_connections(max_connections).min_connections(1);
-        }
-    }
-    Database::connect(options).await
+    DbSettings::new(url)?
+        .connect_migrator(max_connections)
+        .await
 }
 
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
