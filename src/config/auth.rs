@@ -13,6 +13,7 @@ pub struct AuthSettings {
     /// HS256 secret that signs tokens.
     #[arg(
         long = "jwt-secret",
+        value_name = "JWT_SECRET",
         env = "TASKQL_JWT_SECRET",
         global = true,
         hide_env_values = true,
@@ -22,6 +23,7 @@ pub struct AuthSettings {
     /// PEM public key (RSA or EC) for RS256/ES256 tokens.
     #[arg(
         long = "jwt-public-key-file",
+        value_name = "JWT_PUBLIC_KEY_FILE",
         env = "TASKQL_JWT_PUBLIC_KEY_FILE",
         global = true,
         value_parser = Setting(|text| parse::path(text, "unset it, or give the path of a PEM public key"))
@@ -30,6 +32,7 @@ pub struct AuthSettings {
     /// Required `iss` claim.
     #[arg(
         long = "jwt-issuer",
+        value_name = "JWT_ISSUER",
         env = "TASKQL_JWT_ISSUER",
         global = true,
         value_parser = Setting(|text| parse::not_blank(text, "give the required `iss`, or unset it to accept any"))
@@ -38,6 +41,7 @@ pub struct AuthSettings {
     /// Required `aud` claim.
     #[arg(
         long = "jwt-audience",
+        value_name = "JWT_AUDIENCE",
         env = "TASKQL_JWT_AUDIENCE",
         global = true,
         value_parser = Setting(|text| parse::not_blank(text, "give the required `aud`, or unset it to accept any"))

@@ -92,6 +92,7 @@ pub struct DatabaseSettings {
     /// `sqlite://…` or `postgres://…`.
     #[arg(
         long = "database-url",
+        value_name = "DATABASE_URL",
         env = "DATABASE_URL",
         default_value = "sqlite://taskql.db?mode=rwc",
         global = true,
@@ -102,6 +103,7 @@ pub struct DatabaseSettings {
     #[arg(
         id = "db_max_connections",
         long = "db-max-connections",
+        value_name = "DB_MAX_CONNECTIONS",
         env = "TASKQL_DB_MAX_CONNECTIONS",
         default_value = "10",
         global = true,
@@ -112,6 +114,7 @@ pub struct DatabaseSettings {
     /// SERVICE_UNAVAILABLE.
     #[arg(
         long = "db-acquire-timeout",
+        value_name = "DB_ACQUIRE_TIMEOUT",
         env = "TASKQL_DB_ACQUIRE_TIMEOUT",
         default_value = "3s",
         global = true,
@@ -121,6 +124,7 @@ pub struct DatabaseSettings {
     /// Longest a database statement may run.
     #[arg(
         long = "db-statement-timeout",
+        value_name = "DB_STATEMENT_TIMEOUT",
         env = "TASKQL_DB_STATEMENT_TIMEOUT",
         default_value = "10s",
         global = true,
