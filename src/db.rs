@@ -33,6 +33,7 @@ use sea_orm::{
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument as _;
 
 /// The moment a database call is given up.
 type Deadline = tokio::time::Instant;
@@ -338,15 +339,29 @@ impl Pooled {
         self.execute_unprepared_by(sql, deadline).await
     }
 
+    /// The span of one call: disabled (and free) unless a trace or the log
+    /// filter wants it.
+    fn statement_span(&self, sql: &str) -> tracing::Span {
+        tracing::debug_span!(
+            "db",
+            otel.name = sql.split_whitespace().next().unwrap_or("SQL"),
+            otel.kind = "client",
+            "db.system" = self.pool.backend.otel_name(),
+            "db.statement" = sql,
+        )
+    }
+
     async fn fetch_all_by(
         &mut self,
         sql: &str,
         values: Values,
         deadline: Deadline,
     ) -> Result<Vec<QueryResult>, DbErr> {
+        let span = self.statement_span(sql);
         self.run("a query", deadline, async |conn| {
             conn.fetch_all(sql, values).await
         })
+        .instrument(span)
         .await
         .map_err(|e| sqlx_err(DbErr::Query, e))
     }
@@ -357,9 +372,11 @@ impl Pooled {
         values: Values,
         deadline: Deadline,
     ) -> Result<ExecResult, DbErr> {
+        let span = self.statement_span(sql);
         self.run("a statement", deadline, async |conn| {
             conn.execute(sql, values).await
         })
+        .instrument(span)
         .await
         .map_err(|e| sqlx_err(DbErr::Exec, e))
     }
@@ -369,9 +386,11 @@ impl Pooled {
         sql: &str,
         deadline: Deadline,
     ) -> Result<ExecResult, DbErr> {
+        let span = self.statement_span(sql);
         self.run("a statement", deadline, async |conn| {
             conn.execute_unprepared(sql).await
         })
+        .instrument(span)
         .await
         .map_err(|e| sqlx_err(DbErr::Exec, e))
     }

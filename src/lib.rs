@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod pg_listener;
 pub mod service;
+pub mod telemetry;
 pub mod ui;
 
 use std::future::Future;
@@ -111,6 +112,14 @@ impl App {
             let events = events.clone();
             async move { events.prune_events(event_retention).await }
         })));
+        let minutes = service.clone();
+        background.push(tokio::spawn(prune_forever(
+            "taskStats minutes",
+            move || {
+                let minutes = minutes.clone();
+                async move { minutes.prune_stats_minutes().await }
+            },
+        )));
         if config.backend() == db::Backend::Postgres {
             background.push(tokio::spawn(fold_counts_forever(service.clone())));
         }

@@ -7,8 +7,9 @@ use clap::Parser as _;
 use taskql::StartError;
 use taskql::auth::AuthError;
 use taskql::config::{
-    Cli, Command, Config, ConfigError, LogFormat, Settings, log_filter, setting_error,
+    Cli, Command, Config, ConfigError, LogFormat, Settings, log_filter, setting_error, trace_export,
 };
+use taskql::telemetry::Traces;
 
 /// Why the command failed, as the one line it prints.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +55,17 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
+    let command = cli.command.unwrap_or(Command::Serve);
+    // Only the server sends traces; it checks their settings first.
+    let traces = match command {
+        Command::Serve => trace_export(&cli.settings.telemetry)?
+            .map(|export| Traces::start(&export))
+            .transpose()?,
+        _ => None,
+    };
     // Checked before any subcommand runs: a bad filter is never replaced.
-    init_tracing(&cli.settings.log, cli.settings.log_format)?;
-    match cli.command.unwrap_or(Command::Serve) {
+    init_tracing(&cli.settings.log, cli.settings.log_format, traces.as_ref())?;
+    let result = match command {
         Command::Serve => serve(&cli.settings).await,
         Command::Migrate => migrate(&cli.settings).await,
         Command::Token { user, role, ttl } => token(&cli.settings, &user, role.as_deref(), ttl),
@@ -64,24 +73,37 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             print!("{}", taskql::graphql::sdl());
             Ok(())
         }
+    };
+    if let Some(traces) = traces {
+        // Waits for the last batch on a thread that may block.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
     }
+    result
 }
 
 /// Logs go to stderr: as text, coloured only when stderr is a terminal, or
-/// as one JSON object per line for log pipelines.
-fn init_tracing(filter: &str, format: LogFormat) -> Result<(), ConfigError> {
+/// as one JSON object per line for log pipelines. Spans go to `traces`
+/// when tracing is on, whatever the log filter.
+fn init_tracing(
+    filter: &str,
+    format: LogFormat,
+    traces: Option<&Traces>,
+) -> Result<(), ConfigError> {
+    use tracing_subscriber::prelude::*;
     let filter = log_filter(filter)?;
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).boxed(),
         LogFormat::Json => logs
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .init(),
-    }
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces.map(|traces| traces.layer()))
+        .init();
     Ok(())
 }
 

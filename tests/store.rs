@@ -882,11 +882,25 @@ async fn tasks_from_before_the_queue_columns_are_upgraded_in_place() {
 
     // And back down past the queue columns, then up again.
     let db = taskql::db::connect(&test.url, 4).await.expect("connect");
-    migration::Migrator::down(&db, Some(2))
+    migration::Migrator::down(&db, Some(undoing("m20261204_000005_queue")))
         .await
-        .expect("down one");
+        .expect("down past the queue");
     taskql::db::migrate(&db).await.expect("up again");
     db.close().await.unwrap();
+}
+
+/// How many migrations `down` takes to undo `name` and every later one.
+fn undoing(name: &str) -> u32 {
+    use migration::MigratorTrait;
+    let names: Vec<String> = migration::Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let at = names
+        .iter()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("no migration {name} in {names:?}"));
+    (names.len() - at) as u32
 }
 
 fn test_is_postgres(db: &sea_orm::DatabaseConnection) -> bool {
@@ -913,10 +927,46 @@ async fn the_result_id_index_migrates_down_and_up_again() {
             .unwrap()
     };
     assert_eq!(indexes().await, 1, "migrated");
-    Migrator::down(&db, Some(1)).await.expect("down");
+    Migrator::down(&db, Some(undoing("m20261204_000006_result_id_index")))
+        .await
+        .expect("down");
     assert_eq!(indexes().await, 0, "after down");
     Migrator::up(&db, None).await.expect("up again");
     assert_eq!(indexes().await, 1, "up again");
+}
+
+/// `traceparent` comes and goes with its migration, and the tasks stay:
+/// those from before it have none.
+#[tokio::test]
+async fn the_traceparent_column_migrates_down_and_up_again() {
+    use migration::{Migrator, MigratorTrait};
+    let test = TestDb::new().await;
+    let (service, _) = test.service().await;
+    let task = new_task(service.as_ref(), &alice(), "trace.check").await;
+    assert_eq!(task.traceparent, None, "no trace in a test without one");
+    let db = test.connect().await;
+    let find = if test.is_postgres {
+        "SELECT COUNT(*) AS n FROM information_schema.columns \
+         WHERE table_name = 'tasks' AND column_name = 'traceparent'"
+    } else {
+        "SELECT COUNT(*) AS n FROM pragma_table_info('tasks') WHERE name = 'traceparent'"
+    };
+    let columns = async || {
+        db.query_one_raw(Statement::from_string(db.get_database_backend(), find))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap()
+    };
+    assert_eq!(columns().await, 1, "migrated");
+    Migrator::down(&db, Some(undoing("m20261204_000008_traceparent")))
+        .await
+        .expect("down");
+    assert_eq!(columns().await, 0, "after down");
+    Migrator::up(&db, None).await.expect("up again");
+    assert_eq!(columns().await, 1, "up again");
+    assert_eq!(service.get_task(task.id, &alice()).await.unwrap(), task);
 }
 
 /// A test's database goes with it even when the test panics while a server

@@ -74,6 +74,9 @@ pub struct Model {
     /// The task's turn among its owner's pending tasks: claims take the
     /// lowest first within a priority, so owners take turns.
     pub fair_rank: i64,
+    /// The W3C `traceparent` of the create (its service span), when that
+    /// request was traced: a worker continues the trace from it.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -84,7 +87,7 @@ impl ActiveModelBehavior for ActiveModel {}
 impl Model {
     /// The columns in the order of the table (and of [`Column`]), which
     /// `SELECT *`, `RETURNING *` and SeaORM's selects of this entity all use.
-    pub const COLUMNS: [&'static str; 22] = [
+    pub const COLUMNS: [&'static str; 23] = [
         "id",
         "user_id",
         "type",
@@ -107,6 +110,7 @@ impl Model {
         "max_attempts",
         "retry_base",
         "fair_rank",
+        "traceparent",
     ];
 
     /// Reads a row of [`Self::COLUMNS`] by position: the derived reader
@@ -135,6 +139,7 @@ impl Model {
             max_attempts: row.try_get_by_index(19)?,
             retry_base: row.try_get_by_index(20)?,
             fair_rank: row.try_get_by_index(21)?,
+            traceparent: row.try_get_by_index(22)?,
         })
     }
 }
@@ -173,6 +178,7 @@ impl ActiveModel {
             max_attempts: Set(3),
             retry_base: Set(0),
             fair_rank: Set(0),
+            traceparent: Set(None),
         }
     }
 }

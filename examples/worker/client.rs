@@ -8,6 +8,10 @@
 //! (cancelled, finished, or claimed again after our lease expired): the slot
 //! drops it and moves on. Any other error stops the worker; whatever it had
 //! claimed returns to PENDING when its lease expires.
+//!
+//! A task created in a traced request carries that trace's `traceparent`;
+//! the worker sends a child of it (the same trace, a span id of its own)
+//! with its heartbeats and its completion, so they join the creator's trace.
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -107,7 +111,7 @@ pub fn result_id_for(task_id: &str) -> String {
 }
 
 const CLAIM: &str = "mutation Claim($types: [String!], $lease: Int, $worker: String) {
-  claimTask(types: $types, leaseSeconds: $lease, workerId: $worker) { id type attempts }
+  claimTask(types: $types, leaseSeconds: $lease, workerId: $worker) { id type attempts traceparent }
 }";
 const HEARTBEAT: &str = "mutation Beat($id: ID!, $progress: Int, $lease: Int, $attempt: Int) {
   heartbeatTask(id: $id, progress: $progress, leaseSeconds: $lease, expectedAttempt: $attempt) { status }
@@ -123,17 +127,23 @@ struct Client {
 }
 
 impl Client {
-    /// One GraphQL request; its first error, if any, becomes `Graphql`.
-    async fn call(&self, query: &str, variables: Value) -> Result<Value, WorkerError> {
-        let body: Value = self
+    /// One GraphQL request, in the trace of `traceparent` when given; its
+    /// first error, if any, becomes `Graphql`.
+    async fn call(
+        &self,
+        query: &str,
+        variables: Value,
+        traceparent: Option<&str>,
+    ) -> Result<Value, WorkerError> {
+        let mut request = self
             .http
             .post(&self.url)
             .bearer_auth(&self.token)
-            .json(&json!({ "query": query, "variables": variables }))
-            .send()
-            .await?
-            .json()
-            .await?;
+            .json(&json!({ "query": query, "variables": variables }));
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let body: Value = request.send().await?.json().await?;
         if let Some(error) = body["errors"].get(0) {
             return Err(WorkerError::Graphql {
                 code: error["extensions"]["code"]
@@ -150,6 +160,35 @@ impl Client {
 struct Claimed {
     id: String,
     attempts: i64,
+    /// Sent with every call about the task: a child of the task's trace.
+    traceparent: Option<String>,
+}
+
+/// A W3C `traceparent` in the same trace as `parent`, with a span id of
+/// its own (the worker's work on the task); `None` when `parent` is not
+/// one (version 00: `00-<trace id>-<span id>-<flags>`, in lower-case hex).
+pub fn child_traceparent(parent: &str) -> Option<String> {
+    let hex = |part: &str, len: usize| {
+        part.len() == len
+            && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && part.bytes().any(|b| b != b'0')
+    };
+    let mut parts = parent.split('-');
+    let (Some("00"), Some(trace_id), Some(span_id), Some(flags), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let flags_ok = flags.len() == 2 && flags.bytes().all(|b| b.is_ascii_hexdigit());
+    if !(hex(trace_id, 32) && hex(span_id, 16) && flags_ok) {
+        return None;
+    }
+    let span_id = rand::random::<u64>().max(1);
+    Some(format!("00-{trace_id}-{span_id:016x}-{flags}"))
 }
 
 /// How many more tasks may be claimed; `None` is no limit.
@@ -264,6 +303,7 @@ async fn claim(
         .call(
             CLAIM,
             json!({ "types": types, "lease": config.lease_seconds, "worker": worker_id }),
+            None,
         )
         .await?;
     let task = &data["claimTask"];
@@ -274,6 +314,7 @@ async fn claim(
         (Some(id), Some(attempts)) => Ok(Some(Claimed {
             id: id.to_owned(),
             attempts,
+            traceparent: task["traceparent"].as_str().and_then(child_traceparent),
         })),
         _ => Err(WorkerError::Protocol(format!("claimTask returned {task}"))),
     }
@@ -298,6 +339,7 @@ async fn process(
                     "lease": config.lease_seconds,
                     "attempt": task.attempts,
                 }),
+                task.traceparent.as_deref(),
             )
             .await?;
     }
@@ -311,6 +353,7 @@ async fn process(
                 "resultId": result_id_for(&task.id),
                 "expectedAttempt": task.attempts,
             }}),
+            task.traceparent.as_deref(),
         )
         .await?;
     Ok(())

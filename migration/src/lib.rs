@@ -7,7 +7,9 @@ mod m20261127_000003_task_counts;
 mod m20261204_000004_task_events;
 mod m20261204_000005_queue;
 mod m20261204_000006_result_id_index;
-mod m20261204_000009_type_started_index;
+mod m20261204_000007_stats_minutes;
+mod m20261204_000008_traceparent;
+mod m20261204_000009_type_indexes;
 
 pub struct Migrator;
 
@@ -21,7 +23,9 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000004_task_events::Migration),
             Box::new(m20261204_000005_queue::Migration),
             Box::new(m20261204_000006_result_id_index::Migration),
-            Box::new(m20261204_000009_type_started_index::Migration),
+            Box::new(m20261204_000007_stats_minutes::Migration),
+            Box::new(m20261204_000008_traceparent::Migration),
+            Box::new(m20261204_000009_type_indexes::Migration),
         ]
     }
 }

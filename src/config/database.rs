@@ -26,6 +26,14 @@ impl Backend {
         }
     }
 
+    /// The database's name in OpenTelemetry's `db.system`.
+    pub fn otel_name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgresql",
+        }
+    }
+
     pub fn sea_orm(self) -> sea_orm::DatabaseBackend {
         match self {
             Self::Sqlite => sea_orm::DatabaseBackend::Sqlite,

@@ -11,6 +11,7 @@ mod database;
 mod http;
 mod parse;
 mod tasks;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 use std::time::Duration;
@@ -20,6 +21,7 @@ pub use database::{Backend, DatabaseSettings, DatabaseUrl};
 pub use http::HttpSettings;
 pub use parse::{MAX_DURATION_DAYS, parse_bounded_duration, parse_duration, setting_error};
 pub use tasks::{Retention, TaskSettings};
+pub use telemetry::{TelemetrySettings, TraceExport, TraceSampler, trace_export};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,6 +69,8 @@ pub struct Settings {
     pub tasks: TaskSettings,
     #[command(flatten)]
     pub http: HttpSettings,
+    #[command(flatten)]
+    pub telemetry: TelemetrySettings,
     /// Log filter.
     #[arg(
         long = "log",

@@ -228,3 +228,86 @@ fn the_command_line_is_well_formed() {
     use clap::CommandFactory as _;
     Cli::command().debug_assert();
 }
+
+#[test]
+fn trace_settings_follow_the_otel_variables() {
+    let base = TelemetrySettings::default();
+    let off = |settings: &TelemetrySettings| trace_export(settings).unwrap().is_none();
+    assert!(off(&base));
+    assert!(off(&TelemetrySettings {
+        otlp_endpoint: Some(" ".into()),
+        ..base.clone()
+    }));
+    let on = trace_export(&TelemetrySettings {
+        otlp_endpoint: Some("http://collector:4318/".into()),
+        ..base.clone()
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        on,
+        TraceExport {
+            endpoint: "http://collector:4318/v1/traces".into(),
+            service_name: None,
+            sampler: TraceSampler {
+                parent_based: true,
+                ratio: 1.0
+            },
+        }
+    );
+    let own = trace_export(&TelemetrySettings {
+        otlp_endpoint: Some("http://collector:4318".into()),
+        otlp_traces_endpoint: Some("https://traces.example/in".into()),
+        otlp_protocol: Some("grpc".into()),
+        otlp_traces_protocol: Some("http/protobuf".into()),
+        otel_service_name: Some("tasks-eu".into()),
+        traces_sampler: Some("traceidratio".into()),
+        traces_sampler_arg: Some("0.25".into()),
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(own.endpoint, "https://traces.example/in");
+    assert_eq!(own.service_name.as_deref(), Some("tasks-eu"));
+    assert_eq!(
+        own.sampler,
+        TraceSampler {
+            parent_based: false,
+            ratio: 0.25
+        }
+    );
+    let refused = |settings: TelemetrySettings| trace_export(&settings).unwrap_err().setting;
+    assert_eq!(
+        refused(TelemetrySettings {
+            otlp_protocol: Some("grpc".into()),
+            ..base.clone()
+        }),
+        "OTEL_EXPORTER_OTLP_PROTOCOL"
+    );
+    assert_eq!(
+        refused(TelemetrySettings {
+            traces_sampler: Some("parentbased_traceidratio".into()),
+            traces_sampler_arg: Some("-1".into()),
+            ..base.clone()
+        }),
+        "OTEL_TRACES_SAMPLER_ARG"
+    );
+    assert_eq!(
+        refused(TelemetrySettings {
+            otlp_traces_endpoint: Some("ftp://collector".into()),
+            ..base.clone()
+        }),
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    );
+    // The flags set the same settings.
+    let flags = settings(&[
+        "--otlp-endpoint",
+        "http://collector:4318",
+        "--otel-service-name",
+        "tasks-eu",
+    ])
+    .unwrap();
+    assert_eq!(
+        trace_export(&flags.telemetry).unwrap().unwrap().endpoint,
+        "http://collector:4318/v1/traces"
+    );
+}

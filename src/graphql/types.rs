@@ -63,6 +63,11 @@ pub struct Task {
     /// retryTask) before a failure or an expired lease makes it FAILED for
     /// good.
     pub max_attempts: i32,
+    /// The W3C trace context (`traceparent`) of the request that created
+    /// the task, when taskql traced it: a worker sends a child of it with
+    /// its calls about the task, so they join the creator's trace. Null
+    /// when the create was not traced, and in subscriptions' events.
+    pub traceparent: Option<String>,
     /// Its place in line, read once (when asked, unless it came with the task).
     #[graphql(skip)]
     pub place: Arc<OnceCell<Option<Place>>>,
@@ -144,6 +149,7 @@ impl From<entity::Task> for Task {
             run_at: task.run_at,
             priority: task.priority,
             max_attempts: task.max_attempts,
+            traceparent: task.traceparent,
             place: Arc::default(),
         }
     }
@@ -288,9 +294,11 @@ pub struct ThroughputPoint {
 }
 
 /// Percentiles, in milliseconds, over the tasks of one type COMPLETED or
-/// FAILED in the last hour (the latest 20,000 at most): wait is from
-/// creation to the first claim, run from the first claim to the end. Null
-/// when no such task has the times.
+/// FAILED in the current minute and the 59 before it: wait is from
+/// creation to the first claim, run from the first claim to the end. A
+/// worker's are read from per-minute histograms, within 9.1% (or 1 ms) of
+/// the task's at that rank; a user's are exact, over the latest 20,000 at
+/// most. Null when no such task has the times.
 #[derive(SimpleObject, Clone, Debug)]
 pub struct TypeDurations {
     #[graphql(name = "type")]

@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use serde::Deserialize;
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use super::{HttpState, MAX_BATCH, caller_from_headers, request_error};
 use crate::graphql::{self, Caller, WireResponse};
@@ -323,7 +324,15 @@ async fn run(
             }
         };
         let (request, operation) = prepare(state, request);
-        let mut response = state.schema.execute(request.data(caller.clone())).await;
+        let span = crate::telemetry::graphql_span(
+            operation.kind.map(|kind| kind_name(Some(kind))),
+            operation.name.as_deref(),
+        );
+        let mut response = state
+            .schema
+            .execute(request.data(caller.clone()))
+            .instrument(span)
+            .await;
         graphql::hide_schema_description(&mut response, &operation.schema_description);
         graphql::finish(&mut response);
         record_operation(state, request_id, &operation, &response, started);

@@ -80,6 +80,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::ui::routes())
+        .route_layer(axum::middleware::from_fn(crate::telemetry::trace_request))
         .with_state(state)
         // Frontends on other origins send the token in a header, never in a
         // cookie, so any origin may call; nothing ambient is exposed.
@@ -87,7 +88,13 @@ pub fn router(state: Arc<HttpState>) -> Router {
             CorsLayer::new()
                 .allow_origin(Any)
                 .allow_methods([Method::GET, Method::POST])
-                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                // W3C trace context, which browser instrumentation adds.
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    HeaderName::from_static("traceparent"),
+                    HeaderName::from_static("tracestate"),
+                ])
                 .expose_headers([HeaderName::from_static("x-request-id")])
                 .max_age(Duration::from_secs(600)),
         )

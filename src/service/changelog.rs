@@ -223,9 +223,15 @@ pub async fn horizon(db: &Db) -> TaskResult<Horizon> {
 }
 
 /// The columns of an event: the task's, in [`Task::COLUMNS`] order (which
-/// [`Task::from_row`] reads by position), then its position and kind.
+/// [`Task::from_row`] reads by position), then its position and kind. The
+/// log does not keep a task's traceparent: events read it as NULL.
 fn event_columns() -> String {
-    let mut columns = Task::COLUMNS.join(", ");
+    let mut columns = Task::COLUMNS
+        .map(|column| match column {
+            "traceparent" => "CAST(NULL AS TEXT)",
+            column => column,
+        })
+        .join(", ");
     columns.push_str(", pos, kind");
     columns
 }

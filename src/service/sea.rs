@@ -24,7 +24,7 @@ use sea_orm::{
     QuerySelect, QueryTrait, Statement, prelude::Expr, sea_query::UpdateStatement,
 };
 use tokio::sync::{mpsc, oneshot};
-use tracing::instrument;
+use tracing::{Instrument as _, instrument};
 use uuid::Uuid;
 
 use super::changelog::Changelog;
@@ -266,6 +266,25 @@ pub(super) struct QueuedCreate {
     pub(super) max_attempts: Option<i32>,
     id: Uuid,
     reply: oneshot::Sender<TaskResult<Option<Task>>>,
+    /// The create's span: its batch's insert is traced under the first
+    /// create's, linked to the others'.
+    span: tracing::Span,
+}
+
+/// The span of a batch's insert, inside the trace of its first create.
+fn batch_span(batch: &[QueuedCreate]) -> tracing::Span {
+    let Some((first, others)) = batch.split_first() else {
+        return tracing::Span::none();
+    };
+    let span = first
+        .span
+        .in_scope(|| tracing::debug_span!("insert_tasks", rows = batch.len()));
+    if !span.is_disabled() {
+        for create in others {
+            span.follows_from(&create.span);
+        }
+    }
+    span
 }
 
 /// Inserts queued creates, all that are waiting (up to a batch) in one
@@ -282,7 +301,11 @@ async fn insert_queued(writer: Writer, mut queue: mpsc::UnboundedReceiver<Queued
         if received == 0 {
             return;
         }
-        writer.insert(std::mem::take(&mut batch)).await;
+        let span = batch_span(&batch);
+        writer
+            .insert(std::mem::take(&mut batch))
+            .instrument(span)
+            .await;
     }
 }
 
@@ -359,6 +382,25 @@ impl SeaTaskService {
         let folded = stats::fold_count_deltas(&txn).await?;
         txn.commit().await?;
         Ok(folded)
+    }
+
+    /// Prunes the per-minute `taskStats` counters older than the longest
+    /// throughput window (and an hour); returns how many rows went. On
+    /// PostgreSQL it waits for the fold's lock, held a moment each second.
+    #[instrument(level = "debug", skip_all)]
+    pub async fn prune_stats_minutes(&self) -> TaskResult<u64> {
+        let txn = self.db().begin().await?;
+        if self.db().backend() == Backend::Postgres {
+            txn.execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT pg_advisory_xact_lock($1)",
+                [FOLD_LOCK.into()],
+            ))
+            .await?;
+        }
+        let pruned = stats::prune_minutes(&txn, now()).await?;
+        txn.commit().await?;
+        Ok(pruned)
     }
 
     fn db(&self) -> &Db {
@@ -633,6 +675,8 @@ impl TaskService for SeaTaskService {
             queue::check_max_attempts(max)?;
         }
         let key = new.idempotency_key.as_deref().unwrap_or_default();
+        // The worker that runs the task continues this span's trace.
+        let traceparent = crate::telemetry::traceparent(&tracing::Span::current());
         // With a key, the unique index decides who wins (ON CONFLICT DO
         // NOTHING inserts no row); the loser reads the winner. A winner
         // deleted in between frees the key, and the insert is tried again.
@@ -646,6 +690,7 @@ impl TaskService for SeaTaskService {
                 at,
             );
             model.priority = sea_orm::ActiveValue::Set(priority);
+            model.traceparent = sea_orm::ActiveValue::Set(traceparent.clone());
             if let Some(run_at) = new.run_at {
                 model.run_at = sea_orm::ActiveValue::Set(in_micros(run_at));
             }
@@ -658,6 +703,7 @@ impl TaskService for SeaTaskService {
                     max_attempts: new.max_attempts,
                     id,
                     reply,
+                    span: tracing::Span::current(),
                 })
                 .map_err(|_| stopped())?;
             if let Some(task) = inserted.await.map_err(|_| stopped())?? {
