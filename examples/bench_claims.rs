@@ -404,7 +404,9 @@ async fn run_raw(
 /// Takes one cycle from the budget; false once it is spent.
 fn take(budget: &AtomicUsize) -> bool {
     budget
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(1))
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+            left.checked_sub(1)
+        })
         .is_ok()
 }
 
@@ -440,7 +442,9 @@ async fn seed_backlog(db: &DatabaseConnection, n: usize) -> Result<(), sea_orm::
                 model
             })
             .collect();
-        Tasks::insert_many(models).exec_without_returning(db).await?;
+        Tasks::insert_many(models)
+            .exec_without_returning(db)
+            .await?;
     }
     db.execute_unprepared("ANALYZE tasks").await?;
     Ok(())

@@ -284,7 +284,9 @@ async fn open_connection(
                 continue;
             };
             match message["payload"]["data"]["taskUpdated"]["status"].as_str() {
-                Some("PENDING") if !deliveries.snapshot_seen[index].swap(true, Ordering::Relaxed) => {
+                Some("PENDING")
+                    if !deliveries.snapshot_seen[index].swap(true, Ordering::Relaxed) =>
+                {
                     deliveries.snapshots.fetch_add(1, Ordering::Relaxed);
                     deliveries.progress.notify_one();
                 }
@@ -415,7 +417,8 @@ async fn bench_on(
             })
             .collect();
         let token = token(&format!("user-{user}"), None)?;
-        readers.push(open_connection(&server.ws_url, &token, tasks, deliveries.clone(), watch).await?);
+        readers
+            .push(open_connection(&server.ws_url, &token, tasks, deliveries.clone(), watch).await?);
     }
     wait_for(
         &deliveries,

@@ -19,7 +19,9 @@ fn id_of(task: &Value) -> String {
 }
 
 fn time(value: &Value) -> DateTime<Utc> {
-    let text = value.as_str().unwrap_or_else(|| panic!("a DateTime: {value}"));
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("a DateTime: {value}"));
     DateTime::parse_from_rfc3339(text)
         .unwrap_or_else(|e| panic!("{text} is not RFC 3339: {e}"))
         .with_timezone(&Utc)
@@ -76,9 +78,13 @@ async fn queue_position_counts_the_runnable_tasks_of_its_type_ahead_in_claim_ord
     let (alice, bob) = (app.user_token("alice"), app.user_token("bob"));
     let mut line = Vec::new();
     for _ in 0..4 {
-        line.push(id_of(&create(&app, &alice, json!({ "type": "render" })).await));
+        line.push(id_of(
+            &create(&app, &alice, json!({ "type": "render" })).await,
+        ));
     }
-    line.push(id_of(&create(&app, &bob, json!({ "type": "render" })).await));
+    line.push(id_of(
+        &create(&app, &bob, json!({ "type": "render" })).await,
+    ));
     line.push(id_of(
         &create(&app, &bob, json!({ "type": "render", "priority": 5 })).await,
     ));
@@ -102,18 +108,32 @@ async fn queue_position_counts_the_runnable_tasks_of_its_type_ahead_in_claim_ord
         for id in &pending {
             let owner = if line[..4].contains(id) { &alice } else { &bob };
             let seen = task(&app, owner, id).await;
-            positions.push((seen["queuePosition"].as_i64().expect("a position"), id.clone()));
+            positions.push((
+                seen["queuePosition"].as_i64().expect("a position"),
+                id.clone(),
+            ));
         }
         positions.sort();
         let numbers: Vec<i64> = positions.iter().map(|(p, _)| *p).collect();
         assert_eq!(numbers, (1..=pending.len() as i64).collect::<Vec<_>>());
         let claimed = claim(&app, json!(["render"])).await;
-        assert_eq!(claimed["id"], positions[0].1.as_str(), "a claim takes position 1");
+        assert_eq!(
+            claimed["id"],
+            positions[0].1.as_str(),
+            "a claim takes position 1"
+        );
         assert_eq!(claimed["status"], "PROCESSING");
-        assert_eq!(claimed["queuePosition"], Value::Null, "a running task has no position");
+        assert_eq!(
+            claimed["queuePosition"],
+            Value::Null,
+            "a running task has no position"
+        );
         pending.retain(|id| *id != positions[0].1);
     }
-    assert_eq!(task(&app, &alice, &id_of(&later)).await["queuePosition"], Value::Null);
+    assert_eq!(
+        task(&app, &alice, &id_of(&later)).await["queuePosition"],
+        Value::Null
+    );
 }
 
 #[tokio::test]
@@ -122,7 +142,9 @@ async fn estimated_start_at_needs_recent_claims_grows_with_position_and_stops_wh
     let alice = app.user_token("alice");
     let mut ids = Vec::new();
     for _ in 0..8 {
-        ids.push(id_of(&create(&app, &alice, json!({ "type": "render" })).await));
+        ids.push(id_of(
+            &create(&app, &alice, json!({ "type": "render" })).await,
+        ));
     }
     let first = task(&app, &alice, &ids[0]).await;
     assert_eq!(first["queuePosition"], 1);
@@ -142,7 +164,10 @@ async fn estimated_start_at_needs_recent_claims_grows_with_position_and_stops_wh
         let seen = task(&app, &alice, id).await;
         starts.push(time(&seen["estimatedStartAt"]));
     }
-    assert!(starts[0] >= before - chrono::Duration::seconds(1), "{starts:?}");
+    assert!(
+        starts[0] >= before - chrono::Duration::seconds(1),
+        "{starts:?}"
+    );
     assert!(
         starts.windows(2).all(|pair| pair[0] <= pair[1]),
         "later positions start later: {starts:?}"
@@ -152,7 +177,11 @@ async fn estimated_start_at_needs_recent_claims_grows_with_position_and_stops_wh
     set_paused(&app, "render", true).await;
     let paused = task(&app, &alice, &ids[3]).await;
     assert_eq!(paused["queuePosition"], 1, "a paused type keeps its order");
-    assert_eq!(paused["estimatedStartAt"], Value::Null, "a paused type starts nothing");
+    assert_eq!(
+        paused["estimatedStartAt"],
+        Value::Null,
+        "a paused type starts nothing"
+    );
 }
 
 #[tokio::test]
@@ -173,7 +202,10 @@ async fn a_user_reads_the_place_of_their_own_tasks_in_lists_too() {
     positions.sort();
     // Bob's task is in the same line: Alice sees where hers stand in it.
     assert_eq!(positions.len(), 2);
-    assert!(positions.iter().all(|p| (1..=3).contains(p)), "{positions:?}");
+    assert!(
+        positions.iter().all(|p| (1..=3).contains(p)),
+        "{positions:?}"
+    );
     assert_ne!(positions[0], positions[1]);
 }
 
@@ -211,7 +243,9 @@ async fn position_moves_are_pushed(watched: &TestApp, claims: &TestApp) {
     let alice = watched.user_token("alice");
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(id_of(&create(watched, &alice, json!({ "type": "render" })).await));
+        ids.push(id_of(
+            &create(watched, &alice, json!({ "type": "render" })).await,
+        ));
     }
     let mine = ids[3].clone();
     let (_client, mut watching) = watch(watched, &alice, &mine).await;
@@ -225,7 +259,11 @@ async fn position_moves_are_pushed(watched: &TestApp, claims: &TestApp) {
         pushes.extend(until_position(&mut watching, json!(position)).await);
     }
     let positions: Vec<&Value> = pushes.iter().map(|(_, t)| &t["queuePosition"]).collect();
-    assert_eq!(positions, [&json!(3), &json!(2), &json!(1)], "one push per move");
+    assert_eq!(
+        positions,
+        [&json!(3), &json!(2), &json!(1)],
+        "one push per move"
+    );
     for pair in pushes.windows(2) {
         assert!(
             pair[1].0 - pair[0].0 >= Duration::from_millis(900),

@@ -233,7 +233,9 @@ impl Drop for Following {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section here leaves the map whole.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Lines {
@@ -263,10 +265,10 @@ impl Lines {
                     places: watch::channel(None).0,
                 });
                 lines.insert(task_type.to_owned(), Arc::downgrade(&line));
-                tokio::spawn(self.clone().rank_while_followed(
-                    task_type.to_owned(),
-                    Arc::downgrade(&line),
-                ));
+                tokio::spawn(
+                    self.clone()
+                        .rank_while_followed(task_type.to_owned(), Arc::downgrade(&line)),
+                );
                 line
             }
         };
