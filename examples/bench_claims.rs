@@ -105,11 +105,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let db = taskql::db::connect(url, 16).await?;
     taskql::db::migrate(&db).await?;
+    // The server's pool settings, as its command line's defaults make them.
+    let settings = taskql::config::Settings::from_args(["bench_claims", "--database-url", url])?;
     let pool = taskql::db::Db::connect(
-        url,
+        &taskql::db::DbSettings::new(url)?,
         taskql::db::PoolSettings {
             max_connections: 16,
-            ..Default::default()
+            ..taskql::db::PoolSettings::from(&settings.database)
         },
     )
     .await?;

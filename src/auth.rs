@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{AuthConfig, ConfigError, KeySource};
 use crate::error::TaskError;
 
 /// Longest `sub` accepted; it is stored with every task the user owns.
@@ -113,11 +114,7 @@ impl VerifiedTokens {
     }
 }
 
-#[derive(Debug, Clone)]
-pub enum JwtKey {
-    Secret(String),
-    PublicKeyPem(Vec<u8>),
-}
+pub use crate::config::JwtKey;
 
 /// Why a key cannot check tokens, or a token cannot be signed.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +126,18 @@ pub enum AuthError {
 }
 
 impl Authenticator {
+    /// The authenticator the token settings describe, checking tokens with
+    /// `key` (from [`load_key`]).
+    pub fn from_config(config: &AuthConfig, key: &JwtKey) -> Result<Self, ConfigError> {
+        Self::new(
+            key,
+            config.issuer.as_deref(),
+            config.audience.as_deref(),
+            &config.service_role,
+        )
+        .map_err(|problem| ConfigError::new("TASKQL_JWT_PUBLIC_KEY_FILE", problem.to_string()))
+    }
+
     pub fn new(
         key: &JwtKey,
         issuer: Option<&str>,
@@ -282,6 +291,25 @@ pub fn issue_token(
     )?)
 }
 
+/// The key that checks (and, for a secret, signs) tokens. For a local
+/// secret this is the step that makes its file, or reads it back.
+pub fn load_key(config: &AuthConfig) -> Result<JwtKey, ConfigError> {
+    match &config.key_source {
+        KeySource::Configured(key) => Ok(key.clone()),
+        KeySource::LocalSecret(path) => load_or_create_local_secret(path)
+            .map(JwtKey::Secret)
+            .map_err(|err| {
+                ConfigError::new(
+                    "TASKQL_JWT_SECRET",
+                    format!(
+                        "unset, and the local secret {} cannot be written: {err}",
+                        path.display()
+                    ),
+                )
+            }),
+    }
+}
+
 /// Reads the local development secret beside the SQLite file, creating it
 /// (mode 0600) on first use.
 pub fn load_or_create_local_secret(path: &Path) -> std::io::Result<String> {
@@ -306,4 +334,31 @@ pub fn load_or_create_local_secret(path: &Path) -> std::io::Result<String> {
     let mut file = options.open(path)?;
     file.write_all(secret.as_bytes())?;
     Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loading_the_local_key_makes_it_once() {
+        let dir = std::env::temp_dir().join(format!("taskql-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret_file = dir.join("tasks.db.jwt-secret");
+        let config = AuthConfig {
+            key_source: KeySource::LocalSecret(secret_file.clone()),
+            issuer: None,
+            audience: None,
+            service_role: "service_role".into(),
+        };
+        let JwtKey::Secret(first) = load_key(&config).unwrap() else {
+            panic!("a local secret")
+        };
+        assert!(secret_file.exists());
+        let JwtKey::Secret(again) = load_key(&config).unwrap() else {
+            panic!("a local secret")
+        };
+        assert_eq!(first, again);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -15,7 +15,9 @@
 //! TCP may wait indefinitely; only this side's deadline ends the wait.
 //!
 //! SeaORM's entity API runs on `Db` through `ConnectionTrait`, so the
-//! service builds its statements with SeaORM as before.
+//! service builds its statements with SeaORM. Every connection's options
+//! (the pool's, the migrator's, the LISTEN connection's) are made by
+//! [`DbSettings`], in `db/settings.rs`.
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,13 +25,11 @@ use std::time::{Duration, Instant};
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sea_query::Values;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
-use sea_orm::sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous,
-};
-use sea_orm::sqlx::{self, AssertSqlSafe, ConnectOptions as _, Connection as _};
+use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sea_orm::sqlx::{self, AssertSqlSafe, Connection as _};
 use sea_orm::{
-    ConnAcquireErr, ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    DbErr, ExecResult, QueryResult, RuntimeErr, Statement,
+    ConnAcquireErr, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, ExecResult,
+    QueryResult, RuntimeErr, Statement,
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -38,40 +38,10 @@ use tracing::Instrument as _;
 /// The moment a database call is given up.
 type Deadline = tokio::time::Instant;
 
-/// The database a `DATABASE_URL` names, decided once from its scheme.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+pub use crate::config::Backend;
+pub use settings::DbSettings;
 
-impl Backend {
-    /// `sqlite:…`, `postgres://…` or `postgresql://…`; `None` for anything else.
-    pub fn of_url(url: &str) -> Option<Self> {
-        if url.starts_with("sqlite:") {
-            Some(Self::Sqlite)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Some(Self::Postgres)
-        } else {
-            None
-        }
-    }
-
-    /// The database's name in OpenTelemetry's `db.system`.
-    pub fn otel_name(self) -> &'static str {
-        match self {
-            Self::Sqlite => "sqlite",
-            Self::Postgres => "postgresql",
-        }
-    }
-
-    pub fn sea_orm(self) -> DatabaseBackend {
-        match self {
-            Self::Sqlite => DatabaseBackend::Sqlite,
-            Self::Postgres => DatabaseBackend::Postgres,
-        }
-    }
-}
+mod settings;
 
 /// SQLite allows one writer at a time; more connections only queue.
 pub const MAX_SQLITE_CONNECTIONS: u32 = 8;
@@ -82,7 +52,8 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(30);
 /// a statement of its own).
 const STATEMENT_CACHE: usize = 300;
 
-/// How the service's connections behave.
+/// How the service's connections behave: `TASKQL_DB_*` (see
+/// [`crate::config::DatabaseSettings`], where their defaults are).
 #[derive(Debug, Clone, Copy)]
 pub struct PoolSettings {
     pub max_connections: u32,
@@ -90,6 +61,16 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
     /// Longest a statement may run.
     pub statement_timeout: Duration,
+}
+
+impl From<&crate::config::DatabaseSettings> for PoolSettings {
+    fn from(settings: &crate::config::DatabaseSettings) -> Self {
+        Self {
+            max_connections: settings.max_connections,
+            acquire_timeout: settings.acquire_timeout,
+            statement_timeout: settings.statement_timeout,
+        }
+    }
 }
 
 impl PoolSettings {
@@ -101,16 +82,6 @@ impl PoolSettings {
     /// past `statement_timeout`, for the server's own timeout to answer first.
     pub fn call_limit(&self) -> Duration {
         self.acquire_timeout + self.statement_timeout
-    }
-}
-
-impl Default for PoolSettings {
-    fn default() -> Self {
-        Self {
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(3),
-            statement_timeout: Duration::from_secs(10),
-        }
     }
 }
 
@@ -465,46 +436,11 @@ fn configure_sqlite() {
 }
 
 impl Db {
-    /// Checks the URL and settings; connections open when first needed, so
-    /// a database that is down at start-up is retried by later requests.
-    pub fn new(url: &str, settings: PoolSettings) -> Result<Self, DbErr> {
-        let backend = Backend::of_url(url).ok_or_else(|| {
-            DbErr::Custom("DATABASE_URL must start with sqlite: or postgres://".into())
-        })?;
-        let conn_err = |e| sqlx_err(DbErr::Conn, e);
-        let (connector, size) = match backend {
-            Backend::Postgres => {
-                let options: PgConnectOptions = url.parse().map_err(conn_err)?;
-                let options = options
-                    .application_name("taskql")
-                    .statement_cache_capacity(STATEMENT_CACHE)
-                    .options([(
-                        "statement_timeout",
-                        settings.statement_timeout.as_millis().to_string(),
-                    )])
-                    .disable_statement_logging();
-                (Connector::Postgres(options), settings.max_connections)
-            }
-            Backend::Sqlite => {
-                configure_sqlite();
-                let options: SqliteConnectOptions = url.parse().map_err(conn_err)?;
-                let options = options
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
-                    // Writers queue for SQLite's one write lock up to the
-                    // statement timeout, rather than fail at once.
-                    .busy_timeout(settings.statement_timeout)
-                    .foreign_keys(true)
-                    .create_if_missing(true)
-                    .statement_cache_capacity(STATEMENT_CACHE)
-                    .disable_statement_logging();
-                (
-                    Connector::Sqlite(options),
-                    settings.max_connections.min(MAX_SQLITE_CONNECTIONS),
-                )
-            }
-        };
-        Ok(Self::with_connector(backend, connector, settings, size))
+    /// The service's pool; connections open when first needed, so a
+    /// database that is down at start-up is retried by later requests.
+    pub fn new(database: &DbSettings, settings: PoolSettings) -> Self {
+        let (connector, size) = database.pool(&settings);
+        Self::with_connector(database.backend(), connector, settings, size)
     }
 
     fn with_connector(
@@ -539,8 +475,8 @@ impl Db {
     }
 
     /// Like [`Db::new`], and opens one connection to show the database is reachable.
-    pub async fn connect(url: &str, settings: PoolSettings) -> Result<Self, DbErr> {
-        let db = Self::new(url, settings)?;
+    pub async fn connect(database: &DbSettings, settings: PoolSettings) -> Result<Self, DbErr> {
+        let db = Self::new(database, settings);
         db.acquire().await?;
         Ok(db)
     }
@@ -665,29 +601,76 @@ impl Db {
         })
     }
 
-    async fn query(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+    /// This pool, for statements the caller knows only read (see [`Reads`]).
+    pub fn reads(&self) -> Reads<'_> {
+        Reads(self)
+    }
+
+    /// Runs a query; `retry` says whether it only reads.
+    async fn query(&self, stmt: Statement, retry: Retry) -> Result<Vec<QueryResult>, DbErr> {
         let Statement { sql, values, .. } = stmt;
         let values = values.unwrap_or(Values(Vec::new()));
         let deadline = self.pool.call_deadline();
         let mut conn = self.acquire().await?;
-        // A read on a connection that turns out to be dead (the database
-        // restarted) is tried once more on a fresh one, within the same
-        // deadline: reading twice is harmless, waiting twice as long is not.
-        let is_read = sql.trim_start().starts_with("SELECT");
-        let retry = is_read.then(|| values.clone());
+        let again = (retry == Retry::OnStaleConnection).then(|| values.clone());
         match conn.fetch_all_by(&sql, values, deadline).await {
-            Err(err) if !conn.is_alive() && retry.is_some() && Deadline::now() < deadline => {
+            Err(err) if !conn.is_alive() && again.is_some() && Deadline::now() < deadline => {
                 drop(conn);
                 tracing::debug!(error = %err, "a read failed on a stale connection; trying a fresh one");
                 let left = deadline.saturating_duration_since(Deadline::now());
                 let mut conn = self
                     .acquire_within(left.min(self.pool.settings.acquire_timeout))
                     .await?;
-                conn.fetch_all_by(&sql, retry.unwrap_or(Values(Vec::new())), deadline)
+                conn.fetch_all_by(&sql, again.unwrap_or(Values(Vec::new())), deadline)
                     .await
             }
             outcome => outcome,
         }
+    }
+}
+
+/// Whether a query is tried again on a fresh connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Never,
+    /// Once, when its connection turned out dead (the database restarted).
+    OnStaleConnection,
+}
+
+/// A [`Db`] for statements its caller states only read. A query through it
+/// that fails on a connection that turns out dead is tried once more on a
+/// fresh one, within the same deadline: reading twice is harmless, waiting
+/// twice as long is not. Statements run through [`Db`] itself are never
+/// retried, since running a write twice may not be. `execute_*` calls are
+/// never retried either way.
+#[derive(Clone, Copy)]
+pub struct Reads<'a>(&'a Db);
+
+#[async_trait::async_trait]
+impl ConnectionTrait for Reads<'_> {
+    fn get_database_backend(&self) -> DatabaseBackend {
+        self.0.get_database_backend()
+    }
+
+    async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
+        self.0.execute_raw(stmt).await
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
+        ConnectionTrait::execute_unprepared(self.0, sql).await
+    }
+
+    async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+        Ok(self
+            .0
+            .query(stmt, Retry::OnStaleConnection)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        self.0.query(stmt, Retry::OnStaleConnection).await
     }
 }
 
@@ -711,11 +694,11 @@ impl ConnectionTrait for Db {
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
-        Ok(self.query(stmt).await?.into_iter().next())
+        Ok(self.query(stmt, Retry::Never).await?.into_iter().next())
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
-        self.query(stmt).await
+        self.query(stmt, Retry::Never).await
     }
 }
 
@@ -770,33 +753,11 @@ impl ConnectionTrait for DbTransaction {
     }
 }
 
-/// A SeaORM connection pool, for migrations and one-off administration (the
-/// CLI's `migrate`, tests). The server itself runs on [`Db`].
+/// [`DbSettings::connect_migrator`] for a URL.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
-    let mut options = ConnectOptions::new(url.to_owned());
-    options
-        .sqlx_logging(false)
-        .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(30));
-    match Backend::of_url(url) {
-        Some(Backend::Sqlite) => {
-            configure_sqlite();
-            options
-                .max_connections(max_connections.min(MAX_SQLITE_CONNECTIONS))
-                .min_connections(1)
-                .map_sqlx_sqlite_opts(|opts| {
-                    opts.journal_mode(SqliteJournalMode::Wal)
-                        .synchronous(SqliteSynchronous::Normal)
-                        .busy_timeout(Duration::from_secs(30))
-                        .foreign_keys(true)
-                        .create_if_missing(true)
-                });
-        }
-        _ => {
-            options.max_connections(max_connections).min_connections(1);
-        }
-    }
-    Database::connect(options).await
+    DbSettings::new(url)?
+        .connect_migrator(max_connections)
+        .await
 }
 
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {

@@ -65,8 +65,14 @@ impl App {
     /// log's pruning and (on PostgreSQL) the listener that wakes the log's
     /// reader when another instance wrote.
     pub async fn build(config: &Config, key: &crate::auth::JwtKey) -> Result<Self, StartError> {
+        // Settings that cannot be used stop the start before the database is touched.
+        let auth = auth::Authenticator::from_config(&config.auth, key)?;
+        let trusted_documents = http::persisted::TrustedDocuments::configured(&config.http)?;
+        let database = db::DbSettings::new(config.database.url.as_str())
+            .map_err(|e| StartError::Database(e.to_string()))?;
         // Migrations run on a SeaORM connection of their own, closed after.
-        let admin = db::connect(&config.database_url, 1)
+        let admin = database
+            .connect_migrator(1)
             .await
             .map_err(|e| StartError::Database(e.to_string()))?;
         db::migrate(&admin)
@@ -76,14 +82,14 @@ impl App {
             .close()
             .await
             .map_err(|e| StartError::Database(e.to_string()))?;
-        let db = Db::connect(&config.database_url, config.pool_settings())
+        let db = Db::connect(&database, db::PoolSettings::from(&config.database))
             .await
             .map_err(|e| StartError::Database(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let service = Arc::new(SeaTaskService::with_max_attempts(
             db.clone(),
             metrics.clone(),
-            config.max_attempts,
+            config.tasks.max_attempts,
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -93,7 +99,7 @@ impl App {
             service.clone(),
             metrics.clone(),
         )));
-        if let Some(retention) = config.retention {
+        if let Some(retention) = config.tasks.retention() {
             let service = service.clone();
             background.push(tokio::spawn(prune_forever("task retention", move || {
                 let service = service.clone();
@@ -101,7 +107,7 @@ impl App {
             })));
         }
         let events = service.clone();
-        let event_retention = config.event_retention;
+        let event_retention = config.tasks.event_retention;
         background.push(tokio::spawn(prune_forever("change log", move || {
             let events = events.clone();
             async move { events.prune_events(event_retention).await }
@@ -114,17 +120,19 @@ impl App {
                 async move { minutes.prune_stats_minutes().await }
             },
         )));
-        if config.backend == db::Backend::Postgres {
+        if config.backend() == db::Backend::Postgres {
             background.push(tokio::spawn(fold_counts_forever(service.clone())));
+        }
+        if let Some(listener) = database.listener_options(pg_listener::APPLICATION_NAME) {
             background.push(tokio::spawn(pg_listener::run(
-                config.database_url.clone(),
+                listener,
                 db.clone(),
                 service.changelog().notice_handle(),
                 metrics.clone(),
             )));
         }
 
-        let (max_connections, max_websockets) = config.connection_caps();
+        let (max_connections, max_websockets) = connection_caps(config);
         let websocket_slots = Arc::new(tokio::sync::Semaphore::new(max_websockets));
         let live_subscriptions = LiveSubscriptions::default();
         let schema_service: Arc<dyn TaskService> = service.clone();
@@ -135,15 +143,15 @@ impl App {
         );
         let state = Arc::new(HttpState {
             schema,
-            auth: config.authenticator(key)?,
+            auth,
             db: db.clone(),
             documents: Default::default(),
             live_subscriptions,
-            max_subscriptions_per_connection: config.max_subscriptions_per_connection,
+            max_subscriptions_per_connection: config.http.max_subscriptions_per_connection,
             websocket_slots: websocket_slots.clone(),
-            keepalive_interval: config.keepalive_interval,
-            persisted: http::persisted::PersistedDocuments::new(config.trusted_documents.clone()),
-            body_timeout: config.body_timeout,
+            keepalive_interval: config.http.keepalive_interval,
+            persisted: http::persisted::PersistedDocuments::new(trusted_documents),
+            body_timeout: config.http.body_timeout,
             shutdown: shutdown_rx,
             metrics,
         });
@@ -152,9 +160,9 @@ impl App {
             service,
             db,
             limits: http::serve::ServeLimits {
-                header_timeout: config.header_timeout,
+                header_timeout: config.http.header_timeout,
                 max_connections,
-                shutdown_timeout: config.shutdown_timeout,
+                shutdown_timeout: config.http.shutdown_timeout,
             },
             websockets: (websocket_slots, max_websockets),
             shutdown,
@@ -190,6 +198,19 @@ impl Drop for App {
             task.abort();
         }
     }
+}
+
+/// Caps on HTTP connections and websockets: as set, else sized from the
+/// open-file limit (less the database's connections).
+fn connection_caps(config: &Config) -> (usize, usize) {
+    let (connections, websockets) = http::serve::default_caps(
+        http::serve::open_file_limit(),
+        config.database.max_connections as usize,
+    );
+    (
+        config.http.max_connections.unwrap_or(connections),
+        config.http.max_websockets.unwrap_or(websockets),
+    )
 }
 
 async fn reap_forever(service: Arc<SeaTaskService>) {

@@ -3,12 +3,11 @@ use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Parser as _;
 use taskql::StartError;
 use taskql::auth::AuthError;
 use taskql::config::{
-    Cli, Command, Config, ConfigError, LogFormat, Settings, log_filter, parse_bounded_duration,
-    trace_export, validate_database_url,
+    Cli, Command, Config, ConfigError, LogFormat, Settings, log_filter, setting_error, trace_export,
 };
 use taskql::telemetry::Traces;
 
@@ -35,7 +34,18 @@ enum CliError {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A setting's bad value is one line naming it, like any other.
+        Err(err) => match setting_error(&err) {
+            Some(problem) => {
+                eprintln!("taskql: {problem}");
+                return ExitCode::FAILURE;
+            }
+            None => err.exit(),
+        },
+    };
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("taskql: {err}");
@@ -48,7 +58,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let command = cli.command.unwrap_or(Command::Serve);
     // Only the server sends traces; it checks their settings first.
     let traces = match command {
-        Command::Serve => trace_export(&cli.settings)?
+        Command::Serve => trace_export(&cli.settings.telemetry)?
             .map(|export| Traces::start(&export))
             .transpose()?,
         _ => None,
@@ -58,7 +68,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let result = match command {
         Command::Serve => serve(&cli.settings).await,
         Command::Migrate => migrate(&cli.settings).await,
-        Command::Token { user, role, ttl } => token(&cli.settings, &user, role.as_deref(), &ttl),
+        Command::Token { user, role, ttl } => token(&cli.settings, &user, role.as_deref(), ttl),
         Command::Schema => {
             print!("{}", taskql::graphql::sdl());
             Ok(())
@@ -99,14 +109,14 @@ fn init_tracing(
 
 async fn serve(settings: &Settings) -> Result<(), CliError> {
     let config = Config::from_settings(settings)?;
-    let key = config.load_key()?;
+    let key = taskql::auth::load_key(&config.auth)?;
     let shutdown = taskql::shutdown_signal();
     let app = taskql::App::build(&config, &key).await?;
     let listen_error = |source| CliError::Listen {
-        address: config.listen,
+        address: config.http.listen,
         source,
     };
-    let listener = taskql::http::serve::bind(config.listen).map_err(listen_error)?;
+    let listener = taskql::http::serve::bind(config.http.listen).map_err(listen_error)?;
     let address = listener.local_addr().map_err(listen_error)?;
     tracing::info!(%address, "taskql is serving");
     // Printed with errors ignored: a closed stdout must not stop the server.
@@ -115,7 +125,9 @@ async fn serve(settings: &Settings) -> Result<(), CliError> {
         let _ = writeln!(std::io::stdout(), "{line}");
     };
     say(format!("taskql is serving on http://{address}"));
-    if let (Some(path), taskql::auth::JwtKey::Secret(secret)) = (config.local_secret_file(), &key) {
+    if let (Some(path), taskql::auth::JwtKey::Secret(secret)) =
+        (config.auth.local_secret_file(), &key)
+    {
         // Week-long tokens, for a person trying taskql on their own machine.
         let sign = |user: &str, role: Option<&str>| {
             taskql::auth::issue_token(
@@ -123,8 +135,8 @@ async fn serve(settings: &Settings) -> Result<(), CliError> {
                 user,
                 role,
                 std::time::Duration::from_secs(7 * 86_400),
-                config.jwt_issuer.as_deref(),
-                config.jwt_audience.as_deref(),
+                config.auth.issuer.as_deref(),
+                config.auth.audience.as_deref(),
             )
         };
         let token = sign("demo", None)?;
@@ -137,10 +149,10 @@ async fn serve(settings: &Settings) -> Result<(), CliError> {
         say("Token (for the Authorization: Bearer header):".into());
         say(format!("  {token}"));
         // A worker token: the dashboard shows (and can change) every user's tasks.
-        let dashboard = sign("dashboard", Some(&config.service_role))?;
+        let dashboard = sign("dashboard", Some(&config.auth.service_role))?;
         say(format!(
             "Dashboard, signed in for 7 days as worker 'dashboard' (role '{}': sees and changes every user's tasks):",
-            config.service_role
+            config.auth.service_role
         ));
         say(format!("  http://{address}/ui#token={dashboard}"));
     }
@@ -148,8 +160,7 @@ async fn serve(settings: &Settings) -> Result<(), CliError> {
 }
 
 async fn migrate(settings: &Settings) -> Result<(), CliError> {
-    let (_, url) = validate_database_url(&settings.database_url)?;
-    let db = taskql::db::connect(&url, 2)
+    let db = taskql::db::connect(settings.database.url.as_str(), 2)
         .await
         .map_err(|e| StartError::Database(e.to_string()))?;
     taskql::db::migrate(&db)
@@ -159,9 +170,12 @@ async fn migrate(settings: &Settings) -> Result<(), CliError> {
     Ok(())
 }
 
-fn token(settings: &Settings, user: &str, role: Option<&str>, ttl: &str) -> Result<(), CliError> {
-    let ttl = parse_bounded_duration(ttl)
-        .map_err(|problem| CliError::Argument(format!("--ttl: {problem}")))?;
+fn token(
+    settings: &Settings,
+    user: &str,
+    role: Option<&str>,
+    ttl: std::time::Duration,
+) -> Result<(), CliError> {
     if !taskql::auth::is_valid_subject(user) {
         return Err(CliError::Argument(format!(
             "--user: must be 1 to {} bytes of printable text",
@@ -169,7 +183,7 @@ fn token(settings: &Settings, user: &str, role: Option<&str>, ttl: &str) -> Resu
         )));
     }
     let config = Config::from_settings(settings)?;
-    let key = config.load_key()?;
+    let key = taskql::auth::load_key(&config.auth)?;
     let taskql::auth::JwtKey::Secret(secret) = &key else {
         return Err(CliError::Argument("TASKQL_JWT_PUBLIC_KEY_FILE is set: taskql token signs HS256 only; set TASKQL_JWT_SECRET, or sign tokens with your identity provider".into()));
     };
@@ -178,8 +192,8 @@ fn token(settings: &Settings, user: &str, role: Option<&str>, ttl: &str) -> Resu
         user,
         role,
         ttl,
-        config.jwt_issuer.as_deref(),
-        config.jwt_audience.as_deref(),
+        config.auth.issuer.as_deref(),
+        config.auth.audience.as_deref(),
     )?;
     println!("{token}");
     Ok(())

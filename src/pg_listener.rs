@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener};
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 use tokio::sync::Notify;
 
@@ -26,8 +26,9 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(65);
 pub const APPLICATION_NAME: &str = "taskql-listener";
 
 /// Keeps one LISTEN connection alive for the life of the process, waking
-/// `reader` on every notice and after every (re)connect.
-pub async fn run(url: String, db: Db, reader: Arc<Notify>, metrics: Arc<Metrics>) {
+/// `reader` on every notice and after every (re)connect. `options` come
+/// from [`crate::db::DbSettings::listener_options`].
+pub async fn run(options: PgConnectOptions, db: Db, reader: Arc<Notify>, metrics: Arc<Metrics>) {
     let pinger = async {
         let mut ticker = tokio::time::interval(PING_EVERY);
         loop {
@@ -47,15 +48,15 @@ pub async fn run(url: String, db: Db, reader: Arc<Notify>, metrics: Arc<Metrics>
     // Both run in this task; the listener is never interrupted to ping.
     tokio::select! {
         _ = pinger => {}
-        _ = listen(url, &db, &reader, &metrics) => {}
+        _ = listen(options, &db, &reader, &metrics) => {}
     }
 }
 
-async fn listen(url: String, db: &Db, reader: &Notify, metrics: &Metrics) {
+async fn listen(options: PgConnectOptions, db: &Db, reader: &Notify, metrics: &Metrics) {
     let mut backoff = Duration::from_millis(100);
     let mut connected_before = false;
     loop {
-        let mut listener = match connect(&url).await {
+        let mut listener = match connect(&options).await {
             Ok(listener) => listener,
             Err(err) => {
                 tracing::warn!(error = %err, ?backoff, "event listener cannot connect; retrying");
@@ -103,12 +104,11 @@ async fn listen(url: String, db: &Db, reader: &Notify, metrics: &Metrics) {
     }
 }
 
-async fn connect(url: &str) -> Result<PgListener, sea_orm::sqlx::Error> {
-    use sea_orm::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-    let options: PgConnectOptions = url.parse()?;
+async fn connect(options: &PgConnectOptions) -> Result<PgListener, sea_orm::sqlx::Error> {
+    use sea_orm::sqlx::postgres::PgPoolOptions;
     let pool = PgPoolOptions::new()
         .max_connections(1)
-        .connect_lazy_with(options.application_name(APPLICATION_NAME));
+        .connect_lazy_with(options.clone());
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.ignore_pool_close_event(true);
     listener.listen(CHANNEL).await?;

@@ -60,9 +60,11 @@ impl Traces {
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(export.endpoint.clone())
             .build()
-            .map_err(|err| ConfigError {
-                setting: "OTEL_EXPORTER_OTLP_ENDPOINT",
-                problem: format!("cannot export to {}: {err}", export.endpoint),
+            .map_err(|err| {
+                ConfigError::new(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("cannot export to {}: {err}", export.endpoint),
+                )
             })?;
         // The SDK reads OTEL_RESOURCE_ATTRIBUTES; a name set there stands
         // unless OTEL_SERVICE_NAME (or its flag) gives one.

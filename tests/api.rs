@@ -364,7 +364,10 @@ async fn roles_decide_who_updates_status() {
         "PENDING"
     );
     // A custom service role name is honoured.
-    let custom = spawn_app_with(app.database.clone(), |s| s.service_role = "worker".into()).await;
+    let custom = spawn_app_with(app.database.clone(), |s| {
+        s.auth.service_role = "worker".into()
+    })
+    .await;
     let body = custom
         .gql(
             Some(&token_for("w", Some("worker"))),
@@ -396,8 +399,8 @@ async fn supabase_shaped_and_asymmetric_tokens_work() {
     // Supabase: HS256, role "authenticated", aud "authenticated", iss set.
     let issuer = "https://example.supabase.co/auth/v1";
     let app = spawn_app_with(database.clone(), |s| {
-        s.jwt_issuer = Some(issuer.into());
-        s.jwt_audience = Some("authenticated".into());
+        s.auth.issuer = Some(issuer.into());
+        s.auth.audience = Some("authenticated".into());
     })
     .await;
     let key = EncodingKey::from_secret(TEST_SECRET.as_bytes());
@@ -464,8 +467,8 @@ async fn supabase_shaped_and_asymmetric_tokens_work() {
         ("es256-public.pem", "es256-private.pem", Algorithm::ES256),
     ] {
         let app = spawn_app_with(database.clone(), |s| {
-            s.jwt_secret = None;
-            s.jwt_public_key_file = Some(fixtures.join(public));
+            s.auth.secret = None;
+            s.auth.public_key_file = Some(fixtures.join(public));
         })
         .await;
         let pem = std::fs::read(fixtures.join(private)).unwrap();

@@ -176,7 +176,7 @@ async fn trusted_app(manifest: Value) -> (TestApp, tempfile::TempDir) {
     std::fs::write(&path, manifest.to_string()).expect("write the manifest");
     let database = Arc::new(TestDb::new().await);
     let app = spawn_app_with(database, |settings| {
-        settings.trusted_documents = Some(path);
+        settings.http.trusted_documents = Some(path);
     })
     .await;
     (app, dir)
@@ -405,15 +405,14 @@ fn a_manifest_that_cannot_be_used_is_a_start_up_error() {
     let path = dir.path().join("trusted.json");
     std::fs::write(&path, r#"{"abc": "query {"}"#).expect("write");
     let mut settings = common::settings_for("sqlite://x.db");
-    settings.trusted_documents = Some(path);
-    let err = taskql::config::Config::from_settings(&settings).expect_err("refused");
+    settings.http.trusted_documents = Some(path);
+    let trusted = taskql::http::persisted::TrustedDocuments::configured;
+    let err = trusted(&settings.http).expect_err("refused");
     let err = err.to_string();
     assert!(err.starts_with("TASKQL_TRUSTED_DOCUMENTS:"), "{err}");
     assert!(err.contains("'abc' does not parse"), "{err}");
-    settings.trusted_documents = Some(dir.path().join("missing.json"));
-    let err = taskql::config::Config::from_settings(&settings)
-        .expect_err("refused")
-        .to_string();
+    settings.http.trusted_documents = Some(dir.path().join("missing.json"));
+    let err = trusted(&settings.http).expect_err("refused").to_string();
     assert!(err.contains("cannot read"), "{err}");
 }
 

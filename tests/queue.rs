@@ -770,7 +770,7 @@ async fn jittered_backoff_waits_in_the_upper_half_of_the_delay() {
 
 #[tokio::test]
 async fn set_task_type_policy_returns_what_was_set_keeps_absent_fields_and_resets_nulls() {
-    let app = fresh_app_with(|s| s.max_attempts = "4".into()).await;
+    let app = fresh_app_with(|s| s.tasks.max_attempts = 4).await;
     let alice = app.user_token("alice");
     assert_eq!(
         task_types(&app).await,

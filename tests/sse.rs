@@ -200,7 +200,7 @@ async fn a_missing_bad_or_expired_token_is_refused_before_any_event() {
 async fn keep_alive_comments_come_at_the_keepalive_interval() {
     let database = Arc::new(TestDb::new().await);
     let app = spawn_app_with(database, |settings| {
-        settings.keepalive_interval = "200ms".into();
+        settings.http.keepalive_interval = std::time::Duration::from_millis(200);
     })
     .await;
     let alice = app.user_token("alice");
@@ -226,7 +226,7 @@ async fn keep_alive_comments_come_at_the_keepalive_interval() {
 async fn event_streams_and_websockets_share_one_cap() {
     let database = Arc::new(TestDb::new().await);
     let app = spawn_app_with(database, |settings| {
-        settings.max_websockets = Some("1".into());
+        settings.http.max_websockets = Some(1);
     })
     .await;
     let alice = app.user_token("alice");

@@ -692,7 +692,7 @@ async fn live_subscriptions(app: &TestApp) -> usize {
 async fn one_connection_runs_at_most_its_limit_of_subscriptions() {
     let database = Arc::new(TestDb::new().await);
     let app = spawn_app_with(database, |settings| {
-        settings.max_subscriptions_per_connection = "3".into();
+        settings.http.max_subscriptions_per_connection = 3;
     })
     .await;
     let alice = app.user_token("alice");

@@ -493,7 +493,7 @@ async fn an_expired_lease_returns_the_task_to_pending_through_the_running_reaper
 #[tokio::test]
 async fn a_task_whose_leases_keep_expiring_fails_after_max_attempts() {
     let database = Arc::new(TestDb::new().await);
-    let app = spawn_app_with(database, |s| s.max_attempts = "2".into()).await;
+    let app = spawn_app_with(database, |s| s.tasks.max_attempts = 2).await;
     let worker = app.worker_token();
     let alice = app.user_token("alice");
     let task = create_via_api(&app, &alice, json!({ "type": "image" })).await;

@@ -27,6 +27,22 @@ pub struct TrustedDocuments {
 }
 
 impl TrustedDocuments {
+    /// The manifest `TASKQL_TRUSTED_DOCUMENTS` names, when it is set: one
+    /// that cannot be used is a start-up error.
+    pub fn configured(
+        settings: &crate::config::HttpSettings,
+    ) -> Result<Option<Arc<Self>>, crate::config::ConfigError> {
+        settings
+            .trusted_documents
+            .as_deref()
+            .map(|path| {
+                Self::load(path).map(Arc::new).map_err(|problem| {
+                    crate::config::ConfigError::new("TASKQL_TRUSTED_DOCUMENTS", problem)
+                })
+            })
+            .transpose()
+    }
+
     /// Reads a manifest: `{"<hash>": "<document>", …}`, or Apollo's
     /// `{"format": "apollo-persisted-query-manifest", "version": 1,
     /// "operations": [{"id", "body", "name", "type"}]}`. The problem, to

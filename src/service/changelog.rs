@@ -197,9 +197,12 @@ fn placeholders(backend: Backend) -> impl Fn(usize) -> String {
     }
 }
 
-/// The one row `sql` (without parameters) answers.
+/// The one row `sql` (without parameters) answers, tried again on a fresh
+/// connection if its own turns out dead: every `sql` here may run twice
+/// (a read, or the move of changes into the log, which moves each once).
 async fn one_row(db: &Db, sql: &str) -> TaskResult<QueryResult> {
-    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+    db.reads()
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
         .await?
         .ok_or_else(|| TaskError::Internal(format!("no row from {sql}")))
 }
@@ -253,15 +256,16 @@ pub async fn read(
         sql.push_str(&format!(" AND user_id = {}", p(2)));
     }
     sql.push_str(&format!(" ORDER BY pos LIMIT {limit}"));
-    db.query_all_raw(Statement::from_sql_and_values(
-        db.get_database_backend(),
-        sql,
-        values,
-    ))
-    .await?
-    .iter()
-    .map(|row| event_of(row).map_err(TaskError::from))
-    .collect()
+    db.reads()
+        .query_all_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            sql,
+            values,
+        ))
+        .await?
+        .iter()
+        .map(|row| event_of(row).map_err(TaskError::from))
+        .collect()
 }
 
 fn event_of(row: &QueryResult) -> Result<TaskEvent, DbErr> {

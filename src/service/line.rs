@@ -62,6 +62,7 @@ async fn claim_rate(db: &Db, task_type: &str, at: DateTime<Utc>) -> TaskResult<O
           ORDER BY started_at DESC LIMIT {RATE_SAMPLE}) AS recent"
     );
     let row = db
+        .reads()
         .query_one_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
             sql,
@@ -109,6 +110,7 @@ async fn place_of(
         None => sql.to_owned(),
     };
     let row = db
+        .reads()
         .query_one_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
             sql,
@@ -143,6 +145,7 @@ async fn rank(
     );
     let values: [Value; 2] = [task_type.into(), at.into()];
     let rows = db
+        .reads()
         .query_all_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
             sql,

@@ -256,6 +256,7 @@ impl Queue {
     async fn row(&self, task_type: &str) -> TaskResult<Option<TaskTypePolicy>> {
         Ok(self
             .db
+            .reads()
             .query_one_raw(
                 self.db
                     .get_database_backend()
@@ -326,6 +327,7 @@ impl Queue {
             .into_query();
         let rows = self
             .db
+            .reads()
             .query_all_raw(self.db.get_database_backend().build(&select))
             .await?
             .iter()
@@ -373,6 +375,7 @@ impl Queue {
             .and_where(Expr::col(PolicyColumn::Concurrency).is_not_null());
         let capped: Vec<String> = self
             .db
+            .reads()
             .query_all_raw(self.db.get_database_backend().build(&select))
             .await?
             .iter()
@@ -552,7 +555,7 @@ impl Queue {
         let mut last_turn = HashMap::new();
         let mut served = HashMap::new();
         let mut budget = HashMap::new();
-        for row in self.db.query_all_raw(statement).await? {
+        for row in self.db.reads().query_all_raw(statement).await? {
             let kind: String = row.try_get_by_index(0)?;
             let name: String = row.try_get_by_index(1)?;
             let Some(n) = row.try_get_by_index::<Option<i64>>(2)? else {

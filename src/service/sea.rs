@@ -434,7 +434,11 @@ impl SeaTaskService {
 
     /// The tasks `select` finds.
     async fn select(&self, select: sea_orm::Select<Tasks>) -> TaskResult<Vec<Task>> {
-        rows_of(self.db(), select.build(self.db().get_database_backend())).await
+        rows_of(
+            &self.db().reads(),
+            select.build(self.db().get_database_backend()),
+        )
+        .await
     }
 
     /// The first task `select` finds.

@@ -237,7 +237,7 @@ pub(crate) async fn counts(db: &Db, user: &CurrentUser) -> TaskResult<([i64; 5],
              GROUP BY type, status"
         )
     };
-    let rows = db.query_all_raw(statement(db, sql, values)).await?;
+    let rows = db.reads().query_all_raw(statement(db, sql, values)).await?;
     let mut by_type: BTreeMap<String, [i64; 5]> = BTreeMap::new();
     for row in rows {
         let task_type: String = row.try_get("", "type")?;
@@ -333,6 +333,7 @@ async fn throughput_from_minutes(
     );
     let mut points = empty_points(first_minute, last_minute, now);
     for row in db
+        .reads()
         .query_all_raw(statement(db, sql, vec![first_minute.into()]))
         .await?
     {
@@ -364,6 +365,7 @@ async fn durations_from_minutes(db: &Db, now: DateTime<Utc>) -> TaskResult<Vec<T
     );
     let mut by_type: BTreeMap<String, Histograms> = BTreeMap::new();
     for row in db
+        .reads()
         .query_all_raw(statement(db, sql, vec![first_minute.into()]))
         .await?
     {
@@ -451,7 +453,7 @@ async fn throughput(
         finished = minute_of(backend, "completed_at"),
     );
     let mut points = empty_points(first_minute, last_minute, now);
-    for row in db.query_all_raw(statement(db, sql, values)).await? {
+    for row in db.reads().query_all_raw(statement(db, sql, values)).await? {
         let kind: String = row.try_get("", "kind")?;
         let minute: i64 = row.try_get("", "minute")?;
         let n: i64 = row.try_get("", "n")?;
@@ -481,7 +483,7 @@ async fn durations(
         run = millis_between(backend, "started_at", "completed_at"),
     );
     let mut by_type: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    for row in db.query_all_raw(statement(db, sql, values)).await? {
+    for row in db.reads().query_all_raw(statement(db, sql, values)).await? {
         let task_type: String = row.try_get("", "type")?;
         let (waits, runs) = by_type.entry(task_type).or_default();
         if let Some(wait) = row.try_get::<Option<f64>>("", "wait_ms")? {
@@ -527,7 +529,7 @@ async fn oldest_pending(db: &Db, user: &CurrentUser) -> TaskResult<Option<DateTi
     let sql = format!(
         "SELECT created_at FROM tasks WHERE status = 'pending'{owner} ORDER BY created_at LIMIT 1"
     );
-    match db.query_one_raw(statement(db, sql, values)).await? {
+    match db.reads().query_one_raw(statement(db, sql, values)).await? {
         Some(row) => Ok(Some(row.try_get("", "created_at")?)),
         None => Ok(None),
     }
@@ -543,7 +545,8 @@ async fn workers(db: &Db, user: &CurrentUser, now: DateTime<Utc>) -> TaskResult<
          WHERE status = 'processing' AND lease_expires_at > $1 AND worker_id IS NOT NULL{owner} \
          GROUP BY worker_id ORDER BY worker_id"
     );
-    db.query_all_raw(statement(db, sql, values))
+    db.reads()
+        .query_all_raw(statement(db, sql, values))
         .await?
         .iter()
         .map(|row| {

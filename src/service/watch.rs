@@ -75,7 +75,7 @@ impl Watch {
         // Never closed, so a permit always comes.
         let _permit = self.reads.acquire().await;
         Tasks::find_by_id(task_id)
-            .one(&self.db)
+            .one(&self.db.reads())
             .await?
             .filter(|task| user.is_service || task.user_id == user.id)
             .ok_or(TaskError::NotFound)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use taskql::auth::CurrentUser;
-use taskql::db::{Db, PoolSettings};
+use taskql::db::{Db, DbSettings, PoolSettings};
 use taskql::service::{SeaTaskService, TaskService, Worker};
 
 pub const PG_ENV: &str = "TASKQL_TEST_DATABASE_URL";
@@ -137,9 +137,10 @@ impl TestDb {
         self.connect().await.close().await.expect("close");
         let settings = PoolSettings {
             max_connections: 16,
-            ..PoolSettings::default()
+            ..PoolSettings::from(&settings_for(&self.url).database)
         };
-        let db = Db::connect(&self.url, settings).await.expect("connect");
+        let database = DbSettings::new(&self.url).expect("a database url");
+        let db = Db::connect(&database, settings).await.expect("connect");
         let service = Arc::new(SeaTaskService::new(db.clone(), Default::default()));
         (service, db)
     }
@@ -264,7 +265,7 @@ async fn serve_on(
     let mut settings = settings_for(&database.url);
     tweak(&mut settings);
     let config = taskql::config::Config::from_settings(&settings).expect("valid test config");
-    let key = config.load_key().expect("the test key");
+    let key = taskql::auth::load_key(&config.auth).expect("the test key");
     let app = taskql::App::build(&config, &key).await.expect("app builds");
     let service = app.service.clone();
     let db = app.db.clone();

@@ -1,0 +1,57 @@
+//! The task settings: attempts, and how long finished tasks and the change
+//! log's events are kept. `crate::service` and `crate::App` read them.
+use std::time::Duration;
+
+use clap::Args;
+
+use super::parse::{self, Setting};
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Tasks")]
+pub struct TaskSettings {
+    /// Attempts a task gets when neither its create nor its type's policy says.
+    #[arg(
+        long = "max-attempts",
+        env = "TASKQL_MAX_ATTEMPTS",
+        default_value = "3",
+        global = true,
+        value_parser = Setting(|text| parse::positive(text, 1000).map(|n| n as i32))
+    )]
+    pub max_attempts: i32,
+    /// Delete finished tasks older than this (e.g. 30d); off when unset.
+    #[arg(
+        long = "retention",
+        env = "TASKQL_RETENTION",
+        global = true,
+        value_parser = Setting(retention)
+    )]
+    pub retention: Option<Retention>,
+    /// How long the change log keeps events, which is how far back a
+    /// `taskEvents(after:)` cursor can resume.
+    #[arg(
+        long = "event-retention",
+        env = "TASKQL_EVENT_RETENTION",
+        default_value = "24h",
+        global = true,
+        value_parser = Setting(parse::parse_bounded_duration)
+    )]
+    pub event_retention: Duration,
+}
+
+/// `TASKQL_RETENTION`: a duration, or `off` (or empty) for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+fn retention(text: &str) -> Result<Retention, String> {
+    match text.trim() {
+        "" | "off" => Ok(Retention(None)),
+        text => parse::parse_bounded_duration(text).map(|after| Retention(Some(after))),
+    }
+}
+
+impl TaskSettings {
+    /// How old a finished task is deleted, if ever.
+    pub fn retention(&self) -> Option<Duration> {
+        self.retention.and_then(|retention| retention.0)
+    }
+}
