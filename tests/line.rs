@@ -7,25 +7,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use common::ws::{Event, WsClient};
 use common::*;
 use serde_json::{Value, json};
 
 const FIELDS: &str = "id type status userId priority queuePosition estimatedStartAt";
-
-fn id_of(task: &Value) -> String {
-    task["id"].as_str().expect("an id").to_owned()
-}
-
-fn time(value: &Value) -> DateTime<Utc> {
-    let text = value
-        .as_str()
-        .unwrap_or_else(|| panic!("a DateTime: {value}"));
-    DateTime::parse_from_rfc3339(text)
-        .unwrap_or_else(|e| panic!("{text} is not RFC 3339: {e}"))
-        .with_timezone(&Utc)
-}
 
 async fn create(app: &TestApp, token: &str, input: Value) -> Value {
     app.create_task(token, input, FIELDS).await

@@ -38,25 +38,12 @@ async fn fresh_app_with(tweak: impl FnOnce(&mut taskql::config::Settings)) -> Te
 
 // ---- helpers -------------------------------------------------------------------
 
-fn time(value: &Value) -> DateTime<Utc> {
-    let text = value
-        .as_str()
-        .unwrap_or_else(|| panic!("a DateTime: {value}"));
-    DateTime::parse_from_rfc3339(text)
-        .unwrap_or_else(|e| panic!("{text} is not RFC 3339: {e}"))
-        .with_timezone(&Utc)
-}
-
 fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 fn seconds(delta: chrono::TimeDelta) -> f64 {
     delta.num_microseconds().expect("a short delta") as f64 / 1e6
-}
-
-fn id_of(task: &Value) -> String {
-    task["id"].as_str().expect("an id").to_owned()
 }
 
 /// Creates a task as the owner of `token`; every field of it.

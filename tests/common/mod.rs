@@ -451,3 +451,18 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The `id` of a task in an answer.
+pub fn id_of(task: &serde_json::Value) -> String {
+    task["id"].as_str().expect("an id").to_owned()
+}
+
+/// A `DateTime` field of an answer.
+pub fn time(value: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("a DateTime: {value}"));
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("{text} is not RFC 3339: {e}"))
+        .with_timezone(&chrono::Utc)
+}
