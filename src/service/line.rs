@@ -55,7 +55,7 @@ fn estimate(at: DateTime<Utc>, position: i64, rate: Option<f64>) -> Option<DateT
 
 /// Claims per second of `task_type` lately; `None` without claims.
 async fn claim_rate(db: &Db, task_type: &str, at: DateTime<Utc>) -> TaskResult<Option<f64>> {
-    // The latest first claims, newest first, on `tasks_type_started_idx`.
+    // The latest first claims, newest first, from `tasks_type_started_idx`.
     let sql = format!(
         "SELECT COUNT(*) AS n, MIN(started_at) AS since FROM \
          (SELECT started_at FROM tasks WHERE type = $1 AND started_at > $2 \
@@ -93,7 +93,7 @@ async fn place_of(
 ) -> TaskResult<Option<Place>> {
     let at = super::sea::now();
     // Tasks ahead at a higher priority, plus tasks ahead or itself at its
-    // own: two ranges of `tasks_claim_idx`, each filtered by type.
+    // own: two ranges of `tasks_type_claim_idx`.
     let sql = "SELECT w.type AS type, \
          (SELECT COUNT(*) FROM tasks t WHERE t.status = 'pending' AND t.priority > w.priority \
             AND t.type = w.type AND t.run_at <= $2) \
