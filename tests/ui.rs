@@ -167,6 +167,11 @@ async fn the_dashboard_follows_the_server_live_in_a_browser() {
         json!({ "status": "PENDING", "attempts": 1, "errorMessage": null }),
         "a retry keeps the attempts (the fencing number)"
     );
+    let retried = result["retriedFields"].as_str().unwrap();
+    assert!(
+        retried.contains("in line#") && retried.contains("of its type"),
+        "a retried task is back in its type's line: {retried}"
+    );
     let refusal = result["refusal"].as_str().unwrap();
     assert!(
         refusal.contains("CONFLICT") && refusal.contains("PENDING"),

@@ -12,6 +12,9 @@ const STATS_EVERY_MS = 1000; // refetch taskStats after events at most this ofte
 const STATS_REFRESH_MS = 15000; // and anyway, so ages and minutes move on
 const STATUSES = ['PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED'];
 const TASK_FIELDS = 'id type status progress attempts resultId errorMessage userId workerId leaseExpiresAt createdAt updatedAt startedAt completedAt';
+// A pending task's place in its type's line: one statement per task, so the
+// detail panel asks for it, not the list.
+const PLACE_FIELDS = 'queuePosition estimatedStartAt';
 const STATS_QUERY = `query Stats {
   taskStats {
     byStatus { status count }
@@ -519,7 +522,7 @@ function setFilters(filters) {
 async function openDetail(id) {
   $('d-error').hidden = true;
   try {
-    const data = await gql(`query Task($id: ID!) { task(id: $id) { ${TASK_FIELDS} metadata } }`, { id });
+    const data = await gql(`query Task($id: ID!) { task(id: $id) { ${TASK_FIELDS} ${PLACE_FIELDS} metadata } }`, { id });
     showDetail(data.task);
   } catch (error) {
     showDetail(state.rows.find((t) => t.id === id) || null, `${error.code}: ${error.message}`);
@@ -543,6 +546,7 @@ function showDetail(task, message) {
     ...field('type', task.type),
     ...field('user', task.userId),
     ...field('progress', task.progress === null ? '–' : `${task.progress}%`),
+    ...field('in line', inLine(task), task.estimatedStartAt ? stamp(task.estimatedStartAt) : undefined),
     ...field('attempts', String(task.attempts)),
     ...field('worker', task.workerId || '–'),
     ...field('lease expires', task.leaseExpiresAt ? `${stamp(task.leaseExpiresAt)} (${ago(task.leaseExpiresAt)})` : '–'),
@@ -555,6 +559,15 @@ function showDetail(task, message) {
   );
   $('d-metadata').textContent = task.metadata === undefined ? '…' : JSON.stringify(task.metadata, null, 2);
   if (message) { $('d-error').hidden = false; $('d-error').textContent = message; }
+}
+
+// "#3 of its type, starts in about 40 s" for a pending task; '–' otherwise.
+function inLine(task) {
+  if (task.queuePosition === null || task.queuePosition === undefined) return '–';
+  const position = `#${task.queuePosition} of its type`;
+  if (!task.estimatedStartAt) return position;
+  const seconds = Math.max(0, Math.round((Date.parse(task.estimatedStartAt) - Date.now()) / 1000));
+  return `${position}, starts in about ${seconds < 90 ? `${seconds} s` : `${Math.round(seconds / 60)} min`}`;
 }
 
 async function act(name, confirmText, mutation) {
@@ -627,7 +640,7 @@ document.addEventListener('DOMContentLoaded', () => {
   $('d-cancel').addEventListener('click', () => act('Cancel', 'Cancel this task?',
     `mutation Cancel($id: ID!) { cancelTask(id: $id) { ${TASK_FIELDS} } }`));
   $('d-retry').addEventListener('click', () => act('Retry', 'Retry this task? It goes back to PENDING as new.',
-    `mutation Retry($id: ID!) { retryTask(id: $id) { ${TASK_FIELDS} } }`));
+    `mutation Retry($id: ID!) { retryTask(id: $id) { ${TASK_FIELDS} ${PLACE_FIELDS} } }`));
   $('d-delete').addEventListener('click', () => act('Delete', 'Delete this task for good?',
     'mutation Delete($id: ID!) { deleteTask(id: $id) }'));
   // Ages and lease countdowns move on between events; stats refresh too.

@@ -137,6 +137,7 @@ try {
   await page.click('#d-retry');
   await rowStatus(page, failing.id, 'PENDING');
   await page.waitForSelector('#detail[data-status="PENDING"]', { timeout: TIMEOUT });
+  result.retriedFields = await page.textContent('#d-fields');
   result.retried = await api(workerToken, 'query($id: ID!) { task(id: $id) { status attempts errorMessage } }', { id: failing.id });
   // Retrying it again is refused: the page shows the server's CONFLICT.
   await page.click('#d-retry');
