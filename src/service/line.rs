@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use entity::TaskStatus;
 use sea_orm::{ConnectionTrait, Statement, Value};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -80,6 +81,9 @@ async fn claim_rate(db: &Db, task_type: &str, at: DateTime<Utc>) -> TaskResult<O
     }))
 }
 
+/// The status of the tasks in a line, bound as a parameter.
+const PENDING: &str = TaskStatus::Pending.as_str();
+
 /// The order of a type's line, as claims take it.
 const CLAIM_ORDER: &str = "priority DESC, fair_rank, run_at, id";
 
@@ -95,17 +99,17 @@ async fn place_of(
     // Tasks ahead at a higher priority, plus tasks ahead or itself at its
     // own: two ranges of `tasks_type_claim_idx`.
     let sql = "SELECT w.type AS type, \
-         (SELECT COUNT(*) FROM tasks t WHERE t.status = 'pending' AND t.priority > w.priority \
+         (SELECT COUNT(*) FROM tasks t WHERE t.status = $3 AND t.priority > w.priority \
             AND t.type = w.type AND t.run_at <= $2) \
-         + (SELECT COUNT(*) FROM tasks t WHERE t.status = 'pending' AND t.priority = w.priority \
+         + (SELECT COUNT(*) FROM tasks t WHERE t.status = $3 AND t.priority = w.priority \
             AND (t.fair_rank, t.run_at, t.id) <= (w.fair_rank, w.run_at, w.id) \
             AND t.type = w.type AND t.run_at <= $2) AS position \
-         FROM tasks w WHERE w.id = $1 AND w.status = 'pending' AND w.run_at <= $2";
-    let mut values: Vec<Value> = vec![task_id.into(), at.into()];
+         FROM tasks w WHERE w.id = $1 AND w.status = $3 AND w.run_at <= $2";
+    let mut values: Vec<Value> = vec![task_id.into(), at.into(), PENDING.into()];
     let sql = match owner {
         Some(owner) => {
             values.push(owner.into());
-            format!("{sql} AND w.user_id = $3")
+            format!("{sql} AND w.user_id = $4")
         }
         None => sql.to_owned(),
     };
@@ -140,10 +144,10 @@ async fn rank(
 ) -> TaskResult<HashMap<Uuid, Place>> {
     let at = super::sea::now();
     let sql = format!(
-        "SELECT id FROM tasks WHERE status = 'pending' AND type = $1 AND run_at <= $2 \
+        "SELECT id FROM tasks WHERE status = $3 AND type = $1 AND run_at <= $2 \
          ORDER BY {CLAIM_ORDER}"
     );
-    let values: [Value; 2] = [task_type.into(), at.into()];
+    let values: [Value; 3] = [task_type.into(), at.into(), PENDING.into()];
     let rows = db
         .reads()
         .query_all_raw(Statement::from_sql_and_values(
