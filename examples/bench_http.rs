@@ -109,13 +109,7 @@ const LIST: &str = "query ListTasks($status: [TaskStatus!]) { tasks(status: $sta
 const GET: &str = "query GetTask($id: ID!) { task(id: $id) { id type status resultId errorMessage metadata progress attempts createdAt updatedAt startedAt completedAt } }";
 const STATS: &str = "query Stats { taskStats { byStatus { status count } byType { type pending processing completed failed cancelled } throughput(minutes: 60) { at created completed failed } durations { type waitP50Ms waitP95Ms runP50Ms runP95Ms runP99Ms } oldestPendingAgeSeconds workers { workerId tasks nextLeaseExpiry } } }";
 const TYPES: [&str; 3] = ["export", "import", "report"];
-const STATUSES: [TaskStatus; 5] = [
-    TaskStatus::Pending,
-    TaskStatus::Processing,
-    TaskStatus::Completed,
-    TaskStatus::Failed,
-    TaskStatus::Cancelled,
-];
+const STATUSES: [TaskStatus; 5] = TaskStatus::ALL;
 
 /// What every client draws its requests from.
 struct Fixture {

@@ -16,13 +16,7 @@ use crate::db::{Backend, Db, DbTransaction};
 use crate::error::{TaskError, TaskResult};
 
 /// Every status, in the order counts are kept and shown.
-pub const STATUSES: [TaskStatus; 5] = [
-    TaskStatus::Pending,
-    TaskStatus::Processing,
-    TaskStatus::Completed,
-    TaskStatus::Failed,
-    TaskStatus::Cancelled,
-];
+pub const STATUSES: [TaskStatus; 5] = TaskStatus::ALL;
 /// Longest throughput window: one day of minutes.
 pub const MAX_THROUGHPUT_MINUTES: i32 = 1440;
 /// Durations are taken over the tasks finished in the current minute and
