@@ -4,12 +4,11 @@
 //! which installs itself on first use.
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::js::{NodeOutput, NodeScript};
 use common::spawn_app;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// GraphQL-over-HTTP audits that taskql knowingly fails, by audit id, each
 /// with why. Only MAY audits may be listed: a MUST or SHOULD failure always
@@ -18,42 +17,32 @@ const ALLOWED_MAY_FAILURES: &[(&str, &str)] = &[];
 
 const NODE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Runs a script of tests/js to its end and parses the one JSON line it prints.
-async fn run_node(command: tokio::process::Command) -> Value {
-    let mut command = command;
-    let run = command.kill_on_drop(true).output();
-    let output = tokio::time::timeout(NODE_TIMEOUT, run)
-        .await
-        .expect("the node script finishes")
-        .expect("node runs (Node.js 20 must be installed)");
-    parse_report(
-        &output.stdout,
-        &String::from_utf8_lossy(&output.stderr),
-        output.status,
-    )
+/// Runs a script of tests/js to its end and parses the one JSON line it
+/// prints; the script must succeed.
+async fn run_node(script: NodeScript) -> Value {
+    parse_report(script.finish(NODE_TIMEOUT).await)
 }
 
-fn parse_report(stdout: &[u8], stderr: &str, status: std::process::ExitStatus) -> Value {
-    let stdout = String::from_utf8_lossy(stdout);
+fn parse_report(output: NodeOutput) -> Value {
     assert!(
-        status.success(),
-        "node failed ({status}): {stderr}\n{stdout}"
+        output.status.success(),
+        "node failed ({}): {}\n{}",
+        output.status,
+        output.diagnostics,
+        output.stdout
     );
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("node printed no JSON ({e}): {stdout}\n{stderr}"))
+    output.report()
 }
 
 #[tokio::test]
 async fn the_graphql_over_http_audits_find_no_must_or_should_failure() {
-    let js = common::js::npm_package("tests/js");
     let app = spawn_app().await;
-    let mut command = tokio::process::Command::new("node");
-    command
-        .arg(js.join("http_audit.mjs"))
-        .env("TASKQL_URL", &app.base)
-        .env("TASKQL_TOKEN", app.user_token("alice"));
-    let report = run_node(command).await;
+    let alice = app.user_token("alice");
+    let report = run_node(NodeScript::start(
+        "http_audit.mjs",
+        &[("TASKQL_URL", &app.base), ("TASKQL_TOKEN", &alice)],
+    ))
+    .await;
     eprintln!(
         "graphql-http audits: {} passed, {} failed",
         report["passed"], report["failed"]
@@ -101,7 +90,6 @@ async fn the_graphql_over_http_audits_find_no_must_or_should_failure() {
 
 #[tokio::test]
 async fn urql_queries_a_task_and_follows_it_to_completion() {
-    let js = common::js::npm_package("tests/js");
     let app = spawn_app().await;
     let alice = app.user_token("alice");
     let created = app
@@ -116,50 +104,21 @@ async fn urql_queries_a_task_and_follows_it_to_completion() {
         .unwrap_or_else(|| panic!("no task: {created}"))
         .to_owned();
 
-    let mut child = tokio::process::Command::new("node")
-        .arg(js.join("urql_client.mjs"))
-        .env("TASKQL_URL", &app.base)
-        .env("TASKQL_WS_URL", &app.ws_url)
-        .env("TASKQL_TOKEN", &alice)
-        .env("TASKQL_TASK_ID", &id)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node runs (Node.js 20 must be installed)");
+    let mut script = NodeScript::start(
+        "urql_client.mjs",
+        &[
+            ("TASKQL_URL", &app.base),
+            ("TASKQL_WS_URL", &app.ws_url),
+            ("TASKQL_TOKEN", &alice),
+            ("TASKQL_TASK_ID", &id),
+        ],
+    );
     // The script says `ready` on stderr once its subscription holds the
     // first state; anything else it writes there is kept for the failure.
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-    let mut diagnostics = String::new();
-    let ready = tokio::time::timeout(NODE_TIMEOUT, async {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            if line == "ready" {
-                return true;
-            }
-            diagnostics.push_str(&line);
-            diagnostics.push('\n');
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
-    if ready {
+    if script.ready(NODE_TIMEOUT).await {
         complete_as_worker(&app, &id).await;
     }
-    let rest_of_stderr = tokio::spawn(async move {
-        let mut rest = String::new();
-        while let Ok(Some(line)) = stderr.next_line().await {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        rest
-    });
-    let output = tokio::time::timeout(NODE_TIMEOUT, child.wait_with_output())
-        .await
-        .expect("the node script finishes")
-        .expect("node ran");
-    diagnostics.push_str(&rest_of_stderr.await.unwrap_or_default());
-    let report = parse_report(&output.stdout, &diagnostics, output.status);
+    let report = parse_report(script.finish(NODE_TIMEOUT).await);
 
     let query = &report["query"];
     assert!(query["error"].is_null(), "the query failed: {report:#}");
@@ -224,18 +183,18 @@ fn every_allowed_audit_failure_says_why() {
 /// description of the engine's own, `@specifiedBy` on DateTime.
 #[tokio::test]
 async fn introspection_describes_the_schema_in_schema_graphql() {
-    let js = common::js::npm_package("tests/js");
     let app = spawn_app().await;
-    let mut command = tokio::process::Command::new("node");
-    command
-        .arg(js.join("schema_check.mjs"))
-        .env("TASKQL_URL", &app.base)
-        .env("TASKQL_TOKEN", app.user_token("alice"))
-        .env(
-            "SCHEMA_FILE",
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema.graphql"),
-        );
-    let report = run_node(command).await;
+    let alice = app.user_token("alice");
+    let schema_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema.graphql");
+    let report = run_node(NodeScript::start(
+        "schema_check.mjs",
+        &[
+            ("TASKQL_URL", &app.base),
+            ("TASKQL_TOKEN", &alice),
+            ("SCHEMA_FILE", schema_file.to_str().expect("a UTF-8 path")),
+        ],
+    ))
+    .await;
     assert_eq!(
         report["equal"],
         json!(true),

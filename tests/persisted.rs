@@ -4,10 +4,10 @@
 //! only the manifest's documents while workers run anything.
 mod common;
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::js::NodeScript;
 use common::sse::{self, EventStream, Message};
 use common::ws::WsClient;
 use common::{TestApp, TestDb, spawn_app, spawn_app_with};
@@ -418,33 +418,20 @@ fn a_manifest_that_cannot_be_used_is_a_start_up_error() {
 
 #[tokio::test]
 async fn apollo_clients_persisted_query_link_registers_then_sends_hashes() {
-    let js = common::js::npm_package("tests/js");
     let app = spawn_app().await;
     let alice = app.user_token("alice");
     let id = create_task(&app, &alice).await;
-    let output = tokio::time::timeout(
-        NODE_TIMEOUT,
-        tokio::process::Command::new("node")
-            .arg(js.join("apollo_persisted.mjs"))
-            .env("TASKQL_URL", &app.base)
-            .env("TASKQL_TOKEN", &alice)
-            .env("TASKQL_TASK_ID", &id)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
+    let report = NodeScript::start(
+        "apollo_persisted.mjs",
+        &[
+            ("TASKQL_URL", &app.base),
+            ("TASKQL_TOKEN", &alice),
+            ("TASKQL_TASK_ID", &id),
+        ],
     )
+    .finish(NODE_TIMEOUT)
     .await
-    .expect("the node script finishes")
-    .expect("node runs (Node.js 20 must be installed)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "the script's report ({}) is not JSON ({e}): {stdout}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
+    .report();
     for run in ["post", "get"] {
         let seen = &report[run];
         assert!(seen["error"].is_null(), "{run}: {report:#}");

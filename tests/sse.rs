@@ -5,14 +5,13 @@
 //! another.
 mod common;
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::js::NodeScript;
 use common::sse::{self, EventStream, Message};
 use common::{TestApp, TestDb, postgres_url_or_skip, spawn_app, spawn_app_with};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const WATCH: &str = "subscription Watch($id: ID!) {
   taskUpdated(id: $id) { id status progress resultId }
@@ -329,60 +328,26 @@ async fn on_postgres_a_stream_on_one_instance_sees_changes_made_through_another(
 
 #[tokio::test]
 async fn the_graphql_sse_client_and_urql_over_it_follow_a_task_to_completion() {
-    let js = common::js::npm_package("tests/js");
     let app = spawn_app().await;
     let alice = app.user_token("alice");
     let id = create_task(&app, &alice).await;
 
-    let mut child = tokio::process::Command::new("node")
-        .arg(js.join("sse_clients.mjs"))
-        .env("TASKQL_URL", &app.base)
-        .env("TASKQL_TOKEN", &alice)
-        .env("TASKQL_TASK_ID", &id)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node runs (Node.js 20 must be installed)");
+    let mut script = NodeScript::start(
+        "sse_clients.mjs",
+        &[
+            ("TASKQL_URL", &app.base),
+            ("TASKQL_TOKEN", &alice),
+            ("TASKQL_TASK_ID", &id),
+        ],
+    );
     // `ready` on stderr: both clients hold the task's first state.
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-    let mut diagnostics = String::new();
-    let ready = tokio::time::timeout(NODE_TIMEOUT, async {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            if line == "ready" {
-                return true;
-            }
-            diagnostics.push_str(&line);
-            diagnostics.push('\n');
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
+    let ready = script.ready(NODE_TIMEOUT).await;
     if ready {
         set_status(&app, &id, "PROCESSING", json!({ "progress": 50 })).await;
         set_status(&app, &id, "COMPLETED", json!({ "resultId": "concept-sse" })).await;
     }
-    let rest = tokio::spawn(async move {
-        let mut rest = String::new();
-        while let Ok(Some(line)) = stderr.next_line().await {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        rest
-    });
-    let output = tokio::time::timeout(NODE_TIMEOUT, child.wait_with_output())
-        .await
-        .expect("the node script finishes")
-        .expect("node ran");
-    diagnostics.push_str(&rest.await.unwrap_or_default());
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "the script's report ({}) is not JSON ({e}): {stdout}\n{diagnostics}",
-            output.status
-        )
-    });
+    let output = script.finish(NODE_TIMEOUT).await;
+    let (report, diagnostics) = (output.report(), &output.diagnostics);
     assert!(
         ready,
         "the clients never got the first state: {report:#}\n{diagnostics}"

@@ -94,3 +94,100 @@ pub fn chromium_or_skip(test: &str) -> Option<PathBuf> {
         "apt-get install chromium",
     )
 }
+
+/// A script of tests/js running under node. It prints its JSON report as
+/// the last line on stdout; a line `ready` on stderr says it holds what it
+/// waits for. Everything else it writes on stderr is kept for failures.
+pub struct NodeScript {
+    child: tokio::process::Child,
+    stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    diagnostics: String,
+}
+
+/// How a script ended.
+pub struct NodeOutput {
+    pub stdout: String,
+    pub status: std::process::ExitStatus,
+    /// All it wrote on stderr, but the `ready` line.
+    pub diagnostics: String,
+}
+
+impl NodeScript {
+    /// Starts `tests/js/<script>` with `env` (installing the package first).
+    pub fn start(script: &str, env: &[(&str, &str)]) -> Self {
+        use std::process::Stdio;
+        use tokio::io::AsyncBufReadExt;
+        let js = npm_package("tests/js");
+        let mut child = tokio::process::Command::new("node")
+            .arg(js.join(script))
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs (Node.js 20 must be installed)");
+        let stderr = child.stderr.take().expect("piped stderr");
+        Self {
+            child,
+            stderr: tokio::io::BufReader::new(stderr).lines(),
+            diagnostics: String::new(),
+        }
+    }
+
+    /// Waits up to `within` for `ready`; false if it never came.
+    pub async fn ready(&mut self, within: std::time::Duration) -> bool {
+        let (stderr, diagnostics) = (&mut self.stderr, &mut self.diagnostics);
+        tokio::time::timeout(within, async {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                if line == "ready" {
+                    return true;
+                }
+                diagnostics.push_str(&line);
+                diagnostics.push('\n');
+            }
+            false
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Waits up to `within` for the script to end.
+    pub async fn finish(self, within: std::time::Duration) -> NodeOutput {
+        let Self {
+            child,
+            mut stderr,
+            mut diagnostics,
+        } = self;
+        let rest = tokio::spawn(async move {
+            let mut rest = String::new();
+            while let Ok(Some(line)) = stderr.next_line().await {
+                rest.push_str(&line);
+                rest.push('\n');
+            }
+            rest
+        });
+        let output = tokio::time::timeout(within, child.wait_with_output())
+            .await
+            .expect("the node script finishes")
+            .expect("node ran");
+        diagnostics.push_str(&rest.await.unwrap_or_default());
+        NodeOutput {
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            status: output.status,
+            diagnostics,
+        }
+    }
+}
+
+impl NodeOutput {
+    /// The JSON report on the last line of stdout.
+    pub fn report(&self) -> serde_json::Value {
+        let line = self.stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "the script's report ({}) is not JSON ({e}): {}\n{}",
+                self.status, self.stdout, self.diagnostics
+            )
+        })
+    }
+}
