@@ -81,6 +81,20 @@ async fn claim_rate(db: &Db, task_type: &str, at: DateTime<Utc>) -> TaskResult<O
     }))
 }
 
+/// The rate `task_type`'s line moves at, for an estimated start: none while
+/// the type is paused.
+async fn start_rate(
+    db: &Db,
+    queue: &Queue,
+    task_type: &str,
+    at: DateTime<Utc>,
+) -> TaskResult<Option<f64>> {
+    if queue.policy(task_type).await?.paused {
+        return Ok(None);
+    }
+    claim_rate(db, task_type, at).await
+}
+
 /// The status of the tasks in a line, bound as a parameter.
 const PENDING: &str = TaskStatus::Pending.as_str();
 
@@ -124,11 +138,7 @@ async fn place_of(
     let Some(row) = row else { return Ok(None) };
     let task_type: String = row.try_get("", "type")?;
     let position: i64 = row.try_get("", "position")?;
-    let rate = if queue.policy(&task_type).await?.paused {
-        None
-    } else {
-        claim_rate(db, &task_type, at).await?
-    };
+    let rate = start_rate(db, queue, &task_type, at).await?;
     Ok(Some(Place {
         position,
         estimated_start_at: estimate(at, position, rate),
@@ -156,11 +166,7 @@ async fn rank(
             values,
         ))
         .await?;
-    let rate = if queue.policy(task_type).await?.paused {
-        None
-    } else {
-        claim_rate(db, task_type, at).await?
-    };
+    let rate = start_rate(db, queue, task_type, at).await?;
     let wanted: std::collections::HashSet<&Uuid> = ids.iter().collect();
     let mut places = HashMap::with_capacity(ids.len());
     for (i, row) in rows.iter().enumerate() {

@@ -46,14 +46,19 @@ impl Watch {
         }
     }
 
-    /// Follows the task in its type's line while it is pending, and reads
-    /// its place now: `None` if that read failed (the reader may ask again).
+    /// With `placed`, follows the task in its type's line while it is
+    /// pending, and reads its place now: `None` without `placed`, or if that
+    /// read failed (the reader may ask again).
     async fn follow(
         &self,
+        placed: bool,
         user: &CurrentUser,
         task: &Task,
         following: &mut Option<Following>,
     ) -> Option<Option<Place>> {
+        if !placed {
+            return None;
+        }
         if task.status != TaskStatus::Pending {
             *following = None;
             return Some(None);
@@ -101,11 +106,7 @@ impl Watch {
         let watch = self.clone();
         Ok(Box::pin(async_stream::stream! {
             let mut following = None;
-            let place = if placed {
-                watch.follow(&user, &current, &mut following).await
-            } else {
-                None
-            };
+            let place = watch.follow(placed, &user, &current, &mut following).await;
             // The position last sent; `None` when the place was left to the reader.
             let mut sent = place.map(|place| place.map(|p| p.position));
             let mut last = current.clone();
@@ -154,11 +155,7 @@ impl Watch {
                 if task.version <= last.version {
                     continue;
                 }
-                let place = if placed {
-                    watch.follow(&user, &task, &mut following).await
-                } else {
-                    None
-                };
+                let place = watch.follow(placed, &user, &task, &mut following).await;
                 sent = place.map(|place| place.map(|p| p.position));
                 last = task.clone();
                 let finished = task.status.is_terminal();
