@@ -907,18 +907,16 @@ fn test_is_postgres(db: &sea_orm::DatabaseConnection) -> bool {
     db.get_database_backend() == sea_orm::DatabaseBackend::Postgres
 }
 
-/// The index of a worker's `taskByResultId` comes and goes with its migration.
-#[tokio::test]
-async fn the_result_id_index_migrates_down_and_up_again() {
+/// Takes `migration` and those after it down, then everything up again:
+/// what `find` counts (`n` when migrated) is gone after down and back after up.
+async fn comes_and_goes_with(
+    db: &sea_orm::DatabaseConnection,
+    migration: &str,
+    find: &str,
+    n: i64,
+) {
     use migration::{Migrator, MigratorTrait};
-    let test = TestDb::new().await;
-    let db = test.connect().await;
-    let find = if test.is_postgres {
-        "SELECT COUNT(*) AS n FROM pg_indexes WHERE indexname = 'tasks_result_idx'"
-    } else {
-        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'index' AND name = 'tasks_result_idx'"
-    };
-    let indexes = async || {
+    let count = async || {
         db.query_one_raw(Statement::from_string(db.get_database_backend(), find))
             .await
             .unwrap()
@@ -926,20 +924,48 @@ async fn the_result_id_index_migrates_down_and_up_again() {
             .try_get::<i64>("", "n")
             .unwrap()
     };
-    assert_eq!(indexes().await, 1, "migrated");
-    Migrator::down(&db, Some(undoing("m20261204_000006_result_id_index")))
+    assert_eq!(count().await, n, "migrated");
+    Migrator::down(db, Some(undoing(migration)))
         .await
         .expect("down");
-    assert_eq!(indexes().await, 0, "after down");
-    Migrator::up(&db, None).await.expect("up again");
-    assert_eq!(indexes().await, 1, "up again");
+    assert_eq!(count().await, 0, "after down");
+    Migrator::up(db, None).await.expect("up again");
+    assert_eq!(count().await, n, "up again");
+}
+
+/// The index of a worker's `taskByResultId` comes and goes with its migration.
+#[tokio::test]
+async fn the_result_id_index_migrates_down_and_up_again() {
+    let test = TestDb::new().await;
+    let db = test.connect().await;
+    let find = if test.is_postgres {
+        "SELECT COUNT(*) AS n FROM pg_indexes WHERE indexname = 'tasks_result_idx'"
+    } else {
+        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'index' AND name = 'tasks_result_idx'"
+    };
+    comes_and_goes_with(&db, "m20261204_000006_result_id_index", find, 1).await;
+}
+
+/// The indexes led by the type (a one-type claim, a type's line, its claim
+/// rate) come and go with their migration.
+#[tokio::test]
+async fn the_type_indexes_migrate_down_and_up_again() {
+    let test = TestDb::new().await;
+    let db = test.connect().await;
+    let find = if test.is_postgres {
+        "SELECT COUNT(*) AS n FROM pg_indexes \
+         WHERE indexname IN ('tasks_type_claim_idx', 'tasks_type_started_idx')"
+    } else {
+        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'index' \
+         AND name IN ('tasks_type_claim_idx', 'tasks_type_started_idx')"
+    };
+    comes_and_goes_with(&db, "m20261204_000009_type_indexes", find, 2).await;
 }
 
 /// `traceparent` comes and goes with its migration, and the tasks stay:
 /// those from before it have none.
 #[tokio::test]
 async fn the_traceparent_column_migrates_down_and_up_again() {
-    use migration::{Migrator, MigratorTrait};
     let test = TestDb::new().await;
     let (service, _) = test.service().await;
     let task = new_task(service.as_ref(), &alice(), "trace.check").await;
@@ -951,21 +977,7 @@ async fn the_traceparent_column_migrates_down_and_up_again() {
     } else {
         "SELECT COUNT(*) AS n FROM pragma_table_info('tasks') WHERE name = 'traceparent'"
     };
-    let columns = async || {
-        db.query_one_raw(Statement::from_string(db.get_database_backend(), find))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<i64>("", "n")
-            .unwrap()
-    };
-    assert_eq!(columns().await, 1, "migrated");
-    Migrator::down(&db, Some(undoing("m20261204_000008_traceparent")))
-        .await
-        .expect("down");
-    assert_eq!(columns().await, 0, "after down");
-    Migrator::up(&db, None).await.expect("up again");
-    assert_eq!(columns().await, 1, "up again");
+    comes_and_goes_with(&db, "m20261204_000008_traceparent", find, 1).await;
     assert_eq!(service.get_task(task.id, &alice()).await.unwrap(), task);
 }
 
