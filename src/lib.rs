@@ -6,11 +6,9 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
-pub mod events;
 pub mod graphql;
 pub mod http;
 pub mod metrics;
-pub mod pg_listener;
 pub mod service;
 pub mod telemetry;
 pub mod ui;
@@ -29,6 +27,7 @@ use crate::db::Db;
 use crate::graphql::LiveSubscriptions;
 use crate::http::HttpState;
 use crate::metrics::Metrics;
+use crate::service::watch::listener;
 use crate::service::{SeaTaskService, TaskService};
 
 /// How often each instance returns expired leases to PENDING.
@@ -123,8 +122,8 @@ impl App {
         if config.backend() == db::Backend::Postgres {
             background.push(tokio::spawn(fold_counts_forever(service.clone())));
         }
-        if let Some(listener) = database.listener_options(pg_listener::APPLICATION_NAME) {
-            background.push(tokio::spawn(pg_listener::run(
+        if let Some(listener) = database.listener_options(listener::APPLICATION_NAME) {
+            background.push(tokio::spawn(listener::run(
                 listener,
                 db.clone(),
                 service.changelog().notice_handle(),
@@ -249,9 +248,9 @@ async fn count_tasks_forever(service: Arc<SeaTaskService>, metrics: Arc<Metrics>
         ticker.tick().await;
         match service.task_stats(&everyone, request.clone()).await {
             Ok(stats) => {
-                let counts: Vec<(&str, i64)> = service::stats::STATUSES
-                    .iter()
-                    .zip(stats.by_status)
+                let counts: Vec<(&str, i64)> = stats
+                    .by_status
+                    .each()
                     .map(|(status, count)| (status.as_str(), count))
                     .collect();
                 metrics.set_task_counts(&counts);

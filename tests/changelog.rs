@@ -25,8 +25,8 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Que
 use serde_json::{Value, json};
 use taskql::auth::CurrentUser;
 use taskql::error::TaskResult;
-use taskql::events::{TaskEvent, TaskEventKind};
-use taskql::service::changelog::{decode_cursor, encode_cursor};
+use taskql::service::watch::bus::{TaskEvent, TaskEventKind};
+use taskql::service::watch::changelog::{decode_cursor, encode_cursor};
 use taskql::service::{NewTask, SeaTaskService, StatusUpdate, TaskService};
 use uuid::Uuid;
 

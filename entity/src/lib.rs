@@ -4,4 +4,4 @@ pub mod task_types;
 pub mod tasks;
 
 pub use task_types::{Entity as TaskTypes, Model as TaskTypePolicy};
-pub use tasks::{Entity as Tasks, Model as Task, TaskStatus};
+pub use tasks::{Entity as Tasks, Model as Task, StatusCounts, TaskStatus};

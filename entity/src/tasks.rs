@@ -44,6 +44,53 @@ impl TaskStatus {
             Self::Cancelled => "cancelled",
         }
     }
+
+    /// The status stored as `text`, if it is one.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// How many tasks are in each status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusCounts {
+    pub pending: i64,
+    pub processing: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+impl StatusCounts {
+    pub fn get(&self, status: TaskStatus) -> i64 {
+        match status {
+            TaskStatus::Pending => self.pending,
+            TaskStatus::Processing => self.processing,
+            TaskStatus::Completed => self.completed,
+            TaskStatus::Failed => self.failed,
+            TaskStatus::Cancelled => self.cancelled,
+        }
+    }
+
+    pub fn add(&mut self, status: TaskStatus, n: i64) {
+        let count = match status {
+            TaskStatus::Pending => &mut self.pending,
+            TaskStatus::Processing => &mut self.processing,
+            TaskStatus::Completed => &mut self.completed,
+            TaskStatus::Failed => &mut self.failed,
+            TaskStatus::Cancelled => &mut self.cancelled,
+        };
+        *count += n;
+    }
+
+    /// Every status with its count, in [`TaskStatus::ALL`] order.
+    pub fn each(&self) -> impl Iterator<Item = (TaskStatus, i64)> + '_ {
+        TaskStatus::ALL.into_iter().map(|s| (s, self.get(s)))
+    }
+
+    pub fn total(&self) -> i64 {
+        self.each().map(|(_, n)| n).sum()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize)]
@@ -189,5 +236,31 @@ impl ActiveModel {
             fair_rank: Set(0),
             traceparent: Set(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::Iterable;
+
+    /// What statements bind (`as_str`) is what the entity stores and reads.
+    #[test]
+    fn statuses_are_spelled_once() {
+        for status in TaskStatus::ALL {
+            assert_eq!(status.to_value(), status.as_str());
+            assert_eq!(TaskStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(TaskStatus::ALL.len(), TaskStatus::iter().count());
+        assert_eq!(TaskStatus::parse("PENDING"), None);
+    }
+
+    /// SeaORM selects the entity's columns in the struct's order, and
+    /// `from_row` reads them by position in `COLUMNS` order: the two must
+    /// be one list.
+    #[test]
+    fn the_entity_columns_are_the_ones_rows_are_read_by() {
+        let columns: Vec<String> = Column::iter().map(|c| c.as_str().to_owned()).collect();
+        assert_eq!(columns, Model::COLUMNS);
     }
 }

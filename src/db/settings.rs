@@ -7,10 +7,7 @@ use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynch
 use sea_orm::sqlx::{self, ConnectOptions as _};
 use sea_orm::{DatabaseConnection, DbErr};
 
-use super::{
-    Backend, Connector, MAX_SQLITE_CONNECTIONS, PoolSettings, STATEMENT_CACHE, configure_sqlite,
-    sqlx_err,
-};
+use super::{Backend, Connector, MAX_SQLITE_CONNECTIONS, PoolSettings, STATEMENT_CACHE, sqlx_err};
 
 /// How to reach the database `DATABASE_URL` names: the URL parsed once,
 /// and the one place that says how taskql's connections to it are set up,
@@ -140,4 +137,31 @@ impl DbSettings {
             }
         })
     }
+}
+
+/// SQLite keeps memory statistics under one process-wide mutex that every
+/// allocation of every connection takes; on many cores, connections queue
+/// on it. taskql never reads those statistics, so they are turned off,
+/// once, before this process opens SQLite (every connection opens through
+/// this module, after this call).
+pub(super) fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SQLITE_CONFIG_MEMSTATUS takes one int. sqlite3_config must
+        // not run while SQLite is in use; it runs once, before the first
+        // connection of this process, and if SQLite was already initialised
+        // it changes nothing and returns SQLITE_MISUSE.
+        let rc = unsafe {
+            libsqlite3_sys::sqlite3_config(
+                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            )
+        };
+        if rc != libsqlite3_sys::SQLITE_OK {
+            tracing::debug!(
+                rc,
+                "SQLite was started before its memory statistics could be turned off"
+            );
+        }
+    });
 }

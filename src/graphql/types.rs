@@ -9,7 +9,7 @@ use tokio::sync::OnceCell;
 
 use crate::service::{Place, Watched};
 
-use crate::events::TaskEvent as BusEvent;
+use crate::service::watch::bus::TaskEvent as BusEvent;
 
 // The stored statuses, named the GraphQL way; the derive writes both `From`s.
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
@@ -234,7 +234,7 @@ pub struct UpdateTaskStatusInput {
 }
 
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
-#[graphql(remote = "crate::events::TaskEventKind")]
+#[graphql(remote = "crate::service::watch::bus::TaskEventKind")]
 pub enum TaskEventKind {
     Created,
     Updated,
@@ -256,7 +256,7 @@ pub struct TaskEvent {
 impl From<BusEvent> for TaskEvent {
     fn from(event: BusEvent) -> Self {
         Self {
-            cursor: crate::service::changelog::encode_cursor(event.pos),
+            cursor: crate::service::watch::changelog::encode_cursor(event.pos),
             kind: event.kind.into(),
             task: event.task.into(),
         }
@@ -332,11 +332,11 @@ pub struct TaskStats(pub crate::service::TaskStats);
 impl TaskStats {
     /// Every status, zeros included.
     async fn by_status(&self) -> Vec<StatusCount> {
-        crate::service::stats::STATUSES
-            .iter()
-            .zip(self.0.by_status)
+        self.0
+            .by_status
+            .each()
             .map(|(status, count)| StatusCount {
-                status: (*status).into(),
+                status: status.into(),
                 count: int(count),
             })
             .collect()
@@ -349,11 +349,11 @@ impl TaskStats {
             .iter()
             .map(|t| TypeCounts {
                 task_type: t.task_type.clone(),
-                pending: int(t.counts[0]),
-                processing: int(t.counts[1]),
-                completed: int(t.counts[2]),
-                failed: int(t.counts[3]),
-                cancelled: int(t.counts[4]),
+                pending: int(t.counts.pending),
+                processing: int(t.counts.processing),
+                completed: int(t.counts.completed),
+                failed: int(t.counts.failed),
+                cancelled: int(t.counts.cancelled),
             })
             .collect()
     }

@@ -6,18 +6,20 @@ use async_trait::async_trait;
 use entity::{Task, TaskStatus};
 use uuid::Uuid;
 
+use self::watch::bus::TaskEvent;
 use crate::auth::CurrentUser;
 use crate::error::{TaskError, TaskResult};
-use crate::events::TaskEvent;
 use futures::stream::BoxStream;
 
-pub mod changelog;
 pub mod line;
+mod pages;
 pub mod queue;
 mod sea;
 pub mod stats;
+mod transitions;
 pub mod validate;
-mod watch;
+pub mod watch;
+mod writer;
 
 pub use line::Place;
 pub use queue::{Backoff, Policy, PolicyChange, TaskType};

@@ -41,6 +41,7 @@ use sea_orm::{
     Statement,
 };
 
+use super::transitions::Move;
 use super::validate;
 use crate::db::{Backend, Db};
 use crate::error::{TaskError, TaskResult};
@@ -412,7 +413,8 @@ pub enum Caps<'a> {
 }
 
 /// The claim: the first runnable task in claim order (of `types`, or any
-/// when empty) becomes PROCESSING under `worker_id`'s lease until `until`.
+/// when empty) becomes PROCESSING under `worker_id`'s lease until `until`
+/// ([`Move::Claim`]).
 ///
 /// Runnable: PENDING, `run_at` passed, its type not paused and under its
 /// cap. Order: priority (highest first), then turn (`fair_rank`), then
@@ -479,11 +481,8 @@ pub fn claim(
     // subquery once, but may rescan an IN subquery per row, and each rescan
     // skips the rows this statement already locked and takes the next one:
     // one claim would take every pending task.
-    let mut stmt = Query::update();
-    stmt.table(Tasks)
-        .and_where(Expr::col(Column::Id).eq(first))
-        .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
-        .value(Column::Status, TaskStatus::Processing.as_str())
+    let mut stmt = Move::Claim.update(at);
+    stmt.and_where(Expr::col(Column::Id).eq(first))
         .value(Column::Attempts, Expr::col(Column::Attempts).add(1))
         .value(Column::WorkerId, worker_id)
         .value(Column::LeaseExpiresAt, until)
@@ -530,7 +529,7 @@ impl Queue {
     /// owner's previous create in the batch), or the turn being served at
     /// its priority, whichever is later. The budget is the create's own,
     /// else its type's policy, else the default.
-    pub(super) async fn assign(&self, batch: &mut [super::sea::QueuedCreate]) -> TaskResult<()> {
+    pub(super) async fn assign(&self, batch: &mut [super::writer::QueuedCreate]) -> TaskResult<()> {
         use std::collections::{BTreeSet, HashMap};
         let owners: BTreeSet<&str> = batch
             .iter()

@@ -1,4 +1,7 @@
 //! Input rules, each with a message a person can act on.
+use std::time::Duration;
+
+use super::{DEFAULT_LEASE, MAX_LEASE};
 use crate::error::{TaskError, TaskResult};
 
 pub const MAX_TYPE_LEN: usize = 64;
@@ -83,6 +86,19 @@ pub fn label(field: &str, value: &str, max: usize) -> TaskResult<()> {
 
 pub fn result_id(value: &str) -> TaskResult<()> {
     label("resultId", value, MAX_RESULT_ID_LEN)
+}
+
+/// The lease a claim or heartbeat asks for (the default when none),
+/// within 1 s and [`MAX_LEASE`].
+pub fn lease(requested: Option<Duration>) -> TaskResult<Duration> {
+    let lease = requested.unwrap_or(DEFAULT_LEASE);
+    if lease.is_zero() || lease > MAX_LEASE {
+        return Err(TaskError::invalid(format!(
+            "leaseSeconds must be between 1 and {}",
+            MAX_LEASE.as_secs()
+        )));
+    }
+    Ok(lease)
 }
 
 pub fn progress(value: Option<i32>) -> TaskResult<()> {

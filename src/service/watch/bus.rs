@@ -1,6 +1,6 @@
 //! The task event bus: every committed change of a task, in process, as the
 //! instance's reader of the change log publishes it (see
-//! `crate::service::changelog`), in the log's order.
+//! `super::changelog`), in the log's order.
 //!
 //! Subscribers listen on a topic (one task, one user's tasks, or every task
 //! for workers), so a change wakes only those who watch it: 10k watchers of

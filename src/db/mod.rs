@@ -24,16 +24,10 @@ use std::time::{Duration, Instant};
 
 use migration::{Migrator, MigratorTrait};
 use sea_orm::sea_query::Values;
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
-use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sea_orm::sqlx::{self, AssertSqlSafe, Connection as _};
 use sea_orm::{
-    ConnAcquireErr, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, ExecResult,
-    QueryResult, RuntimeErr, Statement,
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, ExecResult, QueryResult, Statement,
 };
-use sea_query_sqlx::SqlxValues;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::Instrument as _;
+use tokio::sync::Semaphore;
 
 /// The moment a database call is given up.
 type Deadline = tokio::time::Instant;
@@ -41,7 +35,11 @@ type Deadline = tokio::time::Instant;
 pub use crate::config::Backend;
 pub use settings::DbSettings;
 
+mod pool;
 mod settings;
+
+use pool::{Connector, Pool, sqlx_err, timed_out};
+pub use pool::{Pooled, is_unavailable};
 
 /// SQLite allows one writer at a time; more connections only queue.
 pub const MAX_SQLITE_CONNECTIONS: u32 = 8;
@@ -101,338 +99,6 @@ pub struct PoolStats {
 #[derive(Clone)]
 pub struct Db {
     pool: Arc<Pool>,
-}
-
-#[derive(Clone)]
-enum Connector {
-    Postgres(PgConnectOptions),
-    Sqlite(SqliteConnectOptions),
-}
-
-struct Pool {
-    backend: Backend,
-    connector: Connector,
-    settings: PoolSettings,
-    size: usize,
-    slots: Arc<Semaphore>,
-    idle: Mutex<Vec<Idle>>,
-    open: AtomicUsize,
-    acquired: AtomicU64,
-    waited_micros: AtomicU64,
-    timeouts: AtomicU64,
-}
-
-struct Idle {
-    conn: Conn,
-    since: Instant,
-}
-
-enum Conn {
-    Postgres(PgConnection),
-    Sqlite(SqliteConnection),
-}
-
-fn sqlx_err(kind: fn(RuntimeErr) -> DbErr, err: sqlx::Error) -> DbErr {
-    kind(RuntimeErr::SqlxError(Arc::new(err)))
-}
-
-fn timed_out(what: &str) -> sqlx::Error {
-    sqlx::Error::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("the database did not answer {what} in time"),
-    ))
-}
-
-/// Whether a connection that returned this error must not be used again.
-fn breaks_connection(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::PoolTimedOut => true,
-        // Connection exceptions, and the server shutting down.
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
-        _ => false,
-    }
-}
-
-/// Whether an error means the database is unreachable, overloaded or slow
-/// (worth retrying later) rather than a fault in the request or the server.
-pub fn is_unavailable(err: &DbErr) -> bool {
-    let sqlx_error = match err {
-        DbErr::ConnectionAcquire(_) => return true,
-        DbErr::Conn(RuntimeErr::SqlxError(e))
-        | DbErr::Exec(RuntimeErr::SqlxError(e))
-        | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
-        DbErr::Conn(_) => return true,
-        _ => return false,
-    };
-    if breaks_connection(sqlx_error) {
-        return true;
-    }
-    match sqlx_error.as_ref() {
-        // query_canceled (statement_timeout), too_many_connections,
-        // insufficient resources; SQLite's "database is locked" after its
-        // busy timeout.
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            matches!(
-                code.as_ref(),
-                "57014" | "53300" | "53000" | "5" | "6" | "517"
-            )
-        }),
-        _ => false,
-    }
-}
-
-impl Conn {
-    async fn open(connector: &Connector) -> Result<Self, sqlx::Error> {
-        Ok(match connector {
-            Connector::Postgres(options) => {
-                Self::Postgres(PgConnection::connect_with(options).await?)
-            }
-            Connector::Sqlite(options) => {
-                Self::Sqlite(SqliteConnection::connect_with(options).await?)
-            }
-        })
-    }
-
-    async fn fetch_all(
-        &mut self,
-        sql: &str,
-        values: Values,
-    ) -> Result<Vec<QueryResult>, sqlx::Error> {
-        let values = SqlxValues(values);
-        Ok(match self {
-            Self::Postgres(conn) => sqlx::query_with(AssertSqlSafe(sql), values)
-                .fetch_all(conn)
-                .await?
-                .into_iter()
-                .map(QueryResult::from)
-                .collect(),
-            Self::Sqlite(conn) => sqlx::query_with(AssertSqlSafe(sql), values)
-                .fetch_all(conn)
-                .await?
-                .into_iter()
-                .map(QueryResult::from)
-                .collect(),
-        })
-    }
-
-    async fn execute(&mut self, sql: &str, values: Values) -> Result<ExecResult, sqlx::Error> {
-        let values = SqlxValues(values);
-        Ok(match self {
-            Self::Postgres(conn) => sqlx::query_with(AssertSqlSafe(sql), values)
-                .execute(conn)
-                .await?
-                .into(),
-            Self::Sqlite(conn) => sqlx::query_with(AssertSqlSafe(sql), values)
-                .execute(conn)
-                .await?
-                .into(),
-        })
-    }
-
-    /// Runs `sql` (one or more statements, no parameters) unprepared.
-    async fn execute_unprepared(&mut self, sql: &str) -> Result<ExecResult, sqlx::Error> {
-        let sql = sqlx::raw_sql(AssertSqlSafe(sql));
-        Ok(match self {
-            Self::Postgres(conn) => sql.execute(conn).await?.into(),
-            Self::Sqlite(conn) => sql.execute(conn).await?.into(),
-        })
-    }
-
-    async fn ping(&mut self) -> Result<(), sqlx::Error> {
-        match self {
-            Self::Postgres(conn) => conn.ping().await,
-            Self::Sqlite(conn) => conn.ping().await,
-        }
-    }
-}
-
-/// A connection out of the pool. It goes back when dropped, unless its last
-/// call failed at the connection level, never finished, or left a
-/// transaction open.
-pub struct Pooled {
-    /// `None` once the connection is gone (broken, or dropped midway).
-    conn: Option<Conn>,
-    pool: Arc<Pool>,
-    /// Cleared while a transaction is open on the connection.
-    reusable: bool,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        match self.conn.take() {
-            Some(conn) if self.reusable && !self.pool.slots.is_closed() => {
-                let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.push(Idle {
-                    conn,
-                    since: Instant::now(),
-                });
-            }
-            _ => {
-                self.pool.open.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-impl Pooled {
-    /// Runs one database call on this connection, given up at `deadline`.
-    /// The connection is taken out for the call, so a call dropped midway
-    /// (its request went away, or the deadline passed) takes the half-read
-    /// connection with it.
-    async fn run<T>(
-        &mut self,
-        what: &str,
-        deadline: Deadline,
-        call: impl AsyncFnOnce(&mut Conn) -> Result<T, sqlx::Error>,
-    ) -> Result<T, sqlx::Error> {
-        let Some(mut conn) = self.conn.take() else {
-            return Err(sqlx::Error::PoolClosed);
-        };
-        let outcome = match tokio::time::timeout_at(deadline, call(&mut conn)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(timed_out(what)),
-        };
-        match &outcome {
-            Err(err) if breaks_connection(err) => {
-                // The others were most likely cut off at the same moment (a
-                // restart, a failover): open fresh ones instead.
-                self.pool.discard_idle();
-            }
-            _ => self.conn = Some(conn),
-        }
-        outcome
-    }
-
-    /// Whether the connection is still there to use.
-    fn is_alive(&self) -> bool {
-        self.conn.is_some()
-    }
-
-    /// Runs a query, given up after [`PoolSettings::call_limit`].
-    pub async fn fetch_all(
-        &mut self,
-        sql: &str,
-        values: Values,
-    ) -> Result<Vec<QueryResult>, DbErr> {
-        let deadline = self.pool.call_deadline();
-        self.fetch_all_by(sql, values, deadline).await
-    }
-
-    /// Runs a statement, given up after [`PoolSettings::call_limit`].
-    pub async fn execute(&mut self, sql: &str, values: Values) -> Result<ExecResult, DbErr> {
-        let deadline = self.pool.call_deadline();
-        self.execute_by(sql, values, deadline).await
-    }
-
-    /// Runs statements without parameters, given up after
-    /// [`PoolSettings::call_limit`].
-    pub async fn execute_unprepared(&mut self, sql: &str) -> Result<ExecResult, DbErr> {
-        let deadline = self.pool.call_deadline();
-        self.execute_unprepared_by(sql, deadline).await
-    }
-
-    /// The span of one call: disabled (and free) unless a trace or the log
-    /// filter wants it.
-    fn statement_span(&self, sql: &str) -> tracing::Span {
-        tracing::debug_span!(
-            "db",
-            otel.name = sql.split_whitespace().next().unwrap_or("SQL"),
-            otel.kind = "client",
-            "db.system" = self.pool.backend.otel_name(),
-            "db.statement" = sql,
-        )
-    }
-
-    async fn fetch_all_by(
-        &mut self,
-        sql: &str,
-        values: Values,
-        deadline: Deadline,
-    ) -> Result<Vec<QueryResult>, DbErr> {
-        let span = self.statement_span(sql);
-        self.run("a query", deadline, async |conn| {
-            conn.fetch_all(sql, values).await
-        })
-        .instrument(span)
-        .await
-        .map_err(|e| sqlx_err(DbErr::Query, e))
-    }
-
-    async fn execute_by(
-        &mut self,
-        sql: &str,
-        values: Values,
-        deadline: Deadline,
-    ) -> Result<ExecResult, DbErr> {
-        let span = self.statement_span(sql);
-        self.run("a statement", deadline, async |conn| {
-            conn.execute(sql, values).await
-        })
-        .instrument(span)
-        .await
-        .map_err(|e| sqlx_err(DbErr::Exec, e))
-    }
-
-    async fn execute_unprepared_by(
-        &mut self,
-        sql: &str,
-        deadline: Deadline,
-    ) -> Result<ExecResult, DbErr> {
-        let span = self.statement_span(sql);
-        self.run("a statement", deadline, async |conn| {
-            conn.execute_unprepared(sql).await
-        })
-        .instrument(span)
-        .await
-        .map_err(|e| sqlx_err(DbErr::Exec, e))
-    }
-}
-
-impl Pool {
-    /// When a call starting now must have ended.
-    fn call_deadline(&self) -> Deadline {
-        Deadline::now() + self.settings.call_limit()
-    }
-
-    fn discard_idle(&self) {
-        let dropped = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
-        self.open.fetch_sub(dropped.len(), Ordering::Relaxed);
-    }
-}
-
-/// SQLite keeps memory statistics under one process-wide mutex that every
-/// allocation of every connection takes; on many cores, connections queue
-/// on it. taskql never reads those statistics, so they are turned off,
-/// once, before this process opens SQLite (every connection opens through
-/// this module, after this call).
-fn configure_sqlite() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: SQLITE_CONFIG_MEMSTATUS takes one int. sqlite3_config must
-        // not run while SQLite is in use; it runs once, before the first
-        // connection of this process, and if SQLite was already initialised
-        // it changes nothing and returns SQLITE_MISUSE.
-        let rc = unsafe {
-            libsqlite3_sys::sqlite3_config(
-                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
-                0 as std::ffi::c_int,
-            )
-        };
-        if rc != libsqlite3_sys::SQLITE_OK {
-            tracing::debug!(
-                rc,
-                "SQLite was started before its memory statistics could be turned off"
-            );
-        }
-    });
 }
 
 impl Db {
@@ -521,59 +187,7 @@ impl Db {
     }
 
     async fn acquire_within(&self, limit: Duration) -> Result<Pooled, DbErr> {
-        let pool = &self.pool;
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + limit);
-        let timeout = || {
-            pool.timeouts.fetch_add(1, Ordering::Relaxed);
-            DbErr::ConnectionAcquire(ConnAcquireErr::Timeout)
-        };
-        let slot = match tokio::time::timeout_at(deadline, pool.slots.clone().acquire_owned()).await
-        {
-            Ok(Ok(slot)) => slot,
-            Ok(Err(_)) => return Err(DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed)),
-            Err(_) => return Err(timeout()),
-        };
-        let pooled = |conn| Pooled {
-            conn: Some(conn),
-            pool: pool.clone(),
-            reusable: true,
-            _slot: slot,
-        };
-        loop {
-            let idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let conn = match idle {
-                Some(idle) if idle.since.elapsed() < PING_AFTER_IDLE => idle.conn,
-                Some(mut idle) => {
-                    match tokio::time::timeout_at(deadline, idle.conn.ping()).await {
-                        Ok(Ok(())) => idle.conn,
-                        Ok(Err(_)) => {
-                            // Stale: drop it and try the next one.
-                            pool.open.fetch_sub(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        Err(_) => {
-                            pool.open.fetch_sub(1, Ordering::Relaxed);
-                            return Err(timeout());
-                        }
-                    }
-                }
-                None => {
-                    match tokio::time::timeout_at(deadline, Conn::open(&pool.connector)).await {
-                        Ok(Ok(conn)) => {
-                            pool.open.fetch_add(1, Ordering::Relaxed);
-                            conn
-                        }
-                        Ok(Err(err)) => return Err(sqlx_err(DbErr::Conn, err)),
-                        Err(_) => return Err(timeout()),
-                    }
-                }
-            };
-            pool.acquired.fetch_add(1, Ordering::Relaxed);
-            pool.waited_micros
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            return Ok(pooled(conn));
-        }
+        self.pool.acquire(limit).await
     }
 
     /// Whether a connection answers within `limit` (for `/readyz`).
@@ -717,6 +331,33 @@ impl DbTransaction {
 
     pub async fn rollback(self) -> Result<(), DbErr> {
         self.finish("ROLLBACK").await
+    }
+
+    /// On PostgreSQL, takes the advisory lock `key` until the transaction
+    /// ends, or says another holds it. SQLite has one writer at a time
+    /// anyway: there it is always taken.
+    pub async fn try_lock(&self, key: i64) -> Result<bool, DbErr> {
+        self.advisory_lock("SELECT pg_try_advisory_xact_lock($1) AS locked", key)
+            .await
+    }
+
+    /// Like [`Self::try_lock`], waiting for the lock when another holds it.
+    pub async fn lock(&self, key: i64) -> Result<(), DbErr> {
+        self.advisory_lock("SELECT pg_advisory_xact_lock($1) IS NULL AS locked", key)
+            .await
+            .map(drop)
+    }
+
+    async fn advisory_lock(&self, sql: &str, key: i64) -> Result<bool, DbErr> {
+        if self.backend != Backend::Postgres {
+            return Ok(true);
+        }
+        let statement =
+            Statement::from_sql_and_values(DatabaseBackend::Postgres, sql, [key.into()]);
+        match self.query_one_raw(statement).await? {
+            Some(row) => row.try_get::<bool>("", "locked"),
+            None => Err(DbErr::Custom("an advisory lock returned no row".into())),
+        }
     }
 
     async fn finish(self, sql: &str) -> Result<(), DbErr> {

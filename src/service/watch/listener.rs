@@ -1,5 +1,5 @@
 //! Wake-ups between instances on PostgreSQL: the mover of the change log
-//! NOTIFYs once per move (see `crate::service::changelog`), and every
+//! NOTIFYs once per move (see `super::changelog`), and every
 //! instance LISTENs on a dedicated connection and wakes its reader of the
 //! log. A notice carries nothing the reader needs: the log is the truth, so
 //! a notice lost while the listener is away costs only latency (the reader

@@ -1,23 +1,31 @@
-//! Live updates: the streams behind `taskUpdated` and `taskEvents`, built on
-//! the instance's bus (fed in log order by `changelog`) and on reads of the
-//! log itself for what a stream must replay. Transports only convert what
-//! these streams yield.
+//! Live updates, all of them: the change log the triggers write and this
+//! instance's reader of it (`changelog`), the in-process bus the reader
+//! publishes on (`bus`), the PostgreSQL LISTEN that wakes the reader when
+//! another instance wrote (`listener`), and here the streams behind
+//! `taskUpdated` and `taskEvents`: the current state first, then the
+//! changes, deduplicated, with catch-up from the log. Transports and
+//! resolvers only convert what these streams yield.
 use std::sync::Arc;
 
 use entity::{Task, TaskStatus, Tasks};
 use futures::stream::BoxStream;
-use sea_orm::EntityTrait;
+use sea_orm::{EntityTrait, QueryFilter};
 use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
+use self::bus::{TaskEvent, TaskEventKind, Topic};
+use self::changelog::{Changelog, Horizon};
 use super::Watched;
-use super::changelog::{self, Changelog, Horizon};
 use super::line::{Following, Lines, Place};
+use super::pages::visible_to;
 use crate::auth::CurrentUser;
 use crate::db::Db;
 use crate::error::{TaskError, TaskResult};
-use crate::events::{TaskEvent, TaskEventKind, Topic};
+
+pub mod bus;
+pub mod changelog;
+pub mod listener;
 
 /// Reads of the database that streams make at once, at most. Each read
 /// waiting for a pooled connection holds a ~15 KiB query future; when
@@ -75,14 +83,14 @@ impl Watch {
         }
     }
 
-    /// The task if `user` may see it: their own, or any for a worker.
+    /// The task if `user` may see it (see [`visible_to`]).
     async fn read_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
         // Never closed, so a permit always comes.
         let _permit = self.reads.acquire().await;
         Tasks::find_by_id(task_id)
+            .filter(visible_to(user))
             .one(&self.db.reads())
             .await?
-            .filter(|task| user.is_service || task.user_id == user.id)
             .ok_or(TaskError::NotFound)
     }
 

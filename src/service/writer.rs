@@ -1,0 +1,253 @@
+//! The writer: every statement that changes a task goes through here, and
+//! the queues of creates it inserts in batches.
+//!
+//! The triggers on `tasks` log each change in the same statement (see
+//! `watch::changelog`); the writer then wakes this instance's reader of the
+//! log. Creates that arrive while one is being written are inserted together
+//! by the next statement: one commit (one WAL flush) for all of them,
+//! instead of one each.
+use std::sync::Arc;
+
+use entity::tasks::{ActiveModel, Column};
+use entity::{Task, Tasks};
+use sea_orm::sea_query::{OnConflict, UpdateStatement};
+use sea_orm::{ConnectionTrait, EntityTrait, QueryTrait, Statement};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use super::queue::Queue;
+use super::watch::changelog::Changelog;
+use crate::db::{Backend, Db};
+use crate::error::{TaskError, TaskResult};
+
+/// Most creates one statement inserts.
+const MAX_CREATE_BATCH: usize = 64;
+/// Insert statements of batched creates in flight at once on PostgreSQL:
+/// while one commits (waits for its WAL flush), the next batch executes.
+/// Each owner's creates go to one of them, so an owner's creates are
+/// written one statement after the other and read each other's turns.
+const POSTGRES_INSERTERS: usize = 4;
+
+/// The tasks a statement returns (`RETURNING *`, or a select of the entity).
+pub(super) async fn rows_of<C: ConnectionTrait>(
+    conn: &C,
+    statement: Statement,
+) -> TaskResult<Vec<Task>> {
+    conn.query_all_raw(statement)
+        .await?
+        .iter()
+        .map(|row| Task::from_row(row).map_err(TaskError::from))
+        .collect()
+}
+
+/// Writes changes: every statement that changes a task goes through here.
+/// The triggers log each change in the same statement; the writer then only
+/// wakes this instance's reader of the log.
+#[derive(Clone)]
+pub(super) struct Writer {
+    db: Db,
+    log: Changelog,
+    queue: Arc<Queue>,
+}
+
+/// Wakes the log's reader when dropped: after the statement returned, or
+/// when the request was dropped midway (its change may have committed).
+struct WakeReader<'a>(&'a Changelog);
+
+impl Drop for WakeReader<'_> {
+    fn drop(&mut self) {
+        self.0.wrote();
+    }
+}
+
+impl Writer {
+    pub(super) fn new(db: Db, log: Changelog, queue: Arc<Queue>) -> Self {
+        Self { db, log, queue }
+    }
+
+    pub(super) fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The change log and this instance's reader of it.
+    pub(super) fn log(&self) -> &Changelog {
+        &self.log
+    }
+
+    pub(super) fn statement<S: sea_orm::StatementBuilder>(&self, statement: &S) -> Statement {
+        self.db.get_database_backend().build(statement)
+    }
+
+    /// Runs the statement on `conn` (a transaction the caller commits, then
+    /// calls [`Self::wrote`]) and returns the rows it wrote.
+    pub(super) async fn rows_in<C, S>(&self, conn: &C, statement: &S) -> TaskResult<Vec<Task>>
+    where
+        C: ConnectionTrait,
+        S: sea_orm::StatementBuilder,
+    {
+        rows_of(conn, self.statement(statement)).await
+    }
+
+    /// Runs the statement on its own (autocommit) and returns its rows.
+    pub(super) async fn commit<S>(&self, statement: &S) -> TaskResult<Vec<Task>>
+    where
+        S: sea_orm::StatementBuilder,
+    {
+        let _wake = WakeReader(&self.log);
+        rows_of(&self.db, self.statement(statement)).await
+    }
+
+    /// Wakes the log's reader after a transaction that wrote committed.
+    pub(super) fn wrote(&self) {
+        self.log.wrote();
+    }
+
+    /// One UPDATE … RETURNING *, on its own.
+    pub(super) async fn update(&self, mut update: UpdateStatement) -> TaskResult<Vec<Task>> {
+        update.returning_all();
+        self.commit(&update).await
+    }
+
+    /// Inserts `batch` in one statement and answers each create: its new
+    /// row, or `None` when its idempotency key was taken.
+    async fn insert(&self, mut batch: Vec<QueuedCreate>) {
+        // Each row takes its owner's next turn (an owner's later rows in
+        // this batch the turns after it) and its budget of attempts.
+        if let Err(err) = self.queue.assign(&mut batch).await {
+            for create in batch {
+                let _ = create.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        let models = batch.iter().map(|create| create.model.clone());
+        let mut insert = Tasks::insert_many(models)
+            .on_conflict(
+                // NULL keys never conflict; a taken key inserts nothing.
+                OnConflict::columns([Column::UserId, Column::IdempotencyKey])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .into_query();
+        insert.returning_all();
+        match self.commit(&insert).await {
+            Ok(rows) => {
+                for create in batch {
+                    let row = rows.iter().find(|task| task.id == create.id).cloned();
+                    let _ = create.reply.send(Ok(row));
+                }
+            }
+            Err(err) if batch.len() > 1 && !matches!(err, TaskError::Unavailable(_)) => {
+                // One row the database refused must not fail the others.
+                tracing::warn!(error = %err, rows = batch.len(), "a batched insert failed; inserting its rows one by one");
+                for create in batch {
+                    Box::pin(self.insert(vec![create])).await;
+                }
+            }
+            Err(err) => {
+                for create in batch {
+                    let _ = create.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// A create waiting for its insert.
+pub(super) struct QueuedCreate {
+    pub(super) model: ActiveModel,
+    /// The task's own budget; its type's policy decides when absent.
+    pub(super) max_attempts: Option<i32>,
+    id: Uuid,
+    reply: oneshot::Sender<TaskResult<Option<Task>>>,
+    /// The create's span: its batch's insert is traced under the first
+    /// create's, linked to the others'.
+    span: tracing::Span,
+}
+
+/// The span of a batch's insert, inside the trace of its first create.
+fn batch_span(batch: &[QueuedCreate]) -> tracing::Span {
+    let Some((first, others)) = batch.split_first() else {
+        return tracing::Span::none();
+    };
+    let span = first
+        .span
+        .in_scope(|| tracing::debug_span!("insert_tasks", rows = batch.len()));
+    if !span.is_disabled() {
+        for create in others {
+            span.follows_from(&create.span);
+        }
+    }
+    span
+}
+
+/// Inserts queued creates, all that are waiting (up to a batch) in one
+/// statement, one statement at a time; there are `POSTGRES_INSERTERS` of
+/// these (one on SQLite, which has one writer). A create that finds its
+/// inserter idle is inserted at once, alone; under load, creates gather
+/// while the statement before them commits. It runs apart from the
+/// requests, so a client that hangs up cannot stop a batch that others
+/// wait on.
+async fn insert_queued(writer: Writer, mut queue: mpsc::UnboundedReceiver<QueuedCreate>) {
+    let mut batch = Vec::with_capacity(MAX_CREATE_BATCH);
+    loop {
+        let received = queue.recv_many(&mut batch, MAX_CREATE_BATCH).await;
+        if received == 0 {
+            return;
+        }
+        let span = batch_span(&batch);
+        writer
+            .insert(std::mem::take(&mut batch))
+            .instrument(span)
+            .await;
+    }
+}
+
+/// The queues of creates waiting to be inserted, one per inserter (see
+/// [`insert_queued`]); the inserters stop when this is dropped.
+pub(super) struct Inserters(Vec<mpsc::UnboundedSender<QueuedCreate>>);
+
+impl Inserters {
+    /// Starts the inserters of `writer` on the current tokio runtime:
+    /// `POSTGRES_INSERTERS` on PostgreSQL, one on SQLite (one writer).
+    pub(super) fn start(writer: &Writer) -> Self {
+        let inserters = match writer.db.backend() {
+            Backend::Postgres => POSTGRES_INSERTERS,
+            Backend::Sqlite => 1,
+        };
+        Self(
+            (0..inserters)
+                .map(|_| {
+                    let (creates, waiting) = mpsc::unbounded_channel();
+                    tokio::spawn(insert_queued(writer.clone(), waiting));
+                    creates
+                })
+                .collect(),
+        )
+    }
+
+    /// Inserts `model` with its owner's next turn, in the next batch of its
+    /// owner's inserter; `None` when its idempotency key was taken. The
+    /// insert is traced under the current span.
+    pub(super) async fn insert(
+        &self,
+        model: ActiveModel,
+        max_attempts: Option<i32>,
+    ) -> TaskResult<Option<Task>> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(model.user_id.as_ref());
+        let inserter = &self.0[hash as usize % self.0.len()];
+        let (reply, inserted) = oneshot::channel();
+        let stopped = || TaskError::Internal("the insert queue stopped".into());
+        inserter
+            .send(QueuedCreate {
+                id: *model.id.as_ref(),
+                model,
+                max_attempts,
+                reply,
+                span: tracing::Span::current(),
+            })
+            .map_err(|_| stopped())?;
+        inserted.await.map_err(|_| stopped())?
+    }
+}
