@@ -402,7 +402,9 @@ impl TaskStats {
         self.0.oldest_pending_age_seconds
     }
 
-    /// Workers holding a lease now, by id.
+    /// Workers holding a lease now, by id. A worker's view (every user's
+    /// tasks) may be a few seconds old when very many tasks are being
+    /// processed: it is then read once every 2 seconds, not per request.
     async fn workers(&self) -> Vec<WorkerLease> {
         self.0
             .workers

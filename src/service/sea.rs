@@ -58,6 +58,8 @@ pub struct SeaTaskService {
     lines: Lines,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
+    /// A worker's `taskStats.workers`, shared by every dashboard.
+    leases: stats::LeaseBoard,
 }
 
 /// Now, at the microsecond precision both databases store.
@@ -96,6 +98,7 @@ impl SeaTaskService {
             lines,
             queue,
             metrics,
+            leases: stats::LeaseBoard::default(),
         }
     }
 
@@ -413,7 +416,7 @@ impl TaskService for SeaTaskService {
 
     #[instrument(level = "debug", skip_all, fields(user = %user.id))]
     async fn task_stats(&self, user: &CurrentUser, request: StatsRequest) -> TaskResult<TaskStats> {
-        stats::task_stats(self.db(), user, &request).await
+        stats::task_stats(self.db(), &self.leases, user, &request).await
     }
 
     #[instrument(level = "debug", skip_all, fields(worker = worker.id()))]

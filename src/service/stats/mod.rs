@@ -4,7 +4,9 @@
 //! durations, per minute (see the `stats_minutes` migration), so that they
 //! cost the same however many tasks the window holds. A user's are range
 //! scans of their own rows; the oldest wait and the workers are index scans
-//! bounded by the tasks pending or being processed now.
+//! bounded by the tasks pending or being processed now, and a worker's
+//! workers, when that read turns slow, the last read shared by every
+//! request (see `workers`).
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
@@ -15,12 +17,14 @@ use crate::auth::CurrentUser;
 use crate::db::{Backend, Db};
 
 mod minutes;
+mod workers;
 
 use crate::error::{TaskError, TaskResult};
 pub use minutes::{
     BUCKETS_PER_DOUBLING, LAST_BUCKET, STATS_MINUTES_KEPT, bucket_range, fold_deltas,
     histogram_percentile, prune_minutes,
 };
+pub use workers::{LeaseBoard, WorkerLease};
 
 /// Longest throughput window: one day of minutes.
 pub const MAX_THROUGHPUT_MINUTES: i32 = 1440;
@@ -84,14 +88,6 @@ pub struct TypeDurations {
     pub run_p50_ms: Option<f64>,
     pub run_p95_ms: Option<f64>,
     pub run_p99_ms: Option<f64>,
-}
-
-/// A worker holding at least one unexpired lease.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerLease {
-    pub worker_id: String,
-    pub tasks: i64,
-    pub next_lease_expiry: Option<DateTime<Utc>>,
 }
 
 /// What `task_stats` found; the parts not asked for are empty.
@@ -159,8 +155,11 @@ fn millis_between(backend: Backend, from: &str, to: &str) -> String {
     }
 }
 
+/// What `request` asks of `user`'s tasks; a worker's `workers` through
+/// `board`.
 pub async fn task_stats(
     db: &Db,
+    board: &LeaseBoard,
     user: &CurrentUser,
     request: &StatsRequest,
 ) -> TaskResult<TaskStats> {
@@ -190,7 +189,11 @@ pub async fn task_stats(
             .map(|created| (now - created).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
     }
     if request.workers {
-        stats.workers = workers(db, user, now).await?;
+        stats.workers = if user.is_service {
+            board.workers(db).await?
+        } else {
+            workers::read(db, Some(&user.id), now).await?
+        };
     }
     Ok(stats)
 }
@@ -389,30 +392,6 @@ async fn oldest_pending(db: &Db, user: &CurrentUser) -> TaskResult<Option<DateTi
         Some(row) => Ok(Some(row.try_get("", "created_at")?)),
         None => Ok(None),
     }
-}
-
-/// Workers holding unexpired leases, from the (status, lease) index: the
-/// rows read are the tasks being processed now.
-async fn workers(db: &Db, user: &CurrentUser, now: DateTime<Utc>) -> TaskResult<Vec<WorkerLease>> {
-    let mut values: Vec<Value> = vec![now.into(), TaskStatus::Processing.as_str().into()];
-    let owner = owner_filter(user, &mut values);
-    let sql = format!(
-        "SELECT worker_id, COUNT(*) AS tasks, MIN(lease_expires_at) AS next_expiry FROM tasks \
-         WHERE status = $2 AND lease_expires_at > $1 AND worker_id IS NOT NULL{owner} \
-         GROUP BY worker_id ORDER BY worker_id"
-    );
-    db.reads()
-        .query_all_raw(statement(db, sql, values))
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(WorkerLease {
-                worker_id: row.try_get("", "worker_id")?,
-                tasks: row.try_get("", "tasks")?,
-                next_lease_expiry: row.try_get("", "next_expiry")?,
-            })
-        })
-        .collect()
 }
 
 #[cfg(test)]
