@@ -33,9 +33,6 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 /// Longest lease a worker may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
 
-/// The right to claim tasks, report on them and move them along the status
-/// machine. Only a caller with the service role gets one, so every way into
-/// the service (GraphQL, the CLI, a test) meets the same rule.
 /// A task as `watch_task` yields it.
 #[derive(Debug, Clone)]
 pub struct Watched {
@@ -45,6 +42,9 @@ pub struct Watched {
     pub place: Option<Option<Place>>,
 }
 
+/// The right to claim tasks, report on them and move them along the status
+/// machine. Only a caller with the service role gets one, so every way into
+/// the service (GraphQL, the CLI, a test) meets the same rule.
 #[derive(Debug, Clone)]
 pub struct Worker {
     id: String,
