@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use entity::{Task, TaskStatus, Tasks};
 use futures::stream::BoxStream;
-use sea_orm::{EntityTrait, QueryFilter};
+use sea_orm::{ConnectionTrait, EntityTrait, QueryFilter, QueryTrait};
 use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
@@ -19,6 +19,7 @@ use self::changelog::{Changelog, Horizon};
 use super::Watched;
 use super::line::{Following, Lines, Place};
 use super::pages::visible_to;
+use super::writer::rows_of;
 use crate::auth::CurrentUser;
 use crate::db::Db;
 use crate::error::{TaskError, TaskResult};
@@ -87,10 +88,12 @@ impl Watch {
     async fn read_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task> {
         // Never closed, so a permit always comes.
         let _permit = self.reads.acquire().await;
-        Tasks::find_by_id(task_id)
+        let select = Tasks::find_by_id(task_id)
             .filter(visible_to(user))
-            .one(&self.db.reads())
+            .build(self.db.get_database_backend());
+        rows_of(&self.db.reads(), select)
             .await?
+            .pop()
             .ok_or(TaskError::NotFound)
     }
 
