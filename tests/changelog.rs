@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::ws::{self, Event, WsClient};
 use common::{
-    TestApp, TestDb, alice, as_worker, bob, data, postgres_url_or_skip, spawn_app, spawn_app_with,
-    worker,
+    TestApp, TestDb, alice, as_worker, bob, data, spawn_app, spawn_app_with,
+    two_apps_on_postgres_or_skip, worker,
 };
 use entity::{TaskStatus, Tasks};
 use futures::StreamExt;
@@ -549,14 +549,14 @@ async fn a_replay_after_any_cursor_is_exactly_the_live_events_after_it() {
 
 #[tokio::test]
 async fn on_postgres_a_cursor_resumes_on_another_instance_and_after_a_restart() {
-    if postgres_url_or_skip("on_postgres_a_cursor_resumes_on_another_instance_and_after_a_restart")
-        .is_none()
-    {
+    let Some((mut a, mut b)) = two_apps_on_postgres_or_skip(
+        "on_postgres_a_cursor_resumes_on_another_instance_and_after_a_restart",
+    )
+    .await
+    else {
         return;
-    }
-    let database = Arc::new(TestDb::new().await);
-    let mut a = spawn_app_with(database.clone(), |_| {}).await;
-    let mut b = spawn_app_with(database.clone(), |_| {}).await;
+    };
+    let database = a.database.clone();
     let token = a.user_token("alice");
 
     let client = WsClient::connect_as(&a.ws_url, &token).await;

@@ -1267,14 +1267,12 @@ async fn a_paused_type_is_skipped_by_claims_and_its_tasks_can_still_be_cancelled
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pause_set_on_one_instance_stops_claims_on_another_at_once() {
-    let Some(_) =
-        postgres_url_or_skip("a_pause_set_on_one_instance_stops_claims_on_another_at_once")
+    let Some((one, two)) =
+        two_apps_on_postgres_or_skip("a_pause_set_on_one_instance_stops_claims_on_another_at_once")
+            .await
     else {
         return;
     };
-    let database = Arc::new(TestDb::new().await);
-    let one = spawn_app_with(database.clone(), |_| {}).await;
-    let two = spawn_app_with(database.clone(), |_| {}).await;
     let alice = one.user_token("alice");
     for _ in 0..3 {
         create(&one, &alice, json!({ "type": "video" })).await;
@@ -1501,15 +1499,13 @@ async fn the_concurrency_cap_holds_for_six_workers_on_one_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_concurrency_cap_holds_for_eight_workers_on_two_instances() {
-    let Some(_) =
-        postgres_url_or_skip("the_concurrency_cap_holds_for_eight_workers_on_two_instances")
+    let Some((one, two)) = two_apps_on_postgres_or_skip(
+        "the_concurrency_cap_holds_for_eight_workers_on_two_instances",
+    )
+    .await
     else {
         return;
     };
-    let database = Arc::new(TestDb::new().await);
-    let apps = [
-        Arc::new(spawn_app_with(database.clone(), |_| {}).await),
-        Arc::new(spawn_app_with(database.clone(), |_| {}).await),
-    ];
+    let apps = [Arc::new(one), Arc::new(two)];
     assert_cap_holds(&apps, 8, 60, &[2, 3, 1]).await;
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::ws::{self, DEADLINE, Event, WsClient};
 use common::{
-    TestApp, TestDb, alice, as_worker, data, postgres_url_or_skip, spawn_app, spawn_app_with,
+    TestApp, TestDb, alice, as_worker, data, spawn_app, spawn_app_with,
+    two_apps_on_postgres_or_skip,
 };
 use futures::StreamExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
@@ -870,18 +871,15 @@ async fn wait_for_listeners(admin: &DatabaseConnection, count: usize, not: &[i32
 
 #[tokio::test]
 async fn on_postgres_a_watcher_on_one_instance_sees_changes_made_through_another() {
-    if postgres_url_or_skip(
+    let Some((a, b)) = two_apps_on_postgres_or_skip(
         "on_postgres_a_watcher_on_one_instance_sees_changes_made_through_another",
     )
-    .is_none()
-    {
+    .await
+    else {
         return;
-    }
-    let database = Arc::new(TestDb::new().await);
-    let a = spawn_app_with(database.clone(), |_| {}).await;
-    let b = spawn_app_with(database.clone(), |_| {}).await;
+    };
     let alice = a.user_token("alice");
-    let admin = admin(&database).await;
+    let admin = admin(&a.database).await;
     wait_for_listeners(&admin, 2, &[]).await;
 
     let client = WsClient::connect_as(&a.ws_url, &alice).await;
@@ -955,17 +953,16 @@ async fn on_postgres_a_watcher_on_one_instance_sees_changes_made_through_another
 
 #[tokio::test]
 async fn on_postgres_the_final_state_survives_a_lost_listener_connection() {
-    if postgres_url_or_skip("on_postgres_the_final_state_survives_a_lost_listener_connection")
-        .is_none()
-    {
-        return;
-    }
     const TASKS: usize = 20;
-    let database = Arc::new(TestDb::new().await);
-    let a = spawn_app_with(database.clone(), |_| {}).await;
-    let b = spawn_app_with(database.clone(), |_| {}).await;
+    let Some((a, b)) = two_apps_on_postgres_or_skip(
+        "on_postgres_the_final_state_survives_a_lost_listener_connection",
+    )
+    .await
+    else {
+        return;
+    };
     let alice = a.user_token("alice");
-    let admin = admin(&database).await;
+    let admin = admin(&a.database).await;
     let listeners = wait_for_listeners(&admin, 2, &[]).await;
 
     // Tasks in progress, watched on A; B will finish them.
@@ -1067,16 +1064,15 @@ async fn on_postgres_the_final_state_survives_a_lost_listener_connection() {
 
 #[tokio::test]
 async fn on_postgres_a_task_with_large_metadata_crosses_instances_whole() {
-    if postgres_url_or_skip("on_postgres_a_task_with_large_metadata_crosses_instances_whole")
-        .is_none()
-    {
+    let Some((a, b)) = two_apps_on_postgres_or_skip(
+        "on_postgres_a_task_with_large_metadata_crosses_instances_whole",
+    )
+    .await
+    else {
         return;
-    }
-    let database = Arc::new(TestDb::new().await);
-    let a = spawn_app_with(database.clone(), |_| {}).await;
-    let b = spawn_app_with(database.clone(), |_| {}).await;
+    };
     let alice = a.user_token("alice");
-    wait_for_listeners(&admin(&database).await, 2, &[]).await;
+    wait_for_listeners(&admin(&a.database).await, 2, &[]).await;
 
     // Far more than a NOTIFY payload may carry (8000 bytes).
     let prompt = "a cat in a hat, ".repeat(3000);

@@ -1007,9 +1007,7 @@ async fn two_instances_pruning_at_once_delete_each_task_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_reaping_one_database_requeue_each_task_once() {
-    let database = Arc::new(TestDb::new().await);
-    let a = spawn_app_with(database.clone(), |_| {}).await;
-    let b = spawn_app_with(database.clone(), |_| {}).await;
+    let (a, b) = two_apps().await;
     const N: usize = 300;
     const REAP_PASSES: usize = 8;
     let ids = create_many(&a.service, &alice(), "image", N).await;
