@@ -339,31 +339,29 @@ async fn higher_priority_is_claimed_first_whatever_the_creation_order() {
 async fn priority_and_max_attempts_out_of_range_are_bad_user_input_naming_the_range() {
     let app = fresh_app().await;
     let alice = app.user_token("alice");
-    for bad in [101, -101, i32::MAX, i32::MIN] {
-        let body = try_create(&app, &alice, json!({ "type": "image", "priority": bad })).await;
-        assert_eq!(
-            error_code(&body),
-            Some("BAD_USER_INPUT"),
-            "priority {bad}: {body}"
-        );
-        let message = body["errors"][0]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains("priority") && message.contains("-100") && message.contains("100"),
-            "priority {bad}: {message}"
-        );
-    }
-    for bad in [0, -1, 101, i32::MAX] {
-        let body = try_create(&app, &alice, json!({ "type": "image", "maxAttempts": bad })).await;
-        assert_eq!(
-            error_code(&body),
-            Some("BAD_USER_INPUT"),
-            "maxAttempts {bad}: {body}"
-        );
-        let message = body["errors"][0]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains("maxAttempts") && message.contains('1') && message.contains("100"),
-            "maxAttempts {bad}: {message}"
-        );
+    // Each refusal names the field and its bounds.
+    let cases = [
+        (
+            "priority",
+            ["-100", "100"],
+            vec![101, -101, i32::MAX, i32::MIN],
+        ),
+        ("maxAttempts", ["1", "100"], vec![0, -1, 101, i32::MAX]),
+    ];
+    for (field, bounds, bads) in cases {
+        for bad in bads {
+            let body = try_create(&app, &alice, json!({ "type": "image", field: bad })).await;
+            assert_eq!(
+                error_code(&body),
+                Some("BAD_USER_INPUT"),
+                "{field} {bad}: {body}"
+            );
+            let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(field) && bounds.iter().all(|bound| message.contains(bound)),
+                "{field} {bad}: {message}"
+            );
+        }
     }
     assert_eq!(count_rows(&app.db).await, 0, "nothing was created");
 

@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use common::ws::WsClient;
 use common::*;
+use entity::TaskStatus;
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::{Value, json};
 use taskql::auth::CurrentUser;
 use taskql::db::Db;
-use taskql::service::{ClaimRequest, SeaTaskService, StatsRequest, StatusUpdate, TaskService};
+use taskql::service::{
+    ClaimRequest, SeaTaskService, StatsRequest, StatusUpdate, TaskService, Worker,
+};
 
 const STATS: &str = "query($minutes: Int) { taskStats { \
     byStatus { status count } \
@@ -110,6 +113,23 @@ async fn set_on(db: &Db, id: uuid::Uuid, set: &str) {
     .unwrap();
 }
 
+/// The task `w` claims next (there is one).
+async fn claim_next(service: &SeaTaskService, w: &Worker) -> entity::Task {
+    service
+        .claim_task(w, ClaimRequest::default())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// `w` moves its task `id` to `status`.
+async fn set_status(service: &SeaTaskService, w: &Worker, id: uuid::Uuid, status: TaskStatus) {
+    service
+        .update_task_status(w, StatusUpdate::new(id, status))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn an_empty_database_has_zeros_and_sixty_empty_minutes() {
     let app = spawn_app().await;
@@ -179,31 +199,13 @@ async fn counts_follow_every_kind_of_change() {
 
     // Claims, a completion, a failure, a cancel of each kind, a delete.
     let w = as_worker();
-    let claimed = service
-        .claim_task(&w, ClaimRequest::default())
-        .await
-        .unwrap()
-        .unwrap();
-    service
-        .update_task_status(
-            &w,
-            StatusUpdate::new(claimed.id, entity::TaskStatus::Completed),
-        )
-        .await
-        .unwrap();
-    let second = service
-        .claim_task(&w, ClaimRequest::default())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut failure = StatusUpdate::new(second.id, entity::TaskStatus::Failed);
+    let claimed = claim_next(&service, &w).await;
+    set_status(&service, &w, claimed.id, TaskStatus::Completed).await;
+    let second = claim_next(&service, &w).await;
+    let mut failure = StatusUpdate::new(second.id, TaskStatus::Failed);
     failure.error_message = Some("out of memory".into());
     service.update_task_status(&w, failure).await.unwrap();
-    let third = service
-        .claim_task(&w, ClaimRequest::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let third = claim_next(&service, &w).await;
     service.cancel_task(third.id, &worker()).await.unwrap();
     service.cancel_task(ids[4], &bob()).await.unwrap();
     service.delete_task(ids[5], &bob()).await.unwrap();
@@ -215,16 +217,8 @@ async fn counts_follow_every_kind_of_change() {
     assert_all_exact(&service, &db).await;
 
     // The reaper: one lease requeued, one failed for good.
-    let a = service
-        .claim_task(&w, ClaimRequest::default())
-        .await
-        .unwrap()
-        .unwrap();
-    let b = service
-        .claim_task(&w, ClaimRequest::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let a = claim_next(&service, &w).await;
+    let b = claim_next(&service, &w).await;
     set_on(
         &db,
         a.id,
@@ -440,14 +434,11 @@ async fn throughput_covers_a_day_minute_by_minute() {
             .await
             .unwrap();
         let status = if id == old.id {
-            entity::TaskStatus::Completed
+            TaskStatus::Completed
         } else {
-            entity::TaskStatus::Failed
+            TaskStatus::Failed
         };
-        service
-            .update_task_status(&w, StatusUpdate::new(id, status))
-            .await
-            .unwrap();
+        set_status(service, &w, id, status).await;
     }
     let now = chrono::Utc::now();
     let at = |ago: chrono::TimeDelta| taskql_time(now - ago);
@@ -793,7 +784,7 @@ async fn retry_puts_failed_or_cancelled_tasks_back_to_pending() {
         )
         .await
         .unwrap();
-    let mut failure = StatusUpdate::new(failed.id, entity::TaskStatus::Failed);
+    let mut failure = StatusUpdate::new(failed.id, TaskStatus::Failed);
     failure.error_message = Some("out of memory".into());
     failure.result_id = Some("partial-1".into());
     failure.progress = Some(70);
@@ -812,11 +803,7 @@ async fn retry_puts_failed_or_cancelled_tasks_back_to_pending() {
     let stored = service.get_task(failed.id, &alice()).await.unwrap();
     assert_eq!(stored.version, before.version + 1);
     // It can be claimed again, as attempt 2.
-    let again = service
-        .claim_task(&w, ClaimRequest::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let again = claim_next(service, &w).await;
     assert_eq!((again.id, again.attempts), (failed.id, 2));
 
     // A cancelled task of bob's, retried by a worker.
@@ -831,7 +818,7 @@ async fn retry_puts_failed_or_cancelled_tasks_back_to_pending() {
     assert_eq!(error_code(&body), Some("NOT_FOUND"), "{body}");
     assert_eq!(
         service.get_task(cancelled.id, &bob()).await.unwrap().status,
-        entity::TaskStatus::Cancelled
+        TaskStatus::Cancelled
     );
     let body = retry(alice_token.clone(), uuid::Uuid::now_v7()).await;
     assert_eq!(error_code(&body), Some("NOT_FOUND"), "{body}");
@@ -856,13 +843,7 @@ async fn retry_puts_failed_or_cancelled_tasks_back_to_pending() {
             .unwrap()
             .contains("PROCESSING")
     );
-    service
-        .update_task_status(
-            &w,
-            StatusUpdate::new(failed.id, entity::TaskStatus::Completed),
-        )
-        .await
-        .unwrap();
+    set_status(service, &w, failed.id, TaskStatus::Completed).await;
     let body = retry(alice_token.clone(), failed.id).await;
     assert_eq!(error_code(&body), Some("CONFLICT"), "{body}");
     assert!(
@@ -1155,21 +1136,15 @@ async fn per_minute_counts_equal_the_table_through_every_kind_of_change() {
     // Claims and ends of every kind, then retries and deletes.
     let mut claimed = Vec::new();
     for _ in 0..16 {
-        claimed.push(
-            service
-                .claim_task(&w, ClaimRequest::default())
-                .await
-                .unwrap()
-                .unwrap(),
-        );
+        claimed.push(claim_next(service, &w).await);
     }
     for (i, task) in claimed.iter().enumerate() {
         let mut update = StatusUpdate::new(
             task.id,
             match i % 4 {
-                0 | 1 => entity::TaskStatus::Completed,
-                2 => entity::TaskStatus::Failed,
-                _ => entity::TaskStatus::Cancelled,
+                0 | 1 => TaskStatus::Completed,
+                2 => TaskStatus::Failed,
+                _ => TaskStatus::Cancelled,
             },
         );
         if i % 4 == 2 {
@@ -1361,18 +1336,8 @@ async fn minutes_older_than_a_day_and_an_hour_are_pruned() {
     let old = new_task(service.as_ref(), &alice(), "image").await.id;
     let recent = new_task(service.as_ref(), &alice(), "image").await.id;
     for _ in 0..2 {
-        let task = service
-            .claim_task(&w, ClaimRequest::default())
-            .await
-            .unwrap()
-            .unwrap();
-        service
-            .update_task_status(
-                &w,
-                StatusUpdate::new(task.id, entity::TaskStatus::Completed),
-            )
-            .await
-            .unwrap();
+        let task = claim_next(service, &w).await;
+        set_status(service, &w, task.id, TaskStatus::Completed).await;
     }
     for (id, minutes) in [(old, 1600), (recent, 1400)] {
         let at = taskql_time(chrono::Utc::now() - chrono::TimeDelta::minutes(minutes));

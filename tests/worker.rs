@@ -81,6 +81,14 @@ fn by_status(tasks: &[Task]) -> BTreeMap<&'static str, usize> {
     counts
 }
 
+/// The tasks in the table, counted by status, are exactly `want`.
+async fn assert_statuses(db: &impl ConnectionTrait, want: &[(&str, usize)]) {
+    assert_eq!(
+        by_status(&all_tasks(db).await),
+        want.iter().copied().collect::<BTreeMap<_, _>>()
+    );
+}
+
 fn lease(seconds: u64) -> Option<Duration> {
     Some(Duration::from_secs(seconds))
 }
@@ -324,10 +332,7 @@ async fn a_single_claimer_takes_the_oldest_task_first() {
             .windows(2)
             .all(|w| w[0].created_at <= w[1].created_at)
     );
-    assert_eq!(
-        by_status(&all_tasks(&db).await),
-        BTreeMap::from([("processing", 30)])
-    );
+    assert_statuses(&db, &[("processing", 30)]).await;
 }
 
 // ---- claimTask through the API ---------------------------------------------
@@ -377,10 +382,7 @@ async fn claim_task_takes_only_the_requested_types_and_is_null_when_idle() {
         (&image_2["id"], &json!("PROCESSING"))
     );
     assert!(claim(Value::Null).await.is_null());
-    assert_eq!(
-        by_status(&all_tasks(&app.db).await),
-        BTreeMap::from([("processing", 4)])
-    );
+    assert_statuses(&app.db, &[("processing", 4)]).await;
 }
 
 #[tokio::test]
@@ -647,10 +649,7 @@ async fn a_completion_racing_the_reaper_leaves_the_task_completed() {
         assert_eq!(last.version, 3 + reaped.requeued as i64, "round {round}");
     }
     eprintln!("the reaper requeued first in {reaper_first} of 50 rounds");
-    assert_eq!(
-        by_status(&all_tasks(&db).await),
-        BTreeMap::from([("completed", 50)])
-    );
+    assert_statuses(&db, &[("completed", 50)]).await;
 }
 
 // ---- heartbeats --------------------------------------------------------------
@@ -1168,10 +1167,7 @@ async fn the_example_worker_stops_after_max_tasks() {
         .expect("the worker stops after 5 tasks")
         .expect("the worker runs cleanly");
     assert_eq!(report.completed, 5);
-    assert_eq!(
-        by_status(&all_tasks(&app.db).await),
-        BTreeMap::from([("completed", 5), ("pending", 3)])
-    );
+    assert_statuses(&app.db, &[("completed", 5), ("pending", 3)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
