@@ -15,10 +15,10 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use common::edge::{
-    Proxy, ProxyMode, Server, SlowClients, Upgrade, begin, host_port, open_uninitialised_socket,
-    read_response, through, wait_until,
-};
+use common::edge::proxy::{Proxy, ProxyMode, host_port, through};
+use common::edge::raw::{SlowClients, Upgrade, open_uninitialised_socket, read_response};
+use common::edge::server::Server;
+use common::edge::{begin, wait_until};
 use common::{TestDb, postgres_url_or_skip, token_for, ws};
 
 mod big_inputs;
