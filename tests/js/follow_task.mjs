@@ -4,7 +4,7 @@
 // over HTTP as a worker would, then prints what each client saw as JSON.
 //
 // Env: TASKQL_HTTP_URL, TASKQL_WS_URL, TASKQL_USER_TOKEN, TASKQL_WORKER_TOKEN.
-// Run by tests/subscriptions.rs; install with `npm ci --prefix tests/js`.
+// Run by tests/subscriptions/watch.rs; install with `npm ci --prefix tests/js`.
 import { createClient } from 'graphql-ws';
 import { SubscriptionClient } from 'subscriptions-transport-ws';
 import WebSocket from 'ws';
