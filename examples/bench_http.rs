@@ -33,14 +33,16 @@ use clap::{Parser, ValueEnum};
 use entity::tasks::ActiveModel;
 use entity::{TaskStatus, Tasks};
 use rand::{Rng, SeedableRng};
-use sea_orm::sqlx::{self, PgConnection, SqliteConnection};
 use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
 mod common;
+#[path = "bench_http/raw.rs"]
+mod raw;
 use common::{BoxError, Server, TempPostgres, median, quantile, release_binary};
+use raw::RawConn;
 
 #[derive(Debug, Parser)]
 #[command(about = "Per-request cost over HTTP, beside the same SQL through sqlx")]
@@ -518,135 +520,5 @@ impl HttpClient {
         self.body.resize(length, 0);
         self.stream.read_exact(&mut self.body).await?;
         Ok((status, std::mem::take(&mut self.body)))
-    }
-}
-
-/// The statements taskql's service sends, sent straight through sqlx on
-/// a connection of each client's own (as pgbench does: no pool, so no
-/// pings on checkout or return).
-enum RawConn {
-    Postgres(PgConnection),
-    Sqlite(SqliteConnection),
-}
-
-const RAW_INSERT_PG: &str = "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, run_at, \
-     created_at, updated_at, version) VALUES ($1, $2, $3, 'pending', $4, 0, $5, $5, $5, 1) RETURNING *";
-const RAW_INSERT_NOTIFY_PG: &str = "WITH changed AS (INSERT INTO tasks (id, user_id, type, status, \
-     metadata, attempts, run_at, created_at, updated_at, version) \
-     VALUES ($1, $2, $3, 'pending', $4, 0, $5, $5, $5, 1) RETURNING *) \
-     SELECT changed.* FROM changed CROSS JOIN LATERAL \
-     (SELECT pg_notify('taskql_bench_raw', to_jsonb(changed)::text)) AS notice";
-const RAW_INSERT_SQLITE: &str = "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, run_at, \
-     created_at, updated_at, version) VALUES (?1, ?2, ?3, 'pending', ?4, 0, ?5, ?5, ?5, 1) RETURNING *";
-const RAW_LIST_PG: &str = "SELECT * FROM tasks WHERE user_id = $1 AND status IN ($2) \
-     ORDER BY created_at DESC, id DESC LIMIT 11";
-const RAW_LIST_SQLITE: &str = "SELECT * FROM tasks WHERE user_id = ?1 AND status IN (?2) \
-     ORDER BY created_at DESC, id DESC LIMIT 11";
-const RAW_GET_PG: &str = "SELECT * FROM tasks WHERE id = $1";
-const RAW_GET_SQLITE: &str = "SELECT * FROM tasks WHERE id = ?1";
-
-impl RawConn {
-    async fn connect(url: &str) -> Result<Self, BoxError> {
-        use sqlx::Connection;
-        if url.starts_with("sqlite:") {
-            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-            let options: SqliteConnectOptions = url.parse()?;
-            let options = options
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(30));
-            Ok(Self::Sqlite(
-                SqliteConnection::connect_with(&options).await?,
-            ))
-        } else {
-            Ok(Self::Postgres(PgConnection::connect(url).await?))
-        }
-    }
-
-    async fn statement(
-        &mut self,
-        side: Side,
-        workload: Workload,
-        fixture: &Fixture,
-        rng: &mut impl Rng,
-    ) -> Result<(), BoxError> {
-        let user = rng.random_range(0..fixture.tokens.len());
-        let owner = format!("user-{}", user + 1);
-        let now = chrono::Utc::now();
-        match workload {
-            Workload::Create => {
-                let metadata = serde_json::json!({ "source": "bench", "priority": rng.random_range(1..=5), "tags": ["bench"] });
-                let task_type = TYPES[rng.random_range(0..3)];
-                let id = Uuid::now_v7();
-                match self {
-                    Self::Postgres(conn) => {
-                        let sql = match side {
-                            Side::RawNotify => RAW_INSERT_NOTIFY_PG,
-                            _ => RAW_INSERT_PG,
-                        };
-                        sqlx::query(sql)
-                            .bind(id)
-                            .bind(&owner)
-                            .bind(task_type)
-                            .bind(&metadata)
-                            .bind(now)
-                            .fetch_one(conn)
-                            .await?;
-                    }
-                    Self::Sqlite(conn) => {
-                        sqlx::query(RAW_INSERT_SQLITE)
-                            .bind(id)
-                            .bind(&owner)
-                            .bind(task_type)
-                            .bind(&metadata)
-                            .bind(now)
-                            .fetch_one(conn)
-                            .await?;
-                    }
-                }
-            }
-            Workload::List => {
-                let status = STATUSES[rng.random_range(0..5)].as_str();
-                let rows = match self {
-                    Self::Postgres(conn) => sqlx::query(RAW_LIST_PG)
-                        .bind(&owner)
-                        .bind(status)
-                        .fetch_all(conn)
-                        .await?
-                        .len(),
-                    Self::Sqlite(conn) => sqlx::query(RAW_LIST_SQLITE)
-                        .bind(&owner)
-                        .bind(status)
-                        .fetch_all(conn)
-                        .await?
-                        .len(),
-                };
-                if rows == 0 {
-                    return Err(format!("raw list: no {status} tasks of {owner}").into());
-                }
-            }
-            Workload::Get => {
-                let (id, _) = fixture.sample[rng.random_range(0..fixture.sample.len())];
-                let found = match self {
-                    Self::Postgres(conn) => sqlx::query(RAW_GET_PG)
-                        .bind(id)
-                        .fetch_optional(conn)
-                        .await?
-                        .is_some(),
-                    Self::Sqlite(conn) => sqlx::query(RAW_GET_SQLITE)
-                        .bind(id)
-                        .fetch_optional(conn)
-                        .await?
-                        .is_some(),
-                };
-                if !found {
-                    return Err(format!("raw get: task {id} not found").into());
-                }
-            }
-            Workload::Stats | Workload::WorkerStats => {
-                return Err("taskStats has no raw counterpart".into());
-            }
-        }
-        Ok(())
     }
 }

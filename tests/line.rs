@@ -4,7 +4,6 @@
 //! default, on PostgreSQL when `TASKQL_TEST_DATABASE_URL` is set.
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -273,11 +272,11 @@ async fn task_updated_pushes_the_task_again_when_its_position_moves() {
 
 #[tokio::test]
 async fn position_moves_from_claims_on_another_instance_are_pushed() {
-    if postgres_url_or_skip("position_moves_from_claims_on_another_instance_are_pushed").is_none() {
+    let Some((one, two)) =
+        two_apps_on_postgres_or_skip("position_moves_from_claims_on_another_instance_are_pushed")
+            .await
+    else {
         return;
-    }
-    let database = Arc::new(TestDb::new().await);
-    let one = spawn_app_with(database.clone(), |_| {}).await;
-    let two = spawn_app_with(database, |_| {}).await;
+    };
     position_moves_are_pushed(&one, &two).await;
 }

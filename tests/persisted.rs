@@ -22,6 +22,11 @@ fn sha256(text: &str) -> String {
     format!("{:x}", Sha256::digest(text.as_bytes()))
 }
 
+/// `body` is refused with `code`.
+fn assert_code(body: &Value, code: &str) {
+    assert_eq!(common::error_code(body), Some(code), "{body}");
+}
+
 fn persisted(hash: &str) -> Value {
     json!({ "persistedQuery": { "version": 1, "sha256Hash": hash } })
 }
@@ -79,10 +84,7 @@ async fn a_hash_runs_once_its_document_was_sent_over_post_and_get() {
         unknown["errors"][0]["message"], "PersistedQueryNotFound",
         "{unknown}"
     );
-    assert_eq!(
-        common::error_code(&unknown),
-        Some("PERSISTED_QUERY_NOT_FOUND")
-    );
+    assert_code(&unknown, "PERSISTED_QUERY_NOT_FOUND");
     assert!(unknown.get("data").is_none(), "{unknown}");
 
     let registered = post(
@@ -114,11 +116,7 @@ async fn a_hash_runs_once_its_document_was_sent_over_post_and_get() {
     // Over GET, a document never sent is not found either.
     let other = persisted(&sha256("{ __typename }")).to_string();
     let unknown = get(&app, &alice, &[("extensions", &other)]).await;
-    assert_eq!(
-        common::error_code(&unknown),
-        Some("PERSISTED_QUERY_NOT_FOUND"),
-        "{unknown}"
-    );
+    assert_code(&unknown, "PERSISTED_QUERY_NOT_FOUND");
     // And registered over GET, it runs by its hash after.
     let registered = get(
         &app,
@@ -146,15 +144,12 @@ async fn a_hash_that_does_not_match_its_document_is_refused() {
         body["errors"][0]["message"], "provided sha does not match query",
         "{body}"
     );
-    assert_eq!(common::error_code(&body), Some("BAD_REQUEST"));
+    assert_code(&body, "BAD_REQUEST");
     assert!(body.get("data").is_none(), "nothing ran: {body}");
 
     // Nor was the wrong pairing kept.
     let by_hash = post(&app, &alice, json!({ "extensions": persisted(&wrong) })).await;
-    assert_eq!(
-        common::error_code(&by_hash),
-        Some("PERSISTED_QUERY_NOT_FOUND")
-    );
+    assert_code(&by_hash, "PERSISTED_QUERY_NOT_FOUND");
 
     let version_2 = post(
         &app,
@@ -162,10 +157,7 @@ async fn a_hash_that_does_not_match_its_document_is_refused() {
         json!({ "extensions": { "persistedQuery": { "version": 2, "sha256Hash": wrong } } }),
     )
     .await;
-    assert_eq!(
-        common::error_code(&version_2),
-        Some("PERSISTED_QUERY_NOT_SUPPORTED")
-    );
+    assert_code(&version_2, "PERSISTED_QUERY_NOT_SUPPORTED");
 }
 
 /// A server in trusted-documents mode, with `TASK` and `WATCH` trusted
@@ -203,11 +195,7 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
         json!({ "query": "{ __schema { types { name } } }" }),
     )
     .await;
-    assert_eq!(
-        common::error_code(&refused),
-        Some("PERSISTED_QUERY_REQUIRED"),
-        "{refused}"
-    );
+    assert_code(&refused, "PERSISTED_QUERY_REQUIRED");
     let message = refused["errors"][0]["message"].as_str().unwrap_or_default();
     assert!(message.contains("only trusted documents"), "{message}");
     assert!(refused.get("data").is_none(), "{refused}");
@@ -218,25 +206,16 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
         json!({ "query": other, "extensions": persisted(&sha256(other)) }),
     )
     .await;
-    assert_eq!(
-        common::error_code(&registering),
-        Some("PERSISTED_QUERY_REQUIRED")
-    );
+    assert_code(&registering, "PERSISTED_QUERY_REQUIRED");
     let over_get = get(&app, &alice, &[("query", other)]).await;
-    assert_eq!(
-        common::error_code(&over_get),
-        Some("PERSISTED_QUERY_REQUIRED")
-    );
+    assert_code(&over_get, "PERSISTED_QUERY_REQUIRED");
     let unknown = post(
         &app,
         &alice,
         json!({ "extensions": persisted(&sha256(other)) }),
     )
     .await;
-    assert_eq!(
-        common::error_code(&unknown),
-        Some("PERSISTED_QUERY_REQUIRED")
-    );
+    assert_code(&unknown, "PERSISTED_QUERY_REQUIRED");
 
     // A trusted document runs by its id, over POST and GET, or sent whole.
     let by_id = post(
@@ -277,7 +256,7 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
 
     // A bad token hears about its token, not about documents.
     let bad = post(&app, "not-a-jwt", json!({ "query": "{ __typename }" })).await;
-    assert_eq!(common::error_code(&bad), Some("UNAUTHENTICATED"), "{bad}");
+    assert_code(&bad, "UNAUTHENTICATED");
 }
 
 #[tokio::test]
@@ -396,7 +375,7 @@ async fn an_apollo_manifest_is_read_too() {
         json!({ "query": WATCH, "variables": { "id": id } }),
     )
     .await;
-    assert_eq!(common::error_code(&other), Some("PERSISTED_QUERY_REQUIRED"));
+    assert_code(&other, "PERSISTED_QUERY_REQUIRED");
 }
 
 #[test]

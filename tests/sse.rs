@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::js::NodeScript;
 use common::sse::{self, EventStream, Message};
-use common::{TestApp, TestDb, postgres_url_or_skip, spawn_app, spawn_app_with};
+use common::{TestApp, TestDb, spawn_app, spawn_app_with, two_apps_on_postgres_or_skip};
 use serde_json::{Value, json};
 
 const WATCH: &str = "subscription Watch($id: ID!) {
@@ -297,16 +297,13 @@ async fn a_stream_ends_without_complete_when_its_token_expires() {
 
 #[tokio::test]
 async fn on_postgres_a_stream_on_one_instance_sees_changes_made_through_another() {
-    if postgres_url_or_skip(
+    let Some((a, b)) = two_apps_on_postgres_or_skip(
         "on_postgres_a_stream_on_one_instance_sees_changes_made_through_another",
     )
-    .is_none()
-    {
+    .await
+    else {
         return;
-    }
-    let database = Arc::new(TestDb::new().await);
-    let a = spawn_app_with(database.clone(), |_| {}).await;
-    let b = spawn_app_with(database.clone(), |_| {}).await;
+    };
     let alice = a.user_token("alice");
     let id = create_task(&b, &alice).await;
     let mut stream = EventStream::new(sse::post(&a, Some(&alice), &watch(&id)).await);

@@ -1,5 +1,5 @@
 //! The worker loop of `examples/worker.rs`. It speaks only GraphQL over HTTP,
-//! as a worker in another language would. `tests/worker.rs` includes this
+//! as a worker in another language would. `tests/worker/main.rs` includes this
 //! file too, so the test runs exactly the example's code.
 //!
 //! Each slot loops: `claimTask` → `heartbeatTask` with progress a few times →

@@ -8,6 +8,7 @@
 // JSON line with what it saw last.
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
+import { graphql } from '../js/shared.mjs';
 
 const base = process.env.TASKQL_URL;
 const workerToken = process.env.TASKQL_WORKER_TOKEN;
@@ -25,16 +26,7 @@ async function ask(what) {
   if (value !== `${what} done`) throw new Error(`asked ${what}, got ${value}`);
 }
 
-async function api(token, query, variables = {}) {
-  const response = await fetch(`${base}/graphql`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
-    body: JSON.stringify({ query, variables }),
-  });
-  const body = await response.json();
-  if (body.errors) throw new Error(`${query}: ${JSON.stringify(body.errors)}`);
-  return body.data;
-}
+const api = (token, query, variables) => graphql(`${base}/graphql`, token, query, variables);
 const create = async (user, type, metadata) => (await api(tokens[user],
   'mutation($t: String!, $m: JSON) { createTask(input: {type: $t, metadata: $m}) { id } }',
   { t: type, m: metadata })).createTask.id;

@@ -249,6 +249,21 @@ pub async fn spawn_app_with(
     serve_on(database, listener, tweak).await
 }
 
+/// Two instances serving one fresh database (each holds it: `a.database`).
+pub async fn two_apps() -> (TestApp, TestApp) {
+    let database = Arc::new(TestDb::new().await);
+    let a = spawn_app_with(database.clone(), |_| {}).await;
+    let b = spawn_app_with(database, |_| {}).await;
+    (a, b)
+}
+
+/// `two_apps()`, for tests that only mean something on PostgreSQL: `None`
+/// (the test skipped, as `postgres_url_or_skip` says) without it.
+pub async fn two_apps_on_postgres_or_skip(test: &str) -> Option<(TestApp, TestApp)> {
+    postgres_url_or_skip(test)?;
+    Some(two_apps().await)
+}
+
 /// Serves on `database` at `address`: a server restarted where it was.
 pub async fn spawn_app_at(database: Arc<TestDb>, address: &str) -> TestApp {
     let listener = tokio::net::TcpListener::bind(address)

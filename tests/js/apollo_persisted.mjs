@@ -9,12 +9,8 @@
 import { createHash } from 'node:crypto';
 import { ApolloClient, ApolloLink, HttpLink, InMemoryCache, gql } from '@apollo/client';
 import { PersistedQueryLink } from '@apollo/client/link/persisted-queries';
+import { env } from './shared.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} must be set`);
-  return value;
-};
 const URL_BASE = env('TASKQL_URL').replace(/\/+$/, '');
 const TOKEN = env('TASKQL_TOKEN');
 const TASK_ID = env('TASKQL_TASK_ID');

@@ -4,16 +4,12 @@
 // over HTTP as a worker would, then prints what each client saw as JSON.
 //
 // Env: TASKQL_HTTP_URL, TASKQL_WS_URL, TASKQL_USER_TOKEN, TASKQL_WORKER_TOKEN.
-// Run by tests/subscriptions.rs; install with `npm ci --prefix tests/js`.
+// Run by tests/subscriptions/watch.rs; install with `npm ci --prefix tests/js`.
 import { createClient } from 'graphql-ws';
 import { SubscriptionClient } from 'subscriptions-transport-ws';
 import WebSocket from 'ws';
+import { env, graphql, taskRecorder, withTimeout as within } from './shared.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} must be set`);
-  return value;
-};
 const HTTP_URL = env('TASKQL_HTTP_URL');
 const WS_URL = env('TASKQL_WS_URL');
 const USER_TOKEN = env('TASKQL_USER_TOKEN');
@@ -24,63 +20,29 @@ const WATCH = `subscription Watch($id: ID!) {
   taskUpdated(id: $id) { id status progress resultId }
 }`;
 
-async function gql(token, query, variables) {
-  const response = await fetch(`${HTTP_URL}/graphql`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
-    body: JSON.stringify({ query, variables }),
-  });
-  const body = await response.json();
-  if (body.errors) throw new Error(`${query}: ${JSON.stringify(body.errors)}`);
-  return body.data;
-}
+const gql = (token, query, variables) => graphql(`${HTTP_URL}/graphql`, token, query, variables);
 
-function withTimeout(promise, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), STEP_TIMEOUT_MS);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
+const withTimeout = (promise, what) => within(promise, what, STEP_TIMEOUT_MS);
 
 /** Records what one subscription receives; `first` and `done` resolve as it goes. */
-function recorder() {
-  const seen = { statuses: [], last: null, errors: [], codes: [], completed: false };
-  let firstResolve;
-  let doneResolve;
-  const first = new Promise((resolve) => (firstResolve = resolve));
-  const done = new Promise((resolve) => (doneResolve = resolve));
-  const observer = {
-    next(result) {
+const recorder = () =>
+  taskRecorder({
+    extra: { codes: [] },
+    onResultErrors(seen, result) {
       for (const error of result.errors ?? []) {
         seen.errors.push(error.message);
         seen.codes.push(error.extensions?.code ?? null);
       }
-      const task = result.data?.taskUpdated;
-      if (task) {
-        seen.statuses.push(task.status);
-        seen.last = task;
-      }
-      firstResolve();
     },
-    error(error) {
+    onError(seen, error) {
       // graphql-ws: an array of GraphQL errors or a CloseEvent; legacy: errors.
       const list = Array.isArray(error) ? error : [error];
       for (const e of list) {
         seen.errors.push(e?.message ?? `closed ${e?.code} ${e?.reason ?? ''}`);
         seen.codes.push(e?.extensions?.code ?? null);
       }
-      firstResolve();
-      doneResolve();
     },
-    complete() {
-      seen.completed = true;
-      firstResolve();
-      doneResolve();
-    },
-  };
-  return { seen, observer, first, done };
-}
+  });
 
 const report = {};
 const created = await gql(
@@ -103,11 +65,11 @@ const legacy = new SubscriptionClient(
 );
 
 const viaModern = recorder();
-const unsubscribeModern = modern.subscribe({ query: WATCH, variables: { id } }, viaModern.observer);
+const unsubscribeModern = modern.subscribe({ query: WATCH, variables: { id } }, viaModern.sink);
 const viaLegacy = recorder();
 const legacySubscription = legacy
   .request({ query: WATCH, variables: { id } })
-  .subscribe(viaLegacy.observer);
+  .subscribe(viaLegacy.sink);
 
 try {
   // Both hold the current state before the worker moves the task on.
@@ -127,7 +89,7 @@ legacySubscription.unsubscribe();
 // Without a token the operation fails with UNAUTHENTICATED and no data.
 const anonymous = createClient({ url: WS_URL, webSocketImpl: WebSocket, retryAttempts: 0 });
 const viaAnonymous = recorder();
-anonymous.subscribe({ query: WATCH, variables: { id } }, viaAnonymous.observer);
+anonymous.subscribe({ query: WATCH, variables: { id } }, viaAnonymous.sink);
 try {
   await withTimeout(viaAnonymous.done, 'the anonymous subscription to end');
 } catch (error) {

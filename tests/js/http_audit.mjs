@@ -9,12 +9,8 @@
 // Env: TASKQL_URL (base URL, e.g. http://127.0.0.1:8000), TASKQL_TOKEN.
 // Run by tests/conformance.rs; install with `npm ci --prefix tests/js`.
 import { serverAudits } from 'graphql-http';
+import { env } from './shared.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} must be set`);
-  return value;
-};
 const url = `${env('TASKQL_URL').replace(/\/+$/, '')}/graphql`;
 const TOKEN = env('TASKQL_TOKEN');
 

@@ -12,12 +12,8 @@
 import { cacheExchange, createClient as createUrql, fetchExchange, subscriptionExchange } from '@urql/core';
 import { createClient } from 'graphql-sse';
 import { onEnd, pipe, subscribe } from 'wonka';
+import { env, forwardTo, taskRecorder, withTimeout as within } from './shared.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} must be set`);
-  return value;
-};
 const URL = `${env('TASKQL_URL').replace(/\/+$/, '')}/graphql`;
 const TOKEN = env('TASKQL_TOKEN');
 const TASK_ID = env('TASKQL_TASK_ID');
@@ -31,13 +27,7 @@ const WATCH = `subscription Watch($id: ID!) {
 const sseClient = () =>
   createClient({ url: URL, headers: { Authorization: `Bearer ${TOKEN}` }, retryAttempts: 0 });
 
-function withTimeout(promise, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), STEP_TIMEOUT_MS);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
+const withTimeout = (promise, what) => within(promise, what, STEP_TIMEOUT_MS);
 
 const describe = (error) => ({
   message: String(error?.message ?? error).slice(0, 300),
@@ -65,35 +55,15 @@ const refused = await fetch(URL, {
 });
 report.refused = { status: refused.status, body: await refused.json() };
 
-function follower() {
-  const seen = { statuses: [], last: null, errors: [], completed: false };
-  let firstResolve;
-  let doneResolve;
-  const first = new Promise((resolve) => (firstResolve = resolve));
-  const done = new Promise((resolve) => (doneResolve = resolve));
-  const sink = {
-    next(result) {
+const follower = () =>
+  taskRecorder({
+    onResultErrors(seen, result) {
       if (result.errors?.length || result.error) seen.errors.push(describe(result.error ?? result.errors[0]));
-      const task = result.data?.taskUpdated;
-      if (task) {
-        seen.statuses.push(task.status);
-        seen.last = task;
-      }
-      firstResolve();
     },
-    error(error) {
+    onError(seen, error) {
       seen.errors.push(describe(error));
-      firstResolve();
-      doneResolve();
     },
-    complete() {
-      seen.completed = true;
-      firstResolve();
-      doneResolve();
-    },
-  };
-  return { seen, first, done, sink };
-}
+  });
 
 // graphql-sse's own client.
 const direct = follower();
@@ -107,17 +77,7 @@ const urql = createUrql({
   exchanges: [
     cacheExchange,
     fetchExchange,
-    subscriptionExchange({
-      forwardSubscription(request) {
-        const input = { ...request, query: request.query || '' };
-        return {
-          subscribe(sink) {
-            const unsubscribe = forUrql.subscribe(input, sink);
-            return { unsubscribe };
-          },
-        };
-      },
-    }),
+    subscriptionExchange(forwardTo(forUrql)),
   ],
 });
 const viaUrql = follower();

@@ -15,12 +15,8 @@ import { cacheExchange, createClient, fetchExchange, subscriptionExchange } from
 import { createClient as createWsClient } from 'graphql-ws';
 import { onEnd, pipe, subscribe } from 'wonka';
 import WebSocket from 'ws';
+import { env, forwardTo, taskRecorder, withTimeout as within } from './shared.mjs';
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} must be set`);
-  return value;
-};
 const URL_BASE = env('TASKQL_URL').replace(/\/+$/, '');
 const WS_URL = env('TASKQL_WS_URL');
 const TOKEN = env('TASKQL_TOKEN');
@@ -58,27 +54,11 @@ const client = createClient({
   exchanges: [
     cacheExchange,
     fetchExchange,
-    subscriptionExchange({
-      forwardSubscription(request) {
-        const input = { ...request, query: request.query || '' };
-        return {
-          subscribe(sink) {
-            const unsubscribe = wsClient.subscribe(input, sink);
-            return { unsubscribe };
-          },
-        };
-      },
-    }),
+    subscriptionExchange(forwardTo(wsClient)),
   ],
 });
 
-function withTimeout(promise, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), STEP_TIMEOUT_MS);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
+const withTimeout = (promise, what) => within(promise, what, STEP_TIMEOUT_MS);
 
 // A network error's message can be a whole HTML page: keep its start.
 const clip = (text) => (text.length > 300 ? `${text.slice(0, 300)}…` : text);
@@ -101,18 +81,18 @@ try {
 }
 report.query.requests = [...requests];
 
-const seen = { statuses: [], last: null, closingStatus: null, errors: [], completed: false };
-let firstResolve;
-let doneResolve;
-const first = new Promise((resolve) => (firstResolve = resolve));
-const done = new Promise((resolve) => (doneResolve = resolve));
+const { seen, first, done, sink } = taskRecorder({
+  extra: { closingStatus: null },
+  onResultErrors(seen, result) {
+    if (result.error) seen.errors.push(describeError(result.error));
+  },
+  onError(seen, error) {
+    seen.errors.push(describeError(error));
+  },
+});
 const { unsubscribe } = pipe(
   client.subscription(WATCH, { id: TASK_ID }),
-  onEnd(() => {
-    seen.completed = true;
-    firstResolve();
-    doneResolve();
-  }),
+  onEnd(() => sink.complete()),
   subscribe((result) => {
     // When the server completes, urql repeats the last result with
     // `hasNext: false`: that is no message of the server's.
@@ -120,13 +100,7 @@ const { unsubscribe } = pipe(
       seen.closingStatus = result.data?.taskUpdated?.status ?? null;
       return;
     }
-    if (result.error) seen.errors.push(describeError(result.error));
-    const task = result.data?.taskUpdated;
-    if (task) {
-      seen.statuses.push(task.status);
-      seen.last = task;
-    }
-    firstResolve();
+    sink.next(result);
   }),
 );
 
