@@ -408,24 +408,32 @@ async fn minutes_older_than_a_day_and_an_hour_are_pruned() {
         let task = claim_next(service, &w).await;
         set_status(service, &w, task.id, TaskStatus::Completed).await;
     }
-    for (id, minutes) in [(old, 1600), (recent, 1400)] {
-        let at = taskql_time(chrono::Utc::now() - chrono::TimeDelta::minutes(minutes));
-        update_task(
-            &app,
-            id,
-            &format!("created_at = '{at}', started_at = '{at}', completed_at = '{at}'"),
-        )
-        .await;
-    }
-    service.fold_count_deltas().await.unwrap();
     let kept_from = chrono::Utc::now().timestamp().div_euclid(60)
         - taskql::service::stats::STATS_MINUTES_KEPT
         + 1;
-    assert!(
-        stats_rows_before(&app.db, kept_from).await > 0,
-        "the old minutes are there"
-    );
-    // (The server's own pass, at start and every minute, may prune first.)
+    let set_times = |id, minutes: i64| {
+        let at = taskql_time(chrono::Utc::now() - chrono::TimeDelta::minutes(minutes));
+        let app = &app;
+        async move {
+            let times = format!("created_at = '{at}', started_at = '{at}', completed_at = '{at}'");
+            update_task(app, id, &times).await;
+        }
+    };
+    set_times(recent, 1400).await;
+    // The server prunes at start and every minute: if its first pass ran
+    // after the old task's minute was written, write it to another minute
+    // (a change of minute is what the triggers count), with the next pass
+    // a minute away.
+    let mut old_minutes_there = false;
+    for minutes in [1600, 1610, 1620] {
+        set_times(old, minutes).await;
+        service.fold_count_deltas().await.unwrap();
+        if stats_rows_before(&app.db, kept_from).await > 0 {
+            old_minutes_there = true;
+            break;
+        }
+    }
+    assert!(old_minutes_there, "the old minutes are there");
     service.prune_stats_minutes().await.unwrap();
     assert_eq!(stats_rows_before(&app.db, kept_from).await, 0, "pruned");
     assert!(
