@@ -187,10 +187,7 @@ async fn a_connection_that_never_initialises_is_closed() {
 async fn stopping_the_server_closes_live_subscriptions() {
     let mut app = spawn_app().await;
     let alice = app.user_token("alice");
-    let id = create_task(&app, &alice).await;
-    let mut client = WsClient::connect_as(&app.ws_url, &alice).await;
-    let mut watch = client.subscribe(WATCH, json!({ "id": id }));
-    assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");
+    let (_, mut client, mut watch) = watch_a_new_task(&app, &alice).await;
     let mut events = client.subscribe(EVENTS, json!({}));
     wait_until_live(&app, &mut events).await;
 
