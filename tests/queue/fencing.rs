@@ -10,12 +10,7 @@ async fn retry(app: &TestApp, token: &str, id: &str) -> Value {
 /// Puts the lease of `id` in the past, as if its worker went silent long ago.
 async fn expire_lease(db: &impl ConnectionTrait, id: &str) {
     let past = Utc::now() - chrono::Duration::minutes(5);
-    Tasks::update_many()
-        .col_expr(Column::LeaseExpiresAt, Expr::value(past))
-        .filter(Column::Id.eq(Uuid::parse_str(id).expect("uuid")))
-        .exec(db)
-        .await
-        .expect("expire the lease");
+    set_time(db, id, Column::LeaseExpiresAt, past).await;
 }
 
 #[tokio::test]

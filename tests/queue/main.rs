@@ -99,6 +99,16 @@ fn place_of(claimed: &[String], id: &str) -> usize {
     claimed.iter().position(|c| c == id).map_or(0, |i| i + 1)
 }
 
+/// Sets the time `column` of task `id` behind the service's back.
+async fn set_time(db: &impl ConnectionTrait, id: &str, column: Column, at: DateTime<Utc>) {
+    Tasks::update_many()
+        .col_expr(column, Expr::value(at))
+        .filter(Column::Id.eq(Uuid::parse_str(id).expect("uuid")))
+        .exec(db)
+        .await
+        .expect("set a time");
+}
+
 /// `updateTaskStatus(FAILED)` as a worker, fenced by `attempt`; the whole answer.
 async fn fail(
     app: &TestApp,
