@@ -118,28 +118,17 @@ async fn heartbeat_through_the_service_checks_the_attempt() {
         .unwrap();
     assert_eq!(again.attempts, 2);
 
-    let stale = service
-        .heartbeat_task(
-            &as_worker(),
-            Heartbeat {
-                task_id: task.id,
-                progress: Some(50),
-                lease: lease(60),
-                expected_attempt: Some(1),
-            },
-        )
-        .await;
+    // The same heartbeat, from the worker of each attempt.
+    let from_attempt = |attempt| Heartbeat {
+        task_id: task.id,
+        progress: Some(50),
+        lease: lease(60),
+        expected_attempt: Some(attempt),
+    };
+    let stale = service.heartbeat_task(&as_worker(), from_attempt(1)).await;
     assert!(matches!(stale, Err(TaskError::Conflict(_))), "{stale:?}");
     let current = service
-        .heartbeat_task(
-            &as_worker(),
-            Heartbeat {
-                task_id: task.id,
-                progress: Some(50),
-                lease: lease(60),
-                expected_attempt: Some(2),
-            },
-        )
+        .heartbeat_task(&as_worker(), from_attempt(2))
         .await
         .unwrap();
     assert_eq!((current.progress, current.attempts), (Some(50), 2));
