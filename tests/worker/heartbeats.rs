@@ -34,15 +34,7 @@ async fn heartbeats_keep_a_task_processing_past_its_first_lease() {
     assert!(alive.lease_expires_at.expect("leased") > first_lease);
 
     // Silence: the same reaper now takes it back.
-    let requeued = eventually(
-        "the reaper after heartbeats stop",
-        Duration::from_secs(15),
-        || async {
-            let task = fetch(&app.db, id).await;
-            (task.status == TaskStatus::Pending).then_some(task)
-        },
-    )
-    .await;
+    let requeued = once_reaped(&app.db, id, TaskStatus::Pending).await;
     assert_eq!(requeued.attempts, 1);
     let beat = app
         .gql(Some(&worker), HEARTBEAT, json!({ "id": id, "attempt": 1 }))
