@@ -2,18 +2,17 @@
 
 use super::*;
 
+/// `claimTask` by `worker_id` for `lease` seconds; the answer's data.
+async fn claim_by(app: &TestApp, worker_id: &str, lease: u64) -> Value {
+    let variables = json!({ "lease": lease, "worker": worker_id });
+    data(app.gql(Some(&app.worker_token()), CLAIM, variables).await)
+}
+
 /// A new image task of alice's, claimed by `worker_id` for `lease` seconds:
 /// its id and the claim.
 async fn create_and_claim(app: &TestApp, lease: u64, worker_id: &str) -> (Uuid, Value) {
     let task = create_via_api(app, &app.user_token("alice"), json!({ "type": "image" })).await;
-    let claimed = data(
-        app.gql(
-            Some(&app.worker_token()),
-            CLAIM,
-            json!({ "lease": lease, "worker": worker_id }),
-        )
-        .await,
-    );
+    let claimed = claim_by(app, worker_id, lease).await;
     assert_eq!(
         claimed["claimTask"]["id"], task["id"],
         "claimed the new task"
@@ -34,7 +33,6 @@ async fn all_once(db: &impl ConnectionTrait, status: TaskStatus, timeout: Durati
 #[tokio::test]
 async fn an_expired_lease_returns_the_task_to_pending_through_the_running_reaper() {
     let app = spawn_app().await;
-    let worker = app.worker_token();
     let (id, claimed) = create_and_claim(&app, 1, "w-crashed").await;
     assert_eq!(claimed["claimTask"]["attempts"], 1);
 
@@ -44,14 +42,7 @@ async fn an_expired_lease_returns_the_task_to_pending_through_the_running_reaper
     assert!(requeued.worker_id.is_none() && requeued.lease_expires_at.is_none());
     assert!(requeued.completed_at.is_none() && requeued.error_message.is_none());
 
-    let again = data(
-        app.gql(
-            Some(&worker),
-            CLAIM,
-            json!({ "lease": 60, "worker": "w-2" }),
-        )
-        .await,
-    );
+    let again = claim_by(&app, "w-2", 60).await;
     assert_eq!(
         (&again["claimTask"]["id"], &again["claimTask"]["attempts"]),
         (&json!(id.to_string()), &json!(2))
@@ -105,14 +96,7 @@ async fn a_late_update_from_an_old_attempt_is_conflict_and_the_new_claim_wins() 
     assert_eq!(first["claimTask"]["attempts"], 1);
     expire_leases(&app.db, &[id]).await;
     once_reaped(&app.db, id, TaskStatus::Pending).await;
-    let second = data(
-        app.gql(
-            Some(&worker),
-            CLAIM,
-            json!({ "lease": 60, "worker": "fast" }),
-        )
-        .await,
-    );
+    let second = claim_by(&app, "fast", 60).await;
     assert_eq!(second["claimTask"]["attempts"], 2);
 
     // The slow worker wakes up: its heartbeat and its result are refused.
