@@ -27,6 +27,13 @@ fn assert_code(body: &Value, code: &str) {
     assert_eq!(common::error_code(body), Some(code), "{body}");
 }
 
+/// `body` is refused with `code` and `message`, and nothing ran.
+fn assert_refused(body: &Value, code: &str, message: &str) {
+    assert_eq!(body["errors"][0]["message"], message, "{body}");
+    assert_code(body, code);
+    assert!(body.get("data").is_none(), "nothing ran: {body}");
+}
+
 fn persisted(hash: &str) -> Value {
     json!({ "persistedQuery": { "version": 1, "sha256Hash": hash } })
 }
@@ -37,33 +44,42 @@ async fn create_task(app: &TestApp, token: &str) -> String {
     task["id"].as_str().expect("an id").to_owned()
 }
 
+/// Sends `request` with `token`; the answer's JSON, whatever its status.
+async fn answer(request: reqwest::RequestBuilder, token: &str) -> Value {
+    let response = request.bearer_auth(token).send().await.expect("request");
+    response.json().await.expect("JSON")
+}
+
 /// POSTs `body` as JSON; the answer's JSON, whatever its status.
 async fn post(app: &TestApp, token: &str, body: Value) -> Value {
-    app.http
-        .post(format!("{}/graphql", app.base))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("JSON")
+    let request = app.http.post(format!("{}/graphql", app.base)).json(&body);
+    answer(request, token).await
 }
 
 /// GETs `/graphql` with `params`; the answer's JSON.
 async fn get(app: &TestApp, token: &str, params: &[(&str, &str)]) -> Value {
-    app.http
+    let request = app
+        .http
         .get(format!("{}/graphql", app.base))
-        .bearer_auth(token)
         .header("accept", "application/json")
-        .query(params)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("JSON")
+        .query(params);
+    answer(request, token).await
+}
+
+/// POSTs the document of `hash` (its id, in trusted mode) by that alone,
+/// with `variables`; the answer's JSON.
+async fn post_by_hash(app: &TestApp, token: &str, hash: &str, variables: &Value) -> Value {
+    let body = json!({ "variables": variables, "extensions": persisted(hash) });
+    post(app, token, body).await
+}
+
+/// GETs the document of `hash` (its id, in trusted mode) by that alone,
+/// with `variables`; the answer's JSON.
+async fn get_by_hash(app: &TestApp, token: &str, hash: &str, variables: &Value) -> Value {
+    let extensions = persisted(hash).to_string();
+    let variables = variables.to_string();
+    let params = [("variables", &*variables), ("extensions", &*extensions)];
+    get(app, token, &params).await
 }
 
 #[tokio::test]
@@ -74,18 +90,12 @@ async fn a_hash_runs_once_its_document_was_sent_over_post_and_get() {
     let hash = sha256(TASK);
     let variables = json!({ "id": id });
 
-    let unknown = post(
-        &app,
-        &alice,
-        json!({ "variables": variables, "extensions": persisted(&hash) }),
-    )
-    .await;
-    assert_eq!(
-        unknown["errors"][0]["message"], "PersistedQueryNotFound",
-        "{unknown}"
+    let unknown = post_by_hash(&app, &alice, &hash, &variables).await;
+    assert_refused(
+        &unknown,
+        "PERSISTED_QUERY_NOT_FOUND",
+        "PersistedQueryNotFound",
     );
-    assert_code(&unknown, "PERSISTED_QUERY_NOT_FOUND");
-    assert!(unknown.get("data").is_none(), "{unknown}");
 
     let registered = post(
         &app,
@@ -95,22 +105,10 @@ async fn a_hash_runs_once_its_document_was_sent_over_post_and_get() {
     .await;
     assert_eq!(common::data(registered)["task"]["id"], id.as_str());
 
-    let by_hash = post(
-        &app,
-        &alice,
-        json!({ "variables": variables, "extensions": persisted(&hash) }),
-    )
-    .await;
+    let by_hash = post_by_hash(&app, &alice, &hash, &variables).await;
     assert_eq!(common::data(by_hash)["task"]["status"], "PENDING");
 
-    let extensions = persisted(&hash).to_string();
-    let variables = variables.to_string();
-    let over_get = get(
-        &app,
-        &alice,
-        &[("variables", &variables), ("extensions", &extensions)],
-    )
-    .await;
+    let over_get = get_by_hash(&app, &alice, &hash, &variables).await;
     assert_eq!(common::data(over_get)["task"]["id"], id.as_str());
 
     // Over GET, a document never sent is not found either.
@@ -140,12 +138,7 @@ async fn a_hash_that_does_not_match_its_document_is_refused() {
         json!({ "query": TASK, "variables": { "id": "x" }, "extensions": persisted(&wrong) }),
     )
     .await;
-    assert_eq!(
-        body["errors"][0]["message"], "provided sha does not match query",
-        "{body}"
-    );
-    assert_code(&body, "BAD_REQUEST");
-    assert!(body.get("data").is_none(), "nothing ran: {body}");
+    assert_refused(&body, "BAD_REQUEST", "provided sha does not match query");
 
     // Nor was the wrong pairing kept.
     let by_hash = post(&app, &alice, json!({ "extensions": persisted(&wrong) })).await;
@@ -218,21 +211,9 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
     assert_code(&unknown, "PERSISTED_QUERY_REQUIRED");
 
     // A trusted document runs by its id, over POST and GET, or sent whole.
-    let by_id = post(
-        &app,
-        &alice,
-        json!({ "variables": variables, "extensions": persisted("task-v1") }),
-    )
-    .await;
+    let by_id = post_by_hash(&app, &alice, "task-v1", &variables).await;
     assert_eq!(common::data(by_id)["task"]["id"], id.as_str());
-    let extensions = persisted("task-v1").to_string();
-    let variables_text = variables.to_string();
-    let by_get = get(
-        &app,
-        &alice,
-        &[("variables", &variables_text), ("extensions", &extensions)],
-    )
-    .await;
+    let by_get = get_by_hash(&app, &alice, "task-v1", &variables).await;
     assert_eq!(common::data(by_get)["task"]["status"], "PENDING");
     let whole = post(
         &app,
@@ -362,12 +343,7 @@ async fn an_apollo_manifest_is_read_too() {
     let alice = app.user_token("alice");
     let task = common::new_task(app.service.as_ref(), &common::alice(), "image.generate").await;
     let id = task.id.to_string();
-    let by_hash = post(
-        &app,
-        &alice,
-        json!({ "variables": { "id": id }, "extensions": persisted(&sha256(TASK)) }),
-    )
-    .await;
+    let by_hash = post_by_hash(&app, &alice, &sha256(TASK), &json!({ "id": id })).await;
     assert_eq!(common::data(by_hash)["task"]["id"], id.as_str());
     let other = post(
         &app,

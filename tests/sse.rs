@@ -271,14 +271,7 @@ async fn a_stream_ends_without_complete_when_its_token_expires() {
     let app = spawn_app().await;
     let alice = app.user_token("alice");
     let id = create_task(&app, &alice).await;
-    // Still valid within the 30 s leeway for about two more seconds.
-    let now = chrono::Utc::now().timestamp();
-    let expiring = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({ "sub": "alice", "exp": now - 28 }),
-        &jsonwebtoken::EncodingKey::from_secret(common::TEST_SECRET.as_bytes()),
-    )
-    .expect("token");
+    let expiring = common::expiring_token_for("alice");
     let mut stream = EventStream::new(sse::post(&app, Some(&expiring), &watch(&id)).await);
     assert_eq!(stream.next_data().await["taskUpdated"]["status"], "PENDING");
     let mut said = Vec::new();

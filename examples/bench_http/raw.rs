@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use rand::Rng;
-use sea_orm::sqlx::{self, PgConnection, SqliteConnection};
+use sea_orm::sqlx::query::Query;
+use sea_orm::sqlx::{self, Encode, PgConnection, SqliteConnection, Type};
 use uuid::Uuid;
 
 use super::{BoxError, Fixture, STATUSES, Side, TYPES, Workload};
@@ -31,6 +32,35 @@ const RAW_LIST_SQLITE: &str = "SELECT * FROM tasks WHERE user_id = ?1 AND status
      ORDER BY created_at DESC, id DESC LIMIT 11";
 const RAW_GET_PG: &str = "SELECT * FROM tasks WHERE id = $1";
 const RAW_GET_SQLITE: &str = "SELECT * FROM tasks WHERE id = ?1";
+
+/// A task as the raw insert writes it.
+struct NewRow<'a> {
+    id: Uuid,
+    owner: &'a str,
+    task_type: &'a str,
+    metadata: &'a serde_json::Value,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+impl<'a> NewRow<'a> {
+    /// `query` (an insert) with this row's values bound to its parameters,
+    /// in their order, on either database.
+    fn bind<'q, DB>(&self, query: Query<'q, DB, DB::Arguments>) -> Query<'q, DB, DB::Arguments>
+    where
+        DB: sqlx::Database,
+        Uuid: Encode<'a, DB> + Type<DB>,
+        &'a str: Encode<'a, DB> + Type<DB>,
+        &'a serde_json::Value: Encode<'a, DB> + Type<DB>,
+        chrono::DateTime<chrono::Utc>: Encode<'a, DB> + Type<DB>,
+    {
+        query
+            .bind(self.id)
+            .bind(self.owner)
+            .bind(self.task_type)
+            .bind(self.metadata)
+            .bind(self.now)
+    }
+}
 
 impl RawConn {
     pub(super) async fn connect(url: &str) -> Result<Self, BoxError> {
@@ -64,29 +94,23 @@ impl RawConn {
             Workload::Create => {
                 let metadata = serde_json::json!({ "source": "bench", "priority": rng.random_range(1..=5), "tags": ["bench"] });
                 let task_type = TYPES[rng.random_range(0..3)];
-                let id = Uuid::now_v7();
+                let row = NewRow {
+                    id: Uuid::now_v7(),
+                    owner: &owner,
+                    task_type,
+                    metadata: &metadata,
+                    now,
+                };
                 match self {
                     Self::Postgres(conn) => {
                         let sql = match side {
                             Side::RawNotify => RAW_INSERT_NOTIFY_PG,
                             _ => RAW_INSERT_PG,
                         };
-                        sqlx::query(sql)
-                            .bind(id)
-                            .bind(&owner)
-                            .bind(task_type)
-                            .bind(&metadata)
-                            .bind(now)
-                            .fetch_one(conn)
-                            .await?;
+                        row.bind(sqlx::query(sql)).fetch_one(conn).await?;
                     }
                     Self::Sqlite(conn) => {
-                        sqlx::query(RAW_INSERT_SQLITE)
-                            .bind(id)
-                            .bind(&owner)
-                            .bind(task_type)
-                            .bind(&metadata)
-                            .bind(now)
+                        row.bind(sqlx::query(RAW_INSERT_SQLITE))
                             .fetch_one(conn)
                             .await?;
                     }

@@ -315,7 +315,17 @@ pub fn token_for(user: &str, role: Option<&str>) -> String {
 
 /// A token of `user` that expired an hour ago (well past the leeway).
 pub fn expired_token_for(user: &str) -> String {
-    let exp = chrono::Utc::now().timestamp() - 3600;
+    token_expired_seconds_ago(user, 3600)
+}
+
+/// A token of `user` that is still valid within the 30 s leeway for about
+/// two more seconds: long enough to start something, not to outlive it.
+pub fn expiring_token_for(user: &str) -> String {
+    token_expired_seconds_ago(user, 28)
+}
+
+fn token_expired_seconds_ago(user: &str, seconds: i64) -> String {
+    let exp = chrono::Utc::now().timestamp() - seconds;
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &serde_json::json!({ "sub": user, "exp": exp }),

@@ -12,21 +12,29 @@ struct OutageAnswer {
     took: Duration,
 }
 
+/// A fresh PostgreSQL database, a proxy in front of it, and the real server
+/// reaching the database through the proxy, with a 1 s acquire timeout and
+/// `statement_timeout`.
+async fn served_through_a_proxy(statement_timeout: &str) -> (TestDb, Proxy, Server) {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(&host_port(&db.url)).await;
+    let server = Server::start(
+        &through(&db.url, proxy.addr),
+        &[
+            ("TASKQL_DB_ACQUIRE_TIMEOUT", "1s"),
+            ("TASKQL_DB_STATEMENT_TIMEOUT", statement_timeout),
+        ],
+    )
+    .await;
+    (db, proxy, server)
+}
+
 async fn survives_a_postgres_outage(name: &'static str, mode: ProxyMode) {
     if postgres_url_or_skip(name).is_none() {
         return;
     }
     let run = begin(name).await;
-    let db = TestDb::new().await;
-    let proxy = Proxy::start(&host_port(&db.url)).await;
-    let mut server = Server::start(
-        &through(&db.url, proxy.addr),
-        &[
-            ("TASKQL_DB_ACQUIRE_TIMEOUT", "1s"),
-            ("TASKQL_DB_STATEMENT_TIMEOUT", "1s"),
-        ],
-    )
-    .await;
+    let (db, proxy, mut server) = served_through_a_proxy("1s").await;
     let token = token_for("alice", None);
     let mut created = Vec::new();
     for _ in 0..5 {
@@ -215,16 +223,7 @@ async fn a_partition_mid_statement_is_503_within_the_acquire_and_statement_timeo
     let run = begin(name).await;
     let acquire = Duration::from_secs(1);
     let statement = Duration::from_secs(2);
-    let db = TestDb::new().await;
-    let proxy = Proxy::start(&host_port(&db.url)).await;
-    let mut server = Server::start(
-        &through(&db.url, proxy.addr),
-        &[
-            ("TASKQL_DB_ACQUIRE_TIMEOUT", "1s"),
-            ("TASKQL_DB_STATEMENT_TIMEOUT", "2s"),
-        ],
-    )
-    .await;
+    let (_db, proxy, mut server) = served_through_a_proxy("2s").await;
     let token = token_for("alice", None);
 
     let mut answers = Vec::new();

@@ -9,12 +9,7 @@ fn seconds(delta: chrono::TimeDelta) -> f64 {
 /// Makes a backed-off task runnable now, as if its backoff had passed.
 async fn backoff_passed(db: &impl ConnectionTrait, id: &str) {
     let past = Utc::now() - chrono::Duration::seconds(1);
-    Tasks::update_many()
-        .col_expr(Column::RunAt, Expr::value(past))
-        .filter(Column::Id.eq(Uuid::parse_str(id).expect("uuid")))
-        .exec(db)
-        .await
-        .expect("move run_at");
+    set_time(db, id, Column::RunAt, past).await;
 }
 
 /// The delay a backed-off task waits: `runAt` minus the time of the

@@ -10,12 +10,7 @@ async fn retry(app: &TestApp, token: &str, id: &str) -> Value {
 /// Puts the lease of `id` in the past, as if its worker went silent long ago.
 async fn expire_lease(db: &impl ConnectionTrait, id: &str) {
     let past = Utc::now() - chrono::Duration::minutes(5);
-    Tasks::update_many()
-        .col_expr(Column::LeaseExpiresAt, Expr::value(past))
-        .filter(Column::Id.eq(Uuid::parse_str(id).expect("uuid")))
-        .exec(db)
-        .await
-        .expect("expire the lease");
+    set_time(db, id, Column::LeaseExpiresAt, past).await;
 }
 
 #[tokio::test]
@@ -95,32 +90,35 @@ async fn a_report_of_an_attempt_from_before_retry_task_is_conflict_even_before_t
     let alice = app.user_token("alice");
     let cancel = "mutation($id: ID!) { cancelTask(id: $id) { status } }";
     let progress = |id: &str| json!({ "id": id, "status": "PROCESSING", "progress": 50, "expectedAttempt": 1 });
-    // (what the old worker sends, how attempt 1 ended, the report less its id)
+    // Reports of attempt 1, less the task's id.
+    let failure =
+        |message| json!({ "status": "FAILED", "errorMessage": message, "expectedAttempt": 1 });
+    let mut retryable_failure = failure("flaky");
+    retryable_failure["retryable"] = json!(true);
+    let late_completion =
+        json!({ "status": "COMPLETED", "resultId": "late", "expectedAttempt": 1 });
+    // (what the old worker sends, how attempt 1 ended, the report)
     let cases = [
         (
             "a repeat of its retryable failure",
             "FAILED",
-            json!({ "status": "FAILED", "errorMessage": "flaky", "retryable": true, "expectedAttempt": 1 }),
+            retryable_failure,
         ),
-        (
-            "a repeat of its final failure",
-            "FAILED",
-            json!({ "status": "FAILED", "errorMessage": "flaky", "expectedAttempt": 1 }),
-        ),
+        ("a repeat of its final failure", "FAILED", failure("flaky")),
         (
             "a completion after its failure",
             "FAILED",
-            json!({ "status": "COMPLETED", "resultId": "late", "expectedAttempt": 1 }),
+            late_completion.clone(),
         ),
         (
             "a completion after the owner cancelled",
             "CANCELLED",
-            json!({ "status": "COMPLETED", "resultId": "late", "expectedAttempt": 1 }),
+            late_completion,
         ),
         (
             "a failure after the owner cancelled",
             "CANCELLED",
-            json!({ "status": "FAILED", "errorMessage": "gave up", "expectedAttempt": 1 }),
+            failure("gave up"),
         ),
     ];
     let mut wrong = Vec::new();

@@ -89,6 +89,26 @@ async fn claim_all(app: &TestApp, types: Value) -> Vec<Value> {
     }
 }
 
+/// The ids of `claim_all`'s claims, in order.
+async fn claimed_ids(app: &TestApp, types: Value) -> Vec<String> {
+    claim_all(app, types).await.iter().map(id_of).collect()
+}
+
+/// Where `id` is among `claimed`, counting from 1 (0: not there).
+fn place_of(claimed: &[String], id: &str) -> usize {
+    claimed.iter().position(|c| c == id).map_or(0, |i| i + 1)
+}
+
+/// Sets the time `column` of task `id` behind the service's back.
+async fn set_time(db: &impl ConnectionTrait, id: &str, column: Column, at: DateTime<Utc>) {
+    Tasks::update_many()
+        .col_expr(column, Expr::value(at))
+        .filter(Column::Id.eq(Uuid::parse_str(id).expect("uuid")))
+        .exec(db)
+        .await
+        .expect("set a time");
+}
+
 /// `updateTaskStatus(FAILED)` as a worker, fenced by `attempt`; the whole answer.
 async fn fail(
     app: &TestApp,

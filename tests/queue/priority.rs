@@ -26,12 +26,7 @@ async fn higher_priority_is_claimed_first_whatever_the_creation_order() {
     // Bob's 0 shares turn 0 with alice's 0 (her first task) and came earlier.
     want.insert(3, id_of(&bobs));
 
-    let claimed: Vec<String> = claim_all(&app, json!(null))
-        .await
-        .iter()
-        .map(id_of)
-        .collect();
-    assert_eq!(claimed, want);
+    assert_eq!(claimed_ids(&app, json!(null)).await, want);
 }
 
 #[tokio::test]

@@ -19,18 +19,11 @@ async fn one_task_of_a_second_owner_is_claimed_first_or_second_after_thirty_of_t
     }
     let bobs = id_of(&create(&app, &bob, json!({ "type": "image" })).await);
 
-    let claimed: Vec<String> = claim_all(&app, json!(["image"]))
-        .await
-        .iter()
-        .map(id_of)
-        .collect();
+    let claimed = claimed_ids(&app, json!(["image"])).await;
     assert!(
         claimed[..2].contains(&bobs),
         "bob's task was claim #{} of 31",
-        claimed
-            .iter()
-            .position(|id| *id == bobs)
-            .map_or(0, |i| i + 1)
+        place_of(&claimed, &bobs)
     );
     // Alice's own tasks still come in the order she created them.
     let alice_order: Vec<&String> = claimed.iter().filter(|id| **id != bobs).collect();
@@ -65,19 +58,12 @@ async fn one_task_of_a_second_owner_goes_first_or_second_after_thirty_created_at
     assert_eq!(alices.len(), 30);
     let bobs = id_of(&create(&app, &app.user_token("bob"), json!({ "type": "image" })).await);
 
-    let claimed: Vec<String> = claim_all(&app, json!(["image"]))
-        .await
-        .iter()
-        .map(id_of)
-        .collect();
+    let claimed = claimed_ids(&app, json!(["image"])).await;
     assert_eq!(claimed.len(), 31);
     assert!(
         claimed[..2].contains(&bobs),
         "bob's task was claim #{} of 31",
-        claimed
-            .iter()
-            .position(|id| *id == bobs)
-            .map_or(0, |i| i + 1)
+        place_of(&claimed, &bobs)
     );
     assert_eq!(claimed.iter().filter(|id| alices.contains(*id)).count(), 30);
 }
@@ -131,16 +117,9 @@ async fn a_newcomers_turn_is_the_one_served_at_its_priority() {
     }
     let urgent = create(&app, &alice, json!({ "type": "image", "priority": 10 })).await;
     let bobs = id_of(&create(&app, &bob, json!({ "type": "image" })).await);
-    let claimed: Vec<String> = claim_all(&app, json!(null))
-        .await
-        .iter()
-        .map(id_of)
-        .collect();
+    let claimed = claimed_ids(&app, json!(null)).await;
     assert_eq!(claimed[0], id_of(&urgent));
-    let place = claimed
-        .iter()
-        .position(|id| *id == bobs)
-        .map_or(0, |i| i + 1);
+    let place = place_of(&claimed, &bobs);
 
     // Alice's backlog, then one urgent task of hers due tomorrow: it is not
     // runnable, and alice's first task is the one being served.
@@ -155,15 +134,8 @@ async fn a_newcomers_turn_is_the_one_served_at_its_priority() {
     )
     .await;
     let bobs = id_of(&create(&app, &bob, json!({ "type": "report" })).await);
-    let claimed: Vec<String> = claim_all(&app, json!(null))
-        .await
-        .iter()
-        .map(id_of)
-        .collect();
-    let place_scheduled = claimed
-        .iter()
-        .position(|id| *id == bobs)
-        .map_or(0, |i| i + 1);
+    let claimed = claimed_ids(&app, json!(null)).await;
+    let place_scheduled = place_of(&claimed, &bobs);
     assert!(
         (2..=3).contains(&place) && (1..=2).contains(&place_scheduled),
         "bob's task, created after alice's 30 and her one urgent task, was claim #{place} \

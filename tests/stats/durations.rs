@@ -26,47 +26,23 @@ async fn durations_are_percentiles_of_the_last_hour() {
         // completed_at must be within the hour; keep the run time exact by
         // moving created/started instead.
         let shift = finished - completed;
-        update_task(
-            &app,
-            *id,
-            &format!(
-                "status = '{status}', created_at = '{}', started_at = '{}', completed_at = '{}'",
-                taskql_time(base + shift),
-                taskql_time(started + shift),
-                taskql_time(completed + shift),
-            ),
-        )
-        .await;
+        let set = times(&[
+            ("created_at", base + shift),
+            ("started_at", started + shift),
+            ("completed_at", completed + shift),
+        ]);
+        update_task(&app, *id, &format!("status = '{status}', {set}")).await;
     }
-    update_task(
-        &app,
-        cancelled,
-        &format!(
-            "status = 'cancelled', started_at = '{}', completed_at = '{}'",
-            taskql_time(base),
-            taskql_time(finished)
-        ),
-    )
-    .await;
-    update_task(
-        &app,
-        old,
-        &format!(
-            "status = 'completed', started_at = '{}', completed_at = '{}'",
-            taskql_time(base - chrono::TimeDelta::hours(2)),
-            taskql_time(base - chrono::TimeDelta::hours(2) + chrono::TimeDelta::seconds(100)),
-        ),
-    )
-    .await;
-    update_task(
-        &app,
-        running,
-        &format!(
-            "status = 'processing', started_at = '{}'",
-            taskql_time(base)
-        ),
-    )
-    .await;
+    let set = times(&[("started_at", base), ("completed_at", finished)]);
+    update_task(&app, cancelled, &format!("status = 'cancelled', {set}")).await;
+    let long_ago = base - chrono::TimeDelta::hours(2);
+    let set = times(&[
+        ("started_at", long_ago),
+        ("completed_at", long_ago + chrono::TimeDelta::seconds(100)),
+    ]);
+    update_task(&app, old, &format!("status = 'completed', {set}")).await;
+    let set = times(&[("started_at", base)]);
+    update_task(&app, running, &format!("status = 'processing', {set}")).await;
 
     // Alice's view reads her rows: exact, as percentile_cont. A worker's
     // merges per-minute histograms: within a bucket (a factor 2^(1/8)) of
@@ -187,17 +163,12 @@ async fn percentiles_from_merged_minutes_are_within_a_bucket_of_exact_ones() {
         let started = done - chrono::TimeDelta::microseconds(run_us);
         let created = started - chrono::TimeDelta::microseconds(wait_us);
         let status = if i % 3 == 0 { "failed" } else { "completed" };
-        update_task(
-            &app,
-            id,
-            &format!(
-                "status = '{status}', created_at = '{}', started_at = '{}', completed_at = '{}'",
-                taskql_time(created),
-                taskql_time(started),
-                taskql_time(done)
-            ),
-        )
-        .await;
+        let set = times(&[
+            ("created_at", created),
+            ("started_at", started),
+            ("completed_at", done),
+        ]);
+        update_task(&app, id, &format!("status = '{status}', {set}")).await;
         let (waits, runs) = expected.entry(task_type).or_default();
         waits.push(wait_us as f64 / 1000.0);
         runs.push(run_us as f64 / 1000.0);

@@ -93,8 +93,17 @@ fn taskql_time(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
 }
 
+/// Each time column set to its time, for `update_task`.
+fn times(columns: &[(&str, chrono::DateTime<chrono::Utc>)]) -> String {
+    let set: Vec<String> = columns
+        .iter()
+        .map(|(column, at)| format!("{column} = '{}'", taskql_time(*at)))
+        .collect();
+    set.join(", ")
+}
+
 /// Sets a task's time `column` to `seconds` ago.
 async fn set_seconds_ago(app: &TestApp, id: uuid::Uuid, column: &str, seconds: i64) {
-    let at = taskql_time(chrono::Utc::now() - chrono::TimeDelta::seconds(seconds));
-    update_task(app, id, &format!("{column} = '{at}'")).await;
+    let at = chrono::Utc::now() - chrono::TimeDelta::seconds(seconds);
+    update_task(app, id, &times(&[(column, at)])).await;
 }

@@ -76,37 +76,22 @@ async fn retry_puts_failed_or_cancelled_tasks_back_to_pending() {
 
     // PENDING, PROCESSING and COMPLETED tasks: CONFLICT naming the status.
     let pending = new_task(service.as_ref(), &alice(), "text").await;
-    let body = retry(alice_token.clone(), pending.id).await;
-    assert_eq!(error_code(&body), Some("CONFLICT"), "{body}");
-    assert!(
-        body["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("PENDING"),
-        "{body}"
-    );
+    assert_conflict_naming(&retry(alice_token.clone(), pending.id).await, "PENDING");
     // (`again` is PROCESSING.)
-    let body = retry(alice_token.clone(), failed.id).await;
-    assert_eq!(error_code(&body), Some("CONFLICT"), "{body}");
-    assert!(
-        body["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("PROCESSING")
-    );
+    assert_conflict_naming(&retry(alice_token.clone(), failed.id).await, "PROCESSING");
     set_status(service, &w, failed.id, TaskStatus::Completed).await;
-    let body = retry(alice_token.clone(), failed.id).await;
-    assert_eq!(error_code(&body), Some("CONFLICT"), "{body}");
-    assert!(
-        body["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("COMPLETED")
-    );
+    assert_conflict_naming(&retry(alice_token.clone(), failed.id).await, "COMPLETED");
     let body = app
         .gql(None, "mutation { retryTask(id: \"x\") { id } }", json!({}))
         .await;
     assert_eq!(error_code(&body), Some("UNAUTHENTICATED"));
+}
+
+/// Asserts `body` is a CONFLICT whose message names the task's `status`.
+fn assert_conflict_naming(body: &Value, status: &str) {
+    assert_eq!(error_code(body), Some("CONFLICT"), "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains(status), "{body}");
 }
 
 /// Waits until `events` (a `taskEvents` stream that sees `owner`'s tasks) is

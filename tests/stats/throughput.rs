@@ -25,27 +25,12 @@ async fn throughput_covers_a_day_minute_by_minute() {
         set_status(service, &w, id, status).await;
     }
     let now = chrono::Utc::now();
-    let at = |ago: chrono::TimeDelta| taskql_time(now - ago);
-    update_task(
-        &app,
-        old.id,
-        &format!(
-            "created_at = '{}', completed_at = '{}'",
-            at(chrono::TimeDelta::hours(23)),
-            at(chrono::TimeDelta::hours(22)),
-        ),
-    )
-    .await;
-    update_task(
-        &app,
-        failed.id,
-        &format!(
-            "created_at = '{}', completed_at = '{}'",
-            at(chrono::TimeDelta::minutes(31)),
-            at(chrono::TimeDelta::minutes(30)),
-        ),
-    )
-    .await;
+    let made_and_ended = |made: chrono::TimeDelta, ended: chrono::TimeDelta| {
+        times(&[("created_at", now - made), ("completed_at", now - ended)])
+    };
+    let (hours, minutes) = (chrono::TimeDelta::hours, chrono::TimeDelta::minutes);
+    update_task(&app, old.id, &made_and_ended(hours(23), hours(22))).await;
+    update_task(&app, failed.id, &made_and_ended(minutes(31), minutes(30))).await;
 
     let body = app
         .gql(
@@ -299,17 +284,12 @@ async fn per_minute_counts_equal_the_table_through_every_kind_of_change() {
         let created = chrono::Utc::now() - ago;
         let started = created + chrono::TimeDelta::milliseconds(150 * i as i64 + 3);
         let done = started + chrono::TimeDelta::seconds(7 * i as i64 + 1);
-        update_task(
-            &app,
-            task.id,
-            &format!(
-                "created_at = '{}', started_at = '{}', completed_at = '{}'",
-                taskql_time(created),
-                taskql_time(started),
-                taskql_time(done)
-            ),
-        )
-        .await;
+        let set = times(&[
+            ("created_at", created),
+            ("started_at", started),
+            ("completed_at", done),
+        ]);
+        update_task(&app, task.id, &set).await;
     }
     set_seconds_ago(&app, ids[20], "created_at", 90 * 60).await;
     assert_throughput_exact(&app, &users).await;
@@ -412,12 +392,10 @@ async fn minutes_older_than_a_day_and_an_hour_are_pruned() {
         - taskql::service::stats::STATS_MINUTES_KEPT
         + 1;
     let set_times = |id, minutes: i64| {
-        let at = taskql_time(chrono::Utc::now() - chrono::TimeDelta::minutes(minutes));
+        let at = chrono::Utc::now() - chrono::TimeDelta::minutes(minutes);
+        let set = times(&[("created_at", at), ("started_at", at), ("completed_at", at)]);
         let app = &app;
-        async move {
-            let times = format!("created_at = '{at}', started_at = '{at}', completed_at = '{at}'");
-            update_task(app, id, &times).await;
-        }
+        async move { update_task(app, id, &set).await }
     };
     set_times(recent, 1400).await;
     // The server prunes at start and every minute: if its first pass ran

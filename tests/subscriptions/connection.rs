@@ -187,10 +187,7 @@ async fn a_connection_that_never_initialises_is_closed() {
 async fn stopping_the_server_closes_live_subscriptions() {
     let mut app = spawn_app().await;
     let alice = app.user_token("alice");
-    let id = create_task(&app, &alice).await;
-    let mut client = WsClient::connect_as(&app.ws_url, &alice).await;
-    let mut watch = client.subscribe(WATCH, json!({ "id": id }));
-    assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");
+    let (_, mut client, mut watch) = watch_a_new_task(&app, &alice).await;
     let mut events = client.subscribe(EVENTS, json!({}));
     wait_until_live(&app, &mut events).await;
 
@@ -215,14 +212,7 @@ async fn a_socket_closes_when_its_token_expires() {
     let app = spawn_app().await;
     let alice = app.user_token("alice");
     let id = create_task(&app, &alice).await;
-    // Still valid within the 30 s leeway for about two more seconds.
-    let now = chrono::Utc::now().timestamp();
-    let expiring = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({ "sub": "alice", "exp": now - 28 }),
-        &jsonwebtoken::EncodingKey::from_secret(common::TEST_SECRET.as_bytes()),
-    )
-    .unwrap();
+    let expiring = common::expiring_token_for("alice");
     let mut client = WsClient::connect_as(&app.ws_url, &expiring).await;
     let mut watch = client.subscribe(WATCH, json!({ "id": id }));
     assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");

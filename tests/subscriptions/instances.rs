@@ -44,9 +44,21 @@ async fn wait_for_listeners(admin: &DatabaseConnection, count: usize, not: &[i32
     }
 }
 
+/// Two instances on one PostgreSQL database once both listen for task
+/// events, an admin connection to it, and the listeners' backends; `None`
+/// (the test skipped) without PostgreSQL.
+async fn two_listening_apps_or_skip(
+    test: &str,
+) -> Option<(TestApp, TestApp, DatabaseConnection, Vec<i32>)> {
+    let (a, b) = two_apps_on_postgres_or_skip(test).await?;
+    let admin = admin(&a.database).await;
+    let listeners = wait_for_listeners(&admin, 2, &[]).await;
+    Some((a, b, admin, listeners))
+}
+
 #[tokio::test]
 async fn on_postgres_a_watcher_on_one_instance_sees_changes_made_through_another() {
-    let Some((a, b)) = two_apps_on_postgres_or_skip(
+    let Some((a, b, _, _)) = two_listening_apps_or_skip(
         "on_postgres_a_watcher_on_one_instance_sees_changes_made_through_another",
     )
     .await
@@ -54,8 +66,6 @@ async fn on_postgres_a_watcher_on_one_instance_sees_changes_made_through_another
         return;
     };
     let alice = a.user_token("alice");
-    let admin = admin(&a.database).await;
-    wait_for_listeners(&admin, 2, &[]).await;
 
     let client = WsClient::connect_as(&a.ws_url, &alice).await;
     let mut events = client.subscribe(EVENTS, json!({}));
@@ -129,7 +139,7 @@ async fn on_postgres_a_watcher_on_one_instance_sees_changes_made_through_another
 #[tokio::test]
 async fn on_postgres_the_final_state_survives_a_lost_listener_connection() {
     const TASKS: usize = 20;
-    let Some((a, b)) = two_apps_on_postgres_or_skip(
+    let Some((a, b, admin, listeners)) = two_listening_apps_or_skip(
         "on_postgres_the_final_state_survives_a_lost_listener_connection",
     )
     .await
@@ -137,8 +147,6 @@ async fn on_postgres_the_final_state_survives_a_lost_listener_connection() {
         return;
     };
     let alice = a.user_token("alice");
-    let admin = admin(&a.database).await;
-    let listeners = wait_for_listeners(&admin, 2, &[]).await;
 
     // Tasks in progress, watched on A; B will finish them.
     let mut ids = Vec::new();
@@ -239,7 +247,7 @@ async fn on_postgres_the_final_state_survives_a_lost_listener_connection() {
 
 #[tokio::test]
 async fn on_postgres_a_task_with_large_metadata_crosses_instances_whole() {
-    let Some((a, b)) = two_apps_on_postgres_or_skip(
+    let Some((a, b, _, _)) = two_listening_apps_or_skip(
         "on_postgres_a_task_with_large_metadata_crosses_instances_whole",
     )
     .await
@@ -247,7 +255,6 @@ async fn on_postgres_a_task_with_large_metadata_crosses_instances_whole() {
         return;
     };
     let alice = a.user_token("alice");
-    wait_for_listeners(&admin(&a.database).await, 2, &[]).await;
 
     // Far more than a NOTIFY payload may carry (8000 bytes).
     let prompt = "a cat in a hat, ".repeat(3000);

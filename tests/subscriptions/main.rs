@@ -52,6 +52,26 @@ async fn set_status(app: &TestApp, id: &str, status: &str, extra: Value) -> Valu
         .clone()
 }
 
+/// A new task of `token`'s user, watched over a socket of that user's from
+/// its first state (PENDING, already seen): its id, the socket and the watch.
+async fn watch_a_new_task(app: &TestApp, token: &str) -> (String, WsClient, ws::Subscription) {
+    let id = create_task(app, token).await;
+    let client = WsClient::connect_as(&app.ws_url, token).await;
+    let mut watch = client.subscribe(WATCH, json!({ "id": id }));
+    assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");
+    (id, client, watch)
+}
+
+/// `cancelTask` as the owner of `token`; the whole answer.
+async fn cancel_task(app: &TestApp, token: &str, id: &str) -> Value {
+    app.gql(
+        Some(token),
+        "mutation($id: ID!) { cancelTask(id: $id) { status } }",
+        json!({ "id": id }),
+    )
+    .await
+}
+
 async fn delete_task(app: &TestApp, token: &str, id: &str) {
     let body = app
         .gql(

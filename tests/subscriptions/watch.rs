@@ -56,13 +56,7 @@ async fn a_finished_task_gives_its_final_state_and_completes() {
     )
     .await;
     let cancelled = create_task(&app, &alice).await;
-    let body = app
-        .gql(
-            Some(&alice),
-            "mutation($id: ID!) { cancelTask(id: $id) { status } }",
-            json!({ "id": cancelled }),
-        )
-        .await;
+    let body = cancel_task(&app, &alice, &cancelled).await;
     assert_eq!(body["data"]["cancelTask"]["status"], "CANCELLED", "{body}");
 
     for (id, status, field, value) in [
@@ -84,10 +78,7 @@ async fn a_finished_task_gives_its_final_state_and_completes() {
 async fn deleting_a_watched_task_completes_its_subscription() {
     let app = spawn_app().await;
     let alice = app.user_token("alice");
-    let id = create_task(&app, &alice).await;
-    let client = WsClient::connect_as(&app.ws_url, &alice).await;
-    let mut watch = client.subscribe(WATCH, json!({ "id": id }));
-    assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");
+    let (id, _client, mut watch) = watch_a_new_task(&app, &alice).await;
 
     delete_task(&app, &alice, &id).await;
     let (results, end) = watch.until_end().await;
@@ -120,13 +111,7 @@ async fn another_users_task_is_not_found_but_a_worker_may_watch_any_task() {
     let worker = WsClient::connect_as(&app.ws_url, &app.worker_token()).await;
     let mut watch = worker.subscribe(WATCH, json!({ "id": id }));
     assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");
-    let body = app
-        .gql(
-            Some(&alice),
-            "mutation($id: ID!) { cancelTask(id: $id) { status } }",
-            json!({ "id": id }),
-        )
-        .await;
+    let body = cancel_task(&app, &alice, &id).await;
     assert!(body["errors"].is_null(), "{body}");
     let (results, end) = watch.until_end().await;
     assert_eq!(
@@ -331,10 +316,7 @@ async fn a_client_that_hangs_up_mid_update_still_lets_watchers_see_the_change() 
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
     let app = spawn_app().await;
     let alice = app.user_token("alice");
-    let id = create_task(&app, &alice).await;
-    let client = WsClient::connect_as(&app.ws_url, &alice).await;
-    let mut watch = client.subscribe(WATCH, json!({ "id": id }));
-    assert_eq!(watch.next_data().await["taskUpdated"]["status"], "PENDING");
+    let (id, _client, mut watch) = watch_a_new_task(&app, &alice).await;
 
     // Another connection holds the row (a write lock on SQLite), so the
     // update waits in the database while its client gives up.

@@ -34,15 +34,7 @@ async fn heartbeats_keep_a_task_processing_past_its_first_lease() {
     assert!(alive.lease_expires_at.expect("leased") > first_lease);
 
     // Silence: the same reaper now takes it back.
-    let requeued = eventually(
-        "the reaper after heartbeats stop",
-        Duration::from_secs(15),
-        || async {
-            let task = fetch(&app.db, id).await;
-            (task.status == TaskStatus::Pending).then_some(task)
-        },
-    )
-    .await;
+    let requeued = once_reaped(&app.db, id, TaskStatus::Pending).await;
     assert_eq!(requeued.attempts, 1);
     let beat = app
         .gql(Some(&worker), HEARTBEAT, json!({ "id": id, "attempt": 1 }))
@@ -118,28 +110,17 @@ async fn heartbeat_through_the_service_checks_the_attempt() {
         .unwrap();
     assert_eq!(again.attempts, 2);
 
-    let stale = service
-        .heartbeat_task(
-            &as_worker(),
-            Heartbeat {
-                task_id: task.id,
-                progress: Some(50),
-                lease: lease(60),
-                expected_attempt: Some(1),
-            },
-        )
-        .await;
+    // The same heartbeat, from the worker of each attempt.
+    let from_attempt = |attempt| Heartbeat {
+        task_id: task.id,
+        progress: Some(50),
+        lease: lease(60),
+        expected_attempt: Some(attempt),
+    };
+    let stale = service.heartbeat_task(&as_worker(), from_attempt(1)).await;
     assert!(matches!(stale, Err(TaskError::Conflict(_))), "{stale:?}");
     let current = service
-        .heartbeat_task(
-            &as_worker(),
-            Heartbeat {
-                task_id: task.id,
-                progress: Some(50),
-                lease: lease(60),
-                expected_attempt: Some(2),
-            },
-        )
+        .heartbeat_task(&as_worker(), from_attempt(2))
         .await
         .unwrap();
     assert_eq!((current.progress, current.attempts), (Some(50), 2));

@@ -2,18 +2,17 @@
 
 use super::*;
 
+/// `claimTask` by `worker_id` for `lease` seconds; the answer's data.
+async fn claim_by(app: &TestApp, worker_id: &str, lease: u64) -> Value {
+    let variables = json!({ "lease": lease, "worker": worker_id });
+    data(app.gql(Some(&app.worker_token()), CLAIM, variables).await)
+}
+
 /// A new image task of alice's, claimed by `worker_id` for `lease` seconds:
 /// its id and the claim.
 async fn create_and_claim(app: &TestApp, lease: u64, worker_id: &str) -> (Uuid, Value) {
     let task = create_via_api(app, &app.user_token("alice"), json!({ "type": "image" })).await;
-    let claimed = data(
-        app.gql(
-            Some(&app.worker_token()),
-            CLAIM,
-            json!({ "lease": lease, "worker": worker_id }),
-        )
-        .await,
-    );
+    let claimed = claim_by(app, worker_id, lease).await;
     assert_eq!(
         claimed["claimTask"]["id"], task["id"],
         "claimed the new task"
@@ -21,35 +20,29 @@ async fn create_and_claim(app: &TestApp, lease: u64, worker_id: &str) -> (Uuid, 
     (gql_id(&task), claimed)
 }
 
+/// Every task, once all of them are `status` (waiting up to `timeout`).
+async fn all_once(db: &impl ConnectionTrait, status: TaskStatus, timeout: Duration) -> Vec<Task> {
+    let what = format!("every task to be {status:?}");
+    eventually(&what, timeout, || async {
+        let tasks = all_tasks(db).await;
+        tasks.iter().all(|t| t.status == status).then_some(tasks)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn an_expired_lease_returns_the_task_to_pending_through_the_running_reaper() {
     let app = spawn_app().await;
-    let worker = app.worker_token();
     let (id, claimed) = create_and_claim(&app, 1, "w-crashed").await;
     assert_eq!(claimed["claimTask"]["attempts"], 1);
 
     // The worker goes silent; nothing but the server's reaper acts.
-    let requeued = eventually(
-        "the reaper to requeue the task",
-        Duration::from_secs(15),
-        || async {
-            let task = fetch(&app.db, id).await;
-            (task.status == TaskStatus::Pending).then_some(task)
-        },
-    )
-    .await;
+    let requeued = once_reaped(&app.db, id, TaskStatus::Pending).await;
     assert_eq!(requeued.attempts, 1, "attempts are kept");
     assert!(requeued.worker_id.is_none() && requeued.lease_expires_at.is_none());
     assert!(requeued.completed_at.is_none() && requeued.error_message.is_none());
 
-    let again = data(
-        app.gql(
-            Some(&worker),
-            CLAIM,
-            json!({ "lease": 60, "worker": "w-2" }),
-        )
-        .await,
-    );
+    let again = claim_by(&app, "w-2", 60).await;
     assert_eq!(
         (&again["claimTask"]["id"], &again["claimTask"]["attempts"]),
         (&json!(id.to_string()), &json!(2))
@@ -74,11 +67,7 @@ async fn a_task_whose_leases_keep_expiring_fails_after_max_attempts() {
         } else {
             TaskStatus::Failed
         };
-        let reaped = eventually("the reaper", Duration::from_secs(15), || async {
-            let task = fetch(&app.db, id).await;
-            (task.status == want).then_some(task)
-        })
-        .await;
+        let reaped = once_reaped(&app.db, id, want).await;
         assert_eq!(reaped.attempts, attempt);
     }
 
@@ -106,18 +95,8 @@ async fn a_late_update_from_an_old_attempt_is_conflict_and_the_new_claim_wins() 
     let (id, first) = create_and_claim(&app, 60, "slow").await;
     assert_eq!(first["claimTask"]["attempts"], 1);
     expire_leases(&app.db, &[id]).await;
-    eventually("the reaper to requeue", Duration::from_secs(15), || async {
-        (fetch(&app.db, id).await.status == TaskStatus::Pending).then_some(())
-    })
-    .await;
-    let second = data(
-        app.gql(
-            Some(&worker),
-            CLAIM,
-            json!({ "lease": 60, "worker": "fast" }),
-        )
-        .await,
-    );
+    once_reaped(&app.db, id, TaskStatus::Pending).await;
+    let second = claim_by(&app, "fast", 60).await;
     assert_eq!(second["claimTask"]["attempts"], 2);
 
     // The slow worker wakes up: its heartbeat and its result are refused.
@@ -252,14 +231,7 @@ async fn two_instances_reaping_one_database_requeue_each_task_once() {
             direct += outcome.requeued;
         }
         assert!(direct <= N, "requeued {direct} of {N}");
-        let tasks = eventually("every task requeued", Duration::from_secs(15), || async {
-            let tasks = all_tasks(&a.db).await;
-            tasks
-                .iter()
-                .all(|t| t.status == TaskStatus::Pending)
-                .then_some(tasks)
-        })
-        .await;
+        let tasks = all_once(&a.db, TaskStatus::Pending, Duration::from_secs(15)).await;
         for task in &tasks {
             // Per round: one claim and one requeue, each once.
             assert_eq!(task.attempts, round, "{task:?}");
@@ -280,14 +252,7 @@ async fn two_instances_reaping_one_database_requeue_each_task_once() {
             .unwrap()
             .expect("a task");
     }
-    let tasks = eventually("every task failed", Duration::from_secs(20), || async {
-        let tasks = all_tasks(&b.db).await;
-        tasks
-            .iter()
-            .all(|t| t.status == TaskStatus::Failed)
-            .then_some(tasks)
-    })
-    .await;
+    let tasks = all_once(&b.db, TaskStatus::Failed, Duration::from_secs(20)).await;
     for task in &tasks {
         assert_eq!((task.attempts, task.version), (3, 7), "{task:?}");
         let message = task.error_message.as_deref().unwrap_or_default();

@@ -69,6 +69,16 @@ async fn all_tasks(db: &impl ConnectionTrait) -> Vec<Task> {
         .expect("read tasks")
 }
 
+/// Task `id` once the reaper has made it `status` (waiting up to 15 s).
+async fn once_reaped(db: &impl ConnectionTrait, id: Uuid, status: TaskStatus) -> Task {
+    let what = format!("the reaper to make the task {status:?}");
+    eventually(&what, Duration::from_secs(15), || async {
+        let task = fetch(db, id).await;
+        (task.status == status).then_some(task)
+    })
+    .await
+}
+
 /// Puts the lease of `ids` in the past, as if their workers went silent long ago.
 async fn expire_leases(db: &impl ConnectionTrait, ids: &[Uuid]) {
     let past = Utc::now() - chrono::Duration::minutes(5);
