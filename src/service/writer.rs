@@ -24,10 +24,16 @@ use crate::error::{TaskError, TaskResult};
 /// Most creates one statement inserts.
 const MAX_CREATE_BATCH: usize = 64;
 /// Insert statements of batched creates in flight at once on PostgreSQL:
-/// while one commits (waits for its WAL flush), the next batch executes.
-/// Each owner's creates go to one of them, so an owner's creates are
-/// written one statement after the other and read each other's turns.
-const POSTGRES_INSERTERS: usize = 4;
+/// one per four cores, one to four. While one commits (waits for its WAL
+/// flush), the next batch executes; but every statement costs CPU of its
+/// own, and on a machine of a few cores fewer, larger batches get more
+/// creates through (docs/benchmarks.md, "Inserters"). Each owner's creates
+/// go to one of them, so an owner's creates are written one statement
+/// after the other and read each other's turns.
+fn postgres_inserters() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 4).clamp(1, 4)
+}
 
 /// The tasks a statement returns (`RETURNING *`, or a select of the entity).
 pub(super) async fn rows_of<C: ConnectionTrait>(
@@ -182,7 +188,7 @@ fn batch_span(batch: &[QueuedCreate]) -> tracing::Span {
 }
 
 /// Inserts queued creates, all that are waiting (up to a batch) in one
-/// statement, one statement at a time; there are `POSTGRES_INSERTERS` of
+/// statement, one statement at a time; there are [`postgres_inserters`] of
 /// these (one on SQLite, which has one writer). A create that finds its
 /// inserter idle is inserted at once, alone; under load, creates gather
 /// while the statement before them commits. It runs apart from the
@@ -209,10 +215,10 @@ pub(super) struct Inserters(Vec<mpsc::UnboundedSender<QueuedCreate>>);
 
 impl Inserters {
     /// Starts the inserters of `writer` on the current tokio runtime:
-    /// `POSTGRES_INSERTERS` on PostgreSQL, one on SQLite (one writer).
+    /// [`postgres_inserters`] on PostgreSQL, one on SQLite (one writer).
     pub(super) fn start(writer: &Writer) -> Self {
         let inserters = match writer.db.backend() {
-            Backend::Postgres => POSTGRES_INSERTERS,
+            Backend::Postgres => postgres_inserters(),
             Backend::Sqlite => 1,
         };
         Self(
