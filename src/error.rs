@@ -24,6 +24,10 @@ pub enum TaskError {
     /// The detail is logged, never shown: it may hold a database message.
     #[error("internal server error")]
     Internal(String),
+    /// One input of a batched call (`createTasks`, `completeTasks`, …) was
+    /// refused; the call wrote nothing. Its code is the input's error's.
+    #[error("input {index}: {error}")]
+    AtInput { index: usize, error: Box<TaskError> },
 }
 
 pub type TaskResult<T> = Result<T, TaskError>;
@@ -48,6 +52,14 @@ impl TaskError {
         Self::Conflict(message.into())
     }
 
+    /// This error as that of the `index`th input of a batched call.
+    pub fn at_input(self, index: usize) -> Self {
+        Self::AtInput {
+            index,
+            error: Box::new(self),
+        }
+    }
+
     /// The stable `extensions.code` clients branch on.
     pub fn code(&self) -> &'static str {
         match self {
@@ -59,6 +71,7 @@ impl TaskError {
             Self::CursorExpired(_) => "CURSOR_EXPIRED",
             Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL_SERVER_ERROR",
+            Self::AtInput { error, .. } => error.code(),
         }
     }
 }
@@ -78,6 +91,11 @@ impl From<sea_orm::DbErr> for TaskError {
 
 impl ErrorExtensions for TaskError {
     fn extend(&self) -> async_graphql::Error {
-        async_graphql::Error::new(self.to_string()).extend_with(|_, e| e.set("code", self.code()))
+        async_graphql::Error::new(self.to_string()).extend_with(|_, e| {
+            e.set("code", self.code());
+            if let Self::AtInput { index, .. } = self {
+                e.set("index", *index as u64);
+            }
+        })
     }
 }

@@ -1,9 +1,29 @@
 use async_graphql::{Context, ID, Object, Result};
 
 use super::policy::{TaskType, TaskTypePolicyInput};
-use super::types::{CreateTaskInput, Task, UpdateTaskStatusInput};
+use super::types::{
+    CompleteTaskInput, CreateTaskInput, HeartbeatTaskInput, Task, TaskReport, UpdateTaskStatusInput,
+};
 use super::{current_user, graphql_error, lease, service, task_id, worker};
-use crate::service::{ClaimRequest, Heartbeat, NewTask, StatusUpdate};
+use crate::error::TaskError;
+use crate::service::{Beat, ClaimRequest, Completion, Heartbeat, StatusUpdate};
+
+/// The task id of each report's input, or BAD_USER_INPUT naming the input.
+fn report_ids<'a>(ids: impl Iterator<Item = &'a ID>) -> Result<Vec<uuid::Uuid>> {
+    ids.enumerate()
+        .map(|(i, id)| {
+            uuid::Uuid::parse_str(id.as_str()).map_err(|_| {
+                graphql_error(
+                    TaskError::invalid(format!(
+                        "'{}' is not a task id",
+                        crate::error::echo(id.as_str())
+                    ))
+                    .at_input(i),
+                )
+            })
+        })
+        .collect()
+}
 
 pub struct MutationRoot;
 
@@ -12,19 +32,30 @@ impl MutationRoot {
     /// Starts tracking a task for you; it begins PENDING.
     async fn create_task(&self, ctx: &Context<'_>, input: CreateTaskInput) -> Result<Task> {
         let user = current_user(ctx)?;
-        let new = NewTask {
-            task_type: input.task_type,
-            metadata: input.metadata.map(|m| m.0),
-            idempotency_key: input.idempotency_key,
-            run_at: input.run_at,
-            priority: input.priority,
-            max_attempts: input.max_attempts,
-        };
         let task = service(ctx)
-            .create_task(user, new)
+            .create_task(user, input.into())
             .await
             .map_err(graphql_error)?;
         Ok(task.into())
+    }
+
+    /// Starts tracking up to 1000 tasks for you in one transaction: all of
+    /// them or, when one input is refused, none (the error's
+    /// `extensions.index` names that input). The tasks come back in input
+    /// order; an input whose idempotencyKey you used before (or used by an
+    /// earlier input of the call) gets that task, as createTask does.
+    async fn create_tasks(
+        &self,
+        ctx: &Context<'_>,
+        inputs: Vec<CreateTaskInput>,
+    ) -> Result<Vec<Task>> {
+        let user = current_user(ctx)?;
+        let news = inputs.into_iter().map(Into::into).collect();
+        let tasks = service(ctx)
+            .create_tasks(user, news)
+            .await
+            .map_err(graphql_error)?;
+        Ok(tasks.into_iter().map(Into::into).collect())
     }
 
     /// Cancels your PENDING or PROCESSING task; its worker learns at its next heartbeat.
@@ -111,6 +142,90 @@ impl MutationRoot {
         Ok(task.map(Into::into))
     }
 
+    /// Takes up to `limit` (1 to 100) runnable tasks (of these types) under
+    /// one lease, in one statement: exactly the tasks, in the order, that
+    /// as many claimTask calls one after the other would take (priority,
+    /// owners' turns, runAt; pauses and concurrency caps respected). An
+    /// empty list when none is runnable. Workers only.
+    async fn claim_tasks(
+        &self,
+        ctx: &Context<'_>,
+        types: Option<Vec<String>>,
+        limit: i32,
+        lease_seconds: Option<i32>,
+        worker_id: Option<String>,
+    ) -> Result<Vec<Task>> {
+        let worker = worker(ctx)?;
+        let request = ClaimRequest {
+            types: types.unwrap_or_default(),
+            lease: lease(lease_seconds),
+            worker_id,
+        };
+        let tasks = service(ctx)
+            .claim_tasks(&worker, request, limit)
+            .await
+            .map_err(graphql_error)?;
+        Ok(tasks.into_iter().map(Into::into).collect())
+    }
+
+    /// Completes up to 100 tasks in one transaction, each as
+    /// updateTaskStatus(COMPLETED) with its expectedAttempt would. A report
+    /// refused for one task (CONFLICT: it was cancelled, finished or claimed
+    /// again; NOT_FOUND) leaves the others applied: the answer says, per
+    /// input and in input order, the task or the error. A bad input fails
+    /// the call, nothing written. Workers only.
+    async fn complete_tasks(
+        &self,
+        ctx: &Context<'_>,
+        input: Vec<CompleteTaskInput>,
+    ) -> Result<Vec<TaskReport>> {
+        let worker = worker(ctx)?;
+        let ids = report_ids(input.iter().map(|c| &c.id))?;
+        let completions = input
+            .into_iter()
+            .zip(&ids)
+            .map(|(c, id)| Completion {
+                task_id: *id,
+                expected_attempt: c.expected_attempt,
+                result_id: c.result_id,
+            })
+            .collect();
+        let outcomes = service(ctx)
+            .complete_tasks(&worker, completions)
+            .await
+            .map_err(graphql_error)?;
+        Ok(reports(&ids, outcomes))
+    }
+
+    /// Extends the leases of up to 100 PROCESSING tasks by leaseSeconds
+    /// (default 60) and records their progress, in one transaction: one
+    /// call for every task a worker holds. Per input, in input order, the
+    /// task, or the error that means stop working on it (CONFLICT: it was
+    /// cancelled, finished or claimed again). Workers only.
+    async fn heartbeat_tasks(
+        &self,
+        ctx: &Context<'_>,
+        input: Vec<HeartbeatTaskInput>,
+        lease_seconds: Option<i32>,
+    ) -> Result<Vec<TaskReport>> {
+        let worker = worker(ctx)?;
+        let ids = report_ids(input.iter().map(|b| &b.id))?;
+        let beats = input
+            .into_iter()
+            .zip(&ids)
+            .map(|(b, id)| Beat {
+                task_id: *id,
+                expected_attempt: b.expected_attempt,
+                progress: b.progress,
+            })
+            .collect();
+        let outcomes = service(ctx)
+            .heartbeat_tasks(&worker, beats, lease(lease_seconds))
+            .await
+            .map_err(graphql_error)?;
+        Ok(reports(&ids, outcomes))
+    }
+
     /// Extends the lease of a PROCESSING task and records progress. CONFLICT
     /// means stop: the task was cancelled, finished, or claimed again.
     /// `expectedAttempt` (the attempts the claim returned) detects a re-claim.
@@ -152,4 +267,15 @@ impl MutationRoot {
             .map_err(graphql_error)?;
         Ok(task_type.into())
     }
+}
+
+/// The answer of a batched report, per input.
+fn reports(
+    ids: &[uuid::Uuid],
+    outcomes: Vec<crate::error::TaskResult<entity::Task>>,
+) -> Vec<TaskReport> {
+    ids.iter()
+        .zip(outcomes)
+        .map(|(id, outcome)| TaskReport::of(ID(id.to_string()), outcome))
+        .collect()
 }

@@ -218,6 +218,82 @@ pub struct CreateTaskInput {
     pub max_attempts: Option<i32>,
 }
 
+impl From<CreateTaskInput> for crate::service::NewTask {
+    fn from(input: CreateTaskInput) -> Self {
+        Self {
+            task_type: input.task_type,
+            metadata: input.metadata.map(|m| m.0),
+            idempotency_key: input.idempotency_key,
+            run_at: input.run_at,
+            priority: input.priority,
+            max_attempts: input.max_attempts,
+        }
+    }
+}
+
+/// One task of `completeTasks`.
+#[derive(InputObject, Debug)]
+pub struct CompleteTaskInput {
+    pub id: ID,
+    /// Fencing: this task's report is refused (CONFLICT) unless its
+    /// attempts equal this, the attempts its claim returned.
+    pub expected_attempt: i32,
+    /// The id of what the task produced.
+    pub result_id: Option<String>,
+}
+
+/// One task of `heartbeatTasks`.
+#[derive(InputObject, Debug)]
+pub struct HeartbeatTaskInput {
+    pub id: ID,
+    /// Fencing: this task's heartbeat is refused (CONFLICT) unless its
+    /// attempts equal this, the attempts its claim returned.
+    pub expected_attempt: i32,
+    /// 0 to 100; the progress stays as it was when absent.
+    pub progress: Option<i32>,
+}
+
+/// What became of one task of a batched report: the task as the report
+/// left it, or why the report was refused for it (the others still apply).
+#[derive(SimpleObject, Clone, Debug)]
+pub struct TaskReport {
+    /// The task the report was about.
+    pub id: ID,
+    /// The task after the report; null when it was refused.
+    pub task: Option<Task>,
+    /// Why the report was refused for this task; null when it applied.
+    pub error: Option<ReportError>,
+}
+
+/// A refused report: what `extensions.code` and the message would be had
+/// the task been reported on alone. CONFLICT: stop working on the task (it
+/// was cancelled, finished, or claimed again); NOT_FOUND: no such task.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct ReportError {
+    pub code: String,
+    pub message: String,
+}
+
+impl TaskReport {
+    pub fn of(id: ID, outcome: crate::error::TaskResult<entity::Task>) -> Self {
+        match outcome {
+            Ok(task) => Self {
+                id,
+                task: Some(task.into()),
+                error: None,
+            },
+            Err(err) => Self {
+                id,
+                task: None,
+                error: Some(ReportError {
+                    code: err.code().to_owned(),
+                    message: err.to_string(),
+                }),
+            },
+        }
+    }
+}
+
 #[derive(InputObject, Debug)]
 pub struct UpdateTaskStatusInput {
     pub id: ID,

@@ -99,7 +99,7 @@ async fn start_rate(
 const PENDING: &str = TaskStatus::Pending.as_str();
 
 /// The order of a type's line, as claims take it.
-const CLAIM_ORDER: &str = "priority DESC, fair_rank, run_at, id";
+pub(super) const CLAIM_ORDER: &str = "priority DESC, fair_rank, run_at, id";
 
 /// The place of one task (if `owner` owns it, when given), or `None`
 /// unless it is runnable and pending.

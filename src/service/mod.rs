@@ -11,6 +11,7 @@ use crate::auth::CurrentUser;
 use crate::error::{TaskError, TaskResult};
 use futures::stream::BoxStream;
 
+mod batch;
 pub mod line;
 mod pages;
 pub mod queue;
@@ -21,6 +22,7 @@ pub mod validate;
 pub mod watch;
 mod writer;
 
+pub use batch::{Beat, Completion, MAX_CLAIMS, MAX_CREATES, MAX_REPORTS};
 pub use line::Place;
 pub use queue::{Backoff, Policy, PolicyChange, TaskType};
 pub use sea::SeaTaskService;
@@ -155,6 +157,12 @@ pub struct ReapOutcome {
 pub trait TaskService: Send + Sync {
     async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task>;
 
+    /// Creates up to [`MAX_CREATES`] tasks in one transaction, all or none,
+    /// in input order; each input's idempotency key works as in
+    /// `create_task`. A bad input fails the call with its index
+    /// ([`TaskError::AtInput`]).
+    async fn create_tasks(&self, user: &CurrentUser, news: Vec<NewTask>) -> TaskResult<Vec<Task>>;
+
     /// Moves a task along the status machine.
     async fn update_task_status(&self, worker: &Worker, update: StatusUpdate) -> TaskResult<Task>;
 
@@ -192,7 +200,35 @@ pub trait TaskService: Send + Sync {
     /// under a lease (see `queue`).
     async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>>;
 
+    /// Takes up to `limit` (1 to [`MAX_CLAIMS`]) runnable tasks in one
+    /// statement, exactly as that many `claim_task`s one after the other
+    /// would, in claim order; empty when none is runnable.
+    async fn claim_tasks(
+        &self,
+        worker: &Worker,
+        request: ClaimRequest,
+        limit: i32,
+    ) -> TaskResult<Vec<Task>>;
+
     async fn heartbeat_task(&self, worker: &Worker, heartbeat: Heartbeat) -> TaskResult<Task>;
+
+    /// Completes up to [`MAX_REPORTS`] tasks in one statement, each fenced
+    /// by its attempt: per input, in order, the task or why it was refused.
+    async fn complete_tasks(
+        &self,
+        worker: &Worker,
+        completions: Vec<Completion>,
+    ) -> TaskResult<Vec<TaskResult<Task>>>;
+
+    /// Extends the leases of up to [`MAX_REPORTS`] tasks by `lease` in one
+    /// statement, each fenced by its attempt: per input, in order, the task
+    /// or why it was refused (CONFLICT: stop working on it).
+    async fn heartbeat_tasks(
+        &self,
+        worker: &Worker,
+        beats: Vec<Beat>,
+        lease: Option<Duration>,
+    ) -> TaskResult<Vec<TaskResult<Task>>>;
 
     /// Returns expired leases to pending, or fails the tasks whose budget of
     /// attempts is spent.

@@ -529,8 +529,12 @@ impl Queue {
     /// owner's previous create in the batch), or the turn being served at
     /// its priority, whichever is later. The budget is the create's own,
     /// else its type's policy, else the default.
-    pub(super) async fn assign(&self, batch: &mut [super::writer::QueuedCreate]) -> TaskResult<()> {
+    pub(super) async fn assign<'a>(
+        &self,
+        batch: impl IntoIterator<Item = &'a mut super::writer::NewRow>,
+    ) -> TaskResult<()> {
         use std::collections::{BTreeSet, HashMap};
+        let mut batch: Vec<&mut super::writer::NewRow> = batch.into_iter().collect();
         let owners: BTreeSet<&str> = batch
             .iter()
             .map(|c| c.model.user_id.as_ref().as_str())

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use entity::tasks::{ActiveModel, Column};
+use entity::tasks::Column;
 use entity::{Task, TaskStatus, Tasks};
 use futures::stream::BoxStream;
 use rand::Rng;
@@ -22,6 +22,7 @@ use sea_orm::{
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::batch::{Beat, Completion, claim_terms, rows_of_names};
 use super::line::{Lines, Place};
 use super::pages::{self, visible_to};
 use super::queue::{self, Caps, PolicyChange, Queue, TaskType};
@@ -29,7 +30,7 @@ use super::transitions::{self, Move, attempt_ended_by_retry, lease_deadline};
 use super::watch::Watch;
 use super::watch::bus::{EventBus, TaskEvent};
 use super::watch::changelog::Changelog;
-use super::writer::{Inserters, Writer, rows_of};
+use super::writer::{Inserters, NewRow, Writer, rows_of};
 use super::{
     ClaimRequest, Heartbeat, NewTask, ReapOutcome, StatsRequest, StatusUpdate, TaskFilter,
     TaskPage, TaskService, TaskStats, Watched, Worker, stats, validate,
@@ -52,11 +53,11 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 const MAX_FAIL_ATTEMPTS: usize = 3;
 
 pub struct SeaTaskService {
-    writer: Writer,
+    pub(super) writer: Writer,
     inserters: Inserters,
     watch: Watch,
     lines: Lines,
-    queue: Arc<Queue>,
+    pub(super) queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     /// A worker's `taskStats.workers`, shared by every dashboard.
     leases: stats::LeaseBoard,
@@ -69,8 +70,19 @@ pub(crate) fn now() -> DateTime<Utc> {
 
 /// `at` at the microsecond precision both databases store, so that the
 /// time returned is the time stored.
-fn in_micros(at: DateTime<Utc>) -> DateTime<Utc> {
+pub(crate) fn in_micros(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+}
+
+/// The task an idempotent create finds under its key: `existing` when it
+/// was created with the same type and metadata, else CONFLICT.
+pub(super) fn same_create(existing: Task, new: &NewTask) -> TaskResult<Task> {
+    if existing.task_type != new.task_type || Some(&existing.metadata) != new.metadata.as_ref() {
+        return Err(TaskError::conflict(
+            "idempotencyKey was already used for a task with a different type or metadata",
+        ));
+    }
+    Ok(existing)
 }
 
 impl SeaTaskService {
@@ -118,12 +130,12 @@ impl SeaTaskService {
         stats::prune_minutes(self.db(), now()).await
     }
 
-    fn db(&self) -> &Db {
+    pub(super) fn db(&self) -> &Db {
         self.writer.db()
     }
 
     /// Counts a move that happened to `task` in `/metrics`.
-    fn moved(&self, mv: Move, task: &Task) {
+    pub(super) fn moved(&self, mv: Move, task: &Task) {
         if let Some(transition) = mv.counted_as() {
             self.metrics.transition(transition, &task.task_type);
         }
@@ -143,7 +155,7 @@ impl SeaTaskService {
     }
 
     /// The tasks `select` finds.
-    async fn select(&self, select: sea_orm::Select<Tasks>) -> TaskResult<Vec<Task>> {
+    pub(super) async fn select(&self, select: sea_orm::Select<Tasks>) -> TaskResult<Vec<Task>> {
         rows_of(
             &self.db().reads(),
             select.build(self.db().get_database_backend()),
@@ -171,7 +183,11 @@ impl SeaTaskService {
         self.find(task_id, user).await?.ok_or(TaskError::NotFound)
     }
 
-    async fn find_by_key(&self, user: &CurrentUser, key: &str) -> TaskResult<Option<Task>> {
+    pub(super) async fn find_by_key(
+        &self,
+        user: &CurrentUser,
+        key: &str,
+    ) -> TaskResult<Option<Task>> {
         self.select_one(
             Tasks::find()
                 .filter(Column::UserId.eq(&user.id))
@@ -192,12 +208,8 @@ impl SeaTaskService {
         until: DateTime<Utc>,
     ) -> TaskResult<Option<Task>> {
         let txn = self.db().begin().await?;
-        let locked: Vec<String> = txn
-            .query_all_raw(self.writer.statement(&queue::lock_capped(in_reach)))
-            .await?
-            .iter()
-            .map(|row| row.try_get_by_index::<String>(0))
-            .collect::<Result<_, _>>()?;
+        let locked =
+            rows_of_names(&txn, self.writer.statement(&queue::lock_capped(in_reach))).await?;
         let mut stmt = queue::claim(types, Caps::Locked(&locked), at, worker_id, until);
         stmt.returning_all();
         let claimed = self.writer.rows_in(&txn, &stmt).await?.pop();
@@ -266,16 +278,7 @@ impl SeaTaskService {
 impl TaskService for SeaTaskService {
     #[instrument(level = "debug", skip_all, fields(user = %user.id, task_type = %new.task_type))]
     async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task> {
-        validate::task_type(&new.task_type)?;
-        let metadata = validate::metadata(new.metadata)?;
-        if let Some(key) = &new.idempotency_key {
-            validate::label("idempotencyKey", key, validate::MAX_KEY_LEN)?;
-        }
-        let priority = new.priority.unwrap_or(0);
-        queue::check_priority(priority)?;
-        if let Some(max) = new.max_attempts {
-            queue::check_max_attempts(max)?;
-        }
+        let new = validate::new_task(new)?;
         let key = new.idempotency_key.as_deref().unwrap_or_default();
         // The worker that runs the task continues this span's trace.
         let traceparent = crate::telemetry::traceparent(&tracing::Span::current());
@@ -283,35 +286,23 @@ impl TaskService for SeaTaskService {
         // NOTHING inserts no row); the loser reads the winner. A winner
         // deleted in between frees the key, and the insert is tried again.
         for _ in 0..MAX_CREATE_ATTEMPTS {
-            let at = now();
-            let mut model = ActiveModel::pending(
-                user.id.clone(),
-                new.task_type.clone(),
-                metadata.clone(),
-                new.idempotency_key.clone(),
-                at,
-            );
-            model.priority = sea_orm::ActiveValue::Set(priority);
-            model.traceparent = sea_orm::ActiveValue::Set(traceparent.clone());
-            if let Some(run_at) = new.run_at {
-                model.run_at = sea_orm::ActiveValue::Set(in_micros(run_at));
-            }
-            if let Some(task) = self.inserters.insert(model, new.max_attempts).await? {
+            let row = NewRow::of(&user.id, &new, traceparent.clone(), now());
+            if let Some(task) = self.inserters.insert(row).await? {
                 return Ok(task);
             }
             let Some(existing) = self.find_by_key(user, key).await? else {
                 continue;
             };
-            if existing.task_type != new.task_type || existing.metadata != metadata {
-                return Err(TaskError::conflict(
-                    "idempotencyKey was already used for a task with a different type or metadata",
-                ));
-            }
-            return Ok(existing);
+            return same_create(existing, &new);
         }
         Err(TaskError::conflict(
             "idempotencyKey is being created and deleted by other requests; try again",
         ))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(user = %user.id, inputs = news.len()))]
+    async fn create_tasks(&self, user: &CurrentUser, news: Vec<NewTask>) -> TaskResult<Vec<Task>> {
+        self.create_many(user, news).await
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %update.task_id, status = update.status.as_str()))]
@@ -421,14 +412,8 @@ impl TaskService for SeaTaskService {
 
     #[instrument(level = "debug", skip_all, fields(worker = worker.id()))]
     async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>> {
-        for task_type in &request.types {
-            validate::task_type(task_type)?;
-        }
-        let worker_id = request.worker_id.as_deref().unwrap_or(worker.id());
-        validate::label("workerId", worker_id, validate::MAX_WORKER_ID_LEN)?;
-        let lease = validate::lease(request.lease)?;
-        let at = now();
-        let until = lease_deadline(at, lease);
+        let (worker_id, at, until) = claim_terms(worker, &request)?;
+        let worker_id = worker_id.as_str();
         // SQLite's one writer makes the claim's count of a capped type hold;
         // PostgreSQL locks the capped types in reach first (see `queue`).
         let (caps, in_reach) = match self.db().backend() {
@@ -456,6 +441,35 @@ impl TaskService for SeaTaskService {
             self.moved(Move::Claim, task);
         }
         Ok(claimed)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(worker = worker.id(), limit))]
+    async fn claim_tasks(
+        &self,
+        worker: &Worker,
+        request: ClaimRequest,
+        limit: i32,
+    ) -> TaskResult<Vec<Task>> {
+        self.claim_many(worker, request, limit).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(inputs = completions.len()))]
+    async fn complete_tasks(
+        &self,
+        _worker: &Worker,
+        completions: Vec<Completion>,
+    ) -> TaskResult<Vec<TaskResult<Task>>> {
+        self.complete_many(completions).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(inputs = beats.len()))]
+    async fn heartbeat_tasks(
+        &self,
+        _worker: &Worker,
+        beats: Vec<Beat>,
+        lease: Option<Duration>,
+    ) -> TaskResult<Vec<TaskResult<Task>>> {
+        self.heartbeat_many(beats, lease).await
     }
 
     #[instrument(level = "debug", skip_all, fields(task_id = %heartbeat.task_id))]

@@ -11,6 +11,7 @@ use sea_orm::sea_query::{ExprTrait, Query, UpdateStatement};
 use sea_orm::{Condition, prelude::Expr};
 use uuid::Uuid;
 
+use super::batch::{Beat, Completion};
 use super::{DEFAULT_LEASE, StatusUpdate};
 use crate::error::{TaskError, TaskResult};
 use crate::metrics::Transition;
@@ -306,6 +307,64 @@ pub fn heartbeat(
     if let Some(expected) = expected_attempt {
         stmt.and_where(Expr::col(Column::Attempts).eq(expected));
     }
+    stmt
+}
+
+/// `CASE WHEN id = … THEN … ELSE otherwise END` over `arms`: one value
+/// per task in a statement that changes many.
+fn by_id(arms: impl IntoIterator<Item = (Uuid, Expr)>, otherwise: Expr) -> Expr {
+    let mut arms = arms.into_iter();
+    let Some((id, then)) = arms.next() else {
+        return otherwise;
+    };
+    let mut case = Expr::case(Expr::col(Column::Id).eq(id), then);
+    for (id, then) in arms {
+        case = case.case(Expr::col(Column::Id).eq(id), then);
+    }
+    case.finally(otherwise).into()
+}
+
+/// `completeTasks`: each task COMPLETED as `updateTaskStatus(COMPLETED)`
+/// would, in one statement, each fenced by its own expected attempt.
+pub fn complete_many(items: &[Completion], at: DateTime<Utc>) -> UpdateStatement {
+    let mut stmt = Move::Complete.update(at);
+    let expected = items
+        .iter()
+        .map(|c| (c.task_id, Expr::val(c.expected_attempt)));
+    let results = items
+        .iter()
+        .filter_map(|c| Some((c.task_id, Expr::val(c.result_id.clone()?))));
+    stmt.and_where(Expr::col(Column::Id).is_in(items.iter().map(|c| c.task_id)))
+        .and_where(Expr::col(Column::Attempts).eq(by_id(expected, Expr::val(Option::<i32>::None))))
+        .and_where(attempt_is_open())
+        .value(
+            Column::ResultId,
+            by_id(results, Expr::col(Column::ResultId)),
+        )
+        .value(Column::ErrorMessage, Option::<String>::None)
+        .value(Column::Progress, 100)
+        .value(Column::CompletedAt, at)
+        .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None);
+    stmt
+}
+
+/// `heartbeatTasks`: each lease until `until`, with its progress when
+/// given, in one statement, each fenced by its own expected attempt.
+pub fn heartbeat_many(items: &[Beat], until: DateTime<Utc>, at: DateTime<Utc>) -> UpdateStatement {
+    let mut stmt = Move::Heartbeat.update(at);
+    let expected = items
+        .iter()
+        .map(|b| (b.task_id, Expr::val(b.expected_attempt)));
+    let progress = items
+        .iter()
+        .filter_map(|b| Some((b.task_id, Expr::val(b.progress?))));
+    stmt.and_where(Expr::col(Column::Id).is_in(items.iter().map(|b| b.task_id)))
+        .and_where(Expr::col(Column::Attempts).eq(by_id(expected, Expr::val(Option::<i32>::None))))
+        .value(Column::LeaseExpiresAt, until)
+        .value(
+            Column::Progress,
+            by_id(progress, Expr::col(Column::Progress)),
+        );
     stmt
 }
 

@@ -68,6 +68,21 @@ fn contains_nul(value: &serde_json::Value) -> bool {
     }
 }
 
+/// A create's input as it is stored: every rule checked, `metadata` `{}`
+/// when absent.
+pub fn new_task(mut new: super::NewTask) -> TaskResult<super::NewTask> {
+    task_type(&new.task_type)?;
+    new.metadata = Some(metadata(new.metadata.take())?);
+    if let Some(key) = &new.idempotency_key {
+        label("idempotencyKey", key, MAX_KEY_LEN)?;
+    }
+    super::queue::check_priority(new.priority.unwrap_or(0))?;
+    if let Some(max) = new.max_attempts {
+        super::queue::check_max_attempts(max)?;
+    }
+    Ok(new)
+}
+
 /// A short identifier-like text: 1..=max characters, no control characters.
 pub fn label(field: &str, value: &str, max: usize) -> TaskResult<()> {
     let len = value.chars().count();

@@ -100,8 +100,13 @@ impl Writer {
     where
         S: sea_orm::StatementBuilder,
     {
+        self.commit_raw(self.statement(statement)).await
+    }
+
+    /// [`Self::commit`] of a statement already built.
+    pub(super) async fn commit_raw(&self, statement: Statement) -> TaskResult<Vec<Task>> {
         let _wake = WakeReader(&self.log);
-        rows_of(&self.db, self.statement(statement)).await
+        rows_of(&self.db, statement).await
     }
 
     /// Wakes the log's reader after a transaction that wrote committed.
@@ -120,13 +125,17 @@ impl Writer {
     async fn insert(&self, mut batch: Vec<QueuedCreate>) {
         // Each row takes its owner's next turn (an owner's later rows in
         // this batch the turns after it) and its budget of attempts.
-        if let Err(err) = self.queue.assign(&mut batch).await {
+        if let Err(err) = self
+            .queue
+            .assign(batch.iter_mut().map(|c| &mut c.row))
+            .await
+        {
             for create in batch {
                 let _ = create.reply.send(Err(err.clone()));
             }
             return;
         }
-        let models = batch.iter().map(|create| create.model.clone());
+        let models = batch.iter().map(|create| create.row.model.clone());
         let mut insert = Tasks::insert_many(models)
             .on_conflict(
                 // NULL keys never conflict; a taken key inserts nothing.
@@ -159,11 +168,47 @@ impl Writer {
     }
 }
 
-/// A create waiting for its insert.
-pub(super) struct QueuedCreate {
+/// A task to insert, before its turn and budget are assigned.
+pub(super) struct NewRow {
     pub(super) model: ActiveModel,
     /// The task's own budget; its type's policy decides when absent.
     pub(super) max_attempts: Option<i32>,
+}
+
+impl NewRow {
+    /// The PENDING row of `new` (checked by `validate::new_task`), owned by
+    /// `user_id`, created `at`, with a fresh id.
+    pub(super) fn of(
+        user_id: &str,
+        new: &super::NewTask,
+        traceparent: Option<String>,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        use sea_orm::ActiveValue::Set;
+        let mut model = ActiveModel::pending(
+            user_id.to_owned(),
+            new.task_type.clone(),
+            new.metadata
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({})),
+            new.idempotency_key.clone(),
+            at,
+        );
+        model.priority = Set(new.priority.unwrap_or(0));
+        model.traceparent = Set(traceparent);
+        if let Some(run_at) = new.run_at {
+            model.run_at = Set(super::sea::in_micros(run_at));
+        }
+        Self {
+            model,
+            max_attempts: new.max_attempts,
+        }
+    }
+}
+
+/// A create waiting for its insert.
+struct QueuedCreate {
+    row: NewRow,
     id: Uuid,
     reply: oneshot::Sender<TaskResult<Option<Task>>>,
     /// The create's span: its batch's insert is traced under the first
@@ -235,21 +280,17 @@ impl Inserters {
     /// Inserts `model` with its owner's next turn, in the next batch of its
     /// owner's inserter; `None` when its idempotency key was taken. The
     /// insert is traced under the current span.
-    pub(super) async fn insert(
-        &self,
-        model: ActiveModel,
-        max_attempts: Option<i32>,
-    ) -> TaskResult<Option<Task>> {
+    pub(super) async fn insert(&self, row: NewRow) -> TaskResult<Option<Task>> {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(model.user_id.as_ref());
+        let hash =
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(row.model.user_id.as_ref());
         let inserter = &self.0[hash as usize % self.0.len()];
         let (reply, inserted) = oneshot::channel();
         let stopped = || TaskError::Internal("the insert queue stopped".into());
         inserter
             .send(QueuedCreate {
-                id: *model.id.as_ref(),
-                model,
-                max_attempts,
+                id: *row.model.id.as_ref(),
+                row,
                 reply,
                 span: tracing::Span::current(),
             })

@@ -1,0 +1,493 @@
+//! Batched calls: many tasks in one statement and one commit.
+//!
+//! - `createTasks`: up to [`MAX_CREATES`] tasks in one transaction, all or
+//!   nothing; each input keeps its own idempotency key.
+//! - `claimTasks`: up to [`MAX_CLAIMS`] tasks in one statement, in the
+//!   order, caps and pauses of `claimTask`.
+//! - `completeTasks`, `heartbeatTasks`: up to [`MAX_REPORTS`] reports in
+//!   one statement, each fenced by its own attempt; one report's conflict
+//!   leaves the others alone and is answered for that report alone.
+//!
+//! A bad input fails the whole call before anything is written, with its
+//! index ([`TaskError::AtInput`]).
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use entity::tasks::Column;
+use entity::{Task, TaskStatus, Tasks};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, Statement, Value,
+};
+use uuid::Uuid;
+
+use super::line::CLAIM_ORDER;
+use super::queue;
+use super::sea::{SeaTaskService, now, same_create};
+use super::transitions::{self, Move, lease_deadline};
+use super::writer::{NewRow, rows_of};
+use super::{ClaimRequest, NewTask, StatusUpdate, Worker, validate};
+use crate::auth::CurrentUser;
+use crate::db::Backend;
+use crate::error::{TaskError, TaskResult};
+
+/// Most tasks one `createTasks` creates.
+pub const MAX_CREATES: usize = 1000;
+/// Most tasks one `claimTasks` takes.
+pub const MAX_CLAIMS: usize = 100;
+/// Most reports in one `completeTasks` or `heartbeatTasks`.
+pub const MAX_REPORTS: usize = 100;
+/// How many times a batch of creates is tried while a task holding one of
+/// its keys keeps being deleted between the conflict and the read.
+const MAX_CREATE_ATTEMPTS: usize = 3;
+
+/// One task of `completeTasks`.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub task_id: Uuid,
+    /// Fencing: the completion applies only while `attempts` equals it.
+    pub expected_attempt: i32,
+    pub result_id: Option<String>,
+}
+
+/// One task of `heartbeatTasks`.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    pub task_id: Uuid,
+    /// Fencing: the heartbeat applies only while `attempts` equals it.
+    pub expected_attempt: i32,
+    pub progress: Option<i32>,
+}
+
+/// Refuses a batch of `n` inputs when `n` is over `max`.
+fn check_size(field: &str, n: usize, max: usize) -> TaskResult<()> {
+    if n > max {
+        return Err(TaskError::invalid(format!(
+            "{field} takes at most {max} items, got {n}; split it into several calls"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a task named twice in one batch of reports.
+fn check_distinct(ids: impl Iterator<Item = Uuid>) -> TaskResult<()> {
+    let mut seen = HashSet::new();
+    for (index, id) in ids.enumerate() {
+        if !seen.insert(id) {
+            return Err(TaskError::invalid(format!(
+                "task {id} is named twice; report each task once per call"
+            ))
+            .at_input(index));
+        }
+    }
+    Ok(())
+}
+
+/// What a claim is made under: the lease's holder, now, and the lease's end.
+pub(super) fn claim_terms(
+    worker: &Worker,
+    request: &ClaimRequest,
+) -> TaskResult<(String, DateTime<Utc>, DateTime<Utc>)> {
+    for task_type in &request.types {
+        validate::task_type(task_type)?;
+    }
+    let worker_id = request.worker_id.as_deref().unwrap_or(worker.id());
+    validate::label("workerId", worker_id, validate::MAX_WORKER_ID_LEN)?;
+    let lease = validate::lease(request.lease)?;
+    let at = now();
+    Ok((worker_id.to_owned(), at, lease_deadline(at, lease)))
+}
+
+/// Parameters of a statement written as text, numbered as they are added
+/// (`$1`, `$2`, …; SQLite reads the same numbers).
+#[derive(Default)]
+struct Binds(Vec<Value>);
+
+impl Binds {
+    fn bind(&mut self, value: impl Into<Value>) -> String {
+        self.0.push(value.into());
+        format!("${}", self.0.len())
+    }
+}
+
+/// `claimTasks`' statement: up to `limit` runnable tasks (of `types`, or
+/// any when empty) become PROCESSING as `queue::claim` makes one.
+///
+/// The candidates are the first `limit` runnable tasks of the types with no
+/// cap, and, for each capped type in `capped`, its first tasks up to the
+/// room under its cap (its cap less what it runs now); the statement takes
+/// the first `limit` of them all in claim order. So a batch takes exactly
+/// what as many claims one after the other would. Capped types not in
+/// `capped` are skipped: on PostgreSQL `capped` are the types whose policy
+/// rows the claim's transaction has locked (see `queue`). Candidates are
+/// locked with `SKIP LOCKED` on PostgreSQL, so concurrent claims pass each
+/// other.
+fn claim_many(
+    backend: sea_orm::DatabaseBackend,
+    types: &[String],
+    capped: &[String],
+    limit: usize,
+    (worker_id, at, until): (&str, DateTime<Utc>, DateTime<Utc>),
+) -> Statement {
+    let (materialized, lock) = match backend {
+        sea_orm::DatabaseBackend::Postgres => ("MATERIALIZED ", " FOR UPDATE SKIP LOCKED"),
+        _ => ("", ""),
+    };
+    let mut p = Binds::default();
+    let at_p = p.bind(at);
+    let pending = p.bind(TaskStatus::Pending.as_str());
+    let processing = p.bind(TaskStatus::Processing.as_str());
+    let yes = p.bind(true);
+    let runnable = format!(
+        "SELECT id, priority, fair_rank, run_at FROM tasks WHERE status = {pending} AND run_at <= {at_p}"
+    );
+    let of_types = if types.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = types.iter().map(|t| p.bind(t.as_str())).collect();
+        format!(" AND type IN ({})", names.join(", "))
+    };
+    let mut ctes = vec![format!(
+        "free AS {materialized}({runnable}{of_types} AND type NOT IN \
+         (SELECT task_type FROM task_types WHERE paused = {yes} OR concurrency IS NOT NULL) \
+         ORDER BY {CLAIM_ORDER} LIMIT {limit}{lock})"
+    )];
+    for (i, task_type) in capped.iter().enumerate() {
+        let name = p.bind(task_type.as_str());
+        let room = format!(
+            "(SELECT p.concurrency - (SELECT COUNT(*) FROM tasks r \
+             WHERE r.type = p.task_type AND r.status = {processing}) AS room \
+             FROM task_types p WHERE p.task_type = {name} AND p.concurrency IS NOT NULL \
+             AND p.paused <> {yes})"
+        );
+        ctes.push(format!(
+            "capped{i} AS {materialized}({runnable} AND type = {name} \
+             ORDER BY {CLAIM_ORDER} LIMIT COALESCE((SELECT CASE WHEN room <= 0 THEN 0 \
+             WHEN room < {limit} THEN room ELSE {limit} END FROM {room} s), 0){lock})"
+        ));
+    }
+    let candidates: Vec<String> = std::iter::once("SELECT * FROM free".to_owned())
+        .chain((0..capped.len()).map(|i| format!("SELECT * FROM capped{i}")))
+        .collect();
+    ctes.push(format!(
+        "picked AS {materialized}(SELECT id FROM ({}) c ORDER BY {CLAIM_ORDER} LIMIT {limit})",
+        candidates.join(" UNION ALL ")
+    ));
+    let worker_p = p.bind(worker_id);
+    let until_p = p.bind(until);
+    let sql = format!(
+        "WITH {} UPDATE tasks SET status = {processing}, version = version + 1, \
+         updated_at = {at_p}, attempts = attempts + 1, worker_id = {worker_p}, \
+         lease_expires_at = {until_p}, started_at = COALESCE(started_at, {at_p}) \
+         WHERE status = {pending} AND id IN (SELECT id FROM picked) RETURNING *",
+        ctes.join(", ")
+    );
+    Statement::from_sql_and_values(backend, sql, p.0)
+}
+
+impl SeaTaskService {
+    /// `createTasks`: see the module's doc.
+    pub(super) async fn create_many(
+        &self,
+        user: &CurrentUser,
+        news: Vec<NewTask>,
+    ) -> TaskResult<Vec<Task>> {
+        check_size("inputs", news.len(), MAX_CREATES)?;
+        let news = news
+            .into_iter()
+            .enumerate()
+            .map(|(i, new)| validate::new_task(new).map_err(|e| e.at_input(i)))
+            .collect::<TaskResult<Vec<_>>>()?;
+        if news.is_empty() {
+            return Ok(Vec::new());
+        }
+        // An input whose key an earlier input of the batch has is that
+        // input's repeat: the same task, or CONFLICT if it differs.
+        let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+        let mut repeat_of = vec![None; news.len()];
+        for (i, new) in news.iter().enumerate() {
+            let Some(key) = new.idempotency_key.as_deref() else {
+                continue;
+            };
+            match first_with_key.get(key) {
+                Some(&first) => {
+                    let earlier = &news[first];
+                    if earlier.task_type != new.task_type || earlier.metadata != new.metadata {
+                        return Err(TaskError::conflict(format!(
+                            "idempotencyKey is also that of input {first}, with a different type or metadata"
+                        ))
+                        .at_input(i));
+                    }
+                    repeat_of[i] = Some(first);
+                }
+                None => {
+                    first_with_key.insert(key, i);
+                }
+            }
+        }
+        let traceparent = crate::telemetry::traceparent(&tracing::Span::current());
+        for _ in 0..MAX_CREATE_ATTEMPTS {
+            if let Some(tasks) = self
+                .insert_batch(user, &news, &repeat_of, traceparent.clone())
+                .await?
+            {
+                return Ok(tasks);
+            }
+        }
+        Err(TaskError::conflict(
+            "an idempotencyKey of this batch is being created and deleted by other requests; try again",
+        ))
+    }
+
+    /// One try of [`Self::create_many`]: the tasks in input order, or `None`
+    /// when a task holding one of the keys was deleted before it was read.
+    async fn insert_batch(
+        &self,
+        user: &CurrentUser,
+        news: &[NewTask],
+        repeat_of: &[Option<usize>],
+        traceparent: Option<String>,
+    ) -> TaskResult<Option<Vec<Task>>> {
+        let at = now();
+        let mut rows: Vec<(usize, NewRow)> = news
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| repeat_of[*i].is_none())
+            .map(|(i, new)| (i, NewRow::of(&user.id, new, traceparent.clone(), at)))
+            .collect();
+        self.queue
+            .assign(rows.iter_mut().map(|(_, row)| row))
+            .await?;
+        let ids: Vec<Uuid> = rows.iter().map(|(_, row)| *row.model.id.as_ref()).collect();
+        // Rows in key order, so that two batches sharing keys wait on each
+        // other's keys in the same order instead of deadlocking.
+        rows.sort_by(|a, b| {
+            a.1.model
+                .idempotency_key
+                .as_ref()
+                .cmp(b.1.model.idempotency_key.as_ref())
+        });
+        let mut insert = Tasks::insert_many(rows.into_iter().map(|(_, row)| row.model))
+            .on_conflict(
+                OnConflict::columns([Column::UserId, Column::IdempotencyKey])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .into_query();
+        insert.returning_all();
+        let txn = self.db().begin().await?;
+        let mut inserted: HashMap<Uuid, Task> = self
+            .writer
+            .rows_in(&txn, &insert)
+            .await?
+            .into_iter()
+            .map(|task| (task.id, task))
+            .collect();
+        // The inputs whose key was taken before: their existing tasks.
+        let firsts = news
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| repeat_of[*i].is_none());
+        let taken: Vec<&str> = firsts
+            .clone()
+            .zip(&ids)
+            .filter(|(_, id)| !inserted.contains_key(id))
+            .filter_map(|((_, new), _)| new.idempotency_key.as_deref())
+            .collect();
+        let mut existing: HashMap<String, Task> = HashMap::new();
+        if !taken.is_empty() {
+            let select = Tasks::find()
+                .filter(Column::UserId.eq(&user.id))
+                .filter(Column::IdempotencyKey.is_in(taken))
+                .build(self.db().get_database_backend());
+            for task in rows_of(&txn, select).await? {
+                if let Some(key) = task.idempotency_key.clone() {
+                    existing.insert(key, task);
+                }
+            }
+        }
+        let mut answer: Vec<Option<Task>> = vec![None; news.len()];
+        for ((i, new), id) in firsts.zip(&ids) {
+            answer[i] = Some(match inserted.remove(id) {
+                Some(task) => task,
+                None => {
+                    let key = new.idempotency_key.as_deref().unwrap_or_default();
+                    let Some(task) = existing.remove(key) else {
+                        return Ok(None);
+                    };
+                    same_create(task, new).map_err(|e| e.at_input(i))?
+                }
+            });
+        }
+        txn.commit().await?;
+        self.writer.wrote();
+        for (i, first) in repeat_of.iter().enumerate() {
+            if let Some(first) = first {
+                answer[i] = answer[*first].clone();
+            }
+        }
+        Ok(Some(answer.into_iter().flatten().collect()))
+    }
+
+    /// `claimTasks`: see [`claim_many`].
+    pub(super) async fn claim_many(
+        &self,
+        worker: &Worker,
+        request: ClaimRequest,
+        limit: i32,
+    ) -> TaskResult<Vec<Task>> {
+        let terms = claim_terms(worker, &request)?;
+        let max = MAX_CLAIMS as i32;
+        if !(1..=max).contains(&limit) {
+            return Err(TaskError::invalid(format!(
+                "limit must be between 1 and {max}, got {limit}"
+            )));
+        }
+        let limit = limit as usize;
+        let terms = (terms.0.as_str(), terms.1, terms.2);
+        let backend = self.db().get_database_backend();
+        let in_reach: Vec<String> = self
+            .queue
+            .capped()
+            .await?
+            .iter()
+            .filter(|t| request.types.is_empty() || request.types.contains(t))
+            .cloned()
+            .collect();
+        let claimed = if self.db().backend() == Backend::Postgres && !in_reach.is_empty() {
+            // Claims of one capped type take turns (see `queue`).
+            let txn = self.db().begin().await?;
+            let locked: Vec<String> =
+                rows_of_names(&txn, self.writer.statement(&queue::lock_capped(&in_reach))).await?;
+            let stmt = claim_many(backend, &request.types, &locked, limit, terms);
+            let claimed = rows_of(&txn, stmt).await?;
+            txn.commit().await?;
+            if !claimed.is_empty() {
+                self.writer.wrote();
+            }
+            claimed
+        } else {
+            let stmt = claim_many(backend, &request.types, &in_reach, limit, terms);
+            self.writer.commit_raw(stmt).await?
+        };
+        for task in &claimed {
+            self.moved(Move::Claim, task);
+        }
+        Ok(sorted_in_claim_order(claimed))
+    }
+
+    /// `completeTasks`: each report's task, or why it was refused.
+    pub(super) async fn complete_many(
+        &self,
+        completions: Vec<Completion>,
+    ) -> TaskResult<Vec<TaskResult<Task>>> {
+        check_size("input", completions.len(), MAX_REPORTS)?;
+        for (i, completion) in completions.iter().enumerate() {
+            if let Some(result_id) = &completion.result_id {
+                validate::result_id(result_id).map_err(|e| e.at_input(i))?;
+            }
+        }
+        check_distinct(completions.iter().map(|c| c.task_id))?;
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stmt = transitions::complete_many(&completions, now());
+        let moved = self.writer.update(stmt).await?;
+        for task in &moved {
+            self.moved(Move::Complete, task);
+        }
+        let ids = completions.iter().map(|c| c.task_id);
+        let mut found = self.answers(ids, moved).await?;
+        Ok(completions
+            .into_iter()
+            .map(|c| {
+                let (task, changed) = found.remove(&c.task_id).ok_or(TaskError::NotFound)?;
+                if changed {
+                    return Ok(task);
+                }
+                let update = StatusUpdate {
+                    result_id: c.result_id,
+                    expected_attempt: Some(c.expected_attempt),
+                    ..StatusUpdate::new(c.task_id, TaskStatus::Completed)
+                };
+                transitions::refused_report(&update, None, task)
+            })
+            .collect())
+    }
+
+    /// `heartbeatTasks`: each report's task, or why it was refused.
+    pub(super) async fn heartbeat_many(
+        &self,
+        beats: Vec<Beat>,
+        lease: Option<Duration>,
+    ) -> TaskResult<Vec<TaskResult<Task>>> {
+        check_size("input", beats.len(), MAX_REPORTS)?;
+        let lease = validate::lease(lease)?;
+        for (i, beat) in beats.iter().enumerate() {
+            validate::progress(beat.progress).map_err(|e| e.at_input(i))?;
+        }
+        check_distinct(beats.iter().map(|b| b.task_id))?;
+        if beats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let at = now();
+        let stmt = transitions::heartbeat_many(&beats, lease_deadline(at, lease), at);
+        let moved = self.writer.update(stmt).await?;
+        let mut found = self.answers(beats.iter().map(|b| b.task_id), moved).await?;
+        Ok(beats
+            .into_iter()
+            .map(|b| match found.remove(&b.task_id) {
+                None => Err(TaskError::NotFound),
+                Some((task, true)) => Ok(task),
+                Some((task, false)) => Err(transitions::refused_heartbeat(&task)),
+            })
+            .collect())
+    }
+
+    /// Each task of `ids` that exists: as `moved` changed it (`true`), or
+    /// as it is now for those the change left alone (`false`).
+    async fn answers(
+        &self,
+        ids: impl Iterator<Item = Uuid>,
+        moved: Vec<Task>,
+    ) -> TaskResult<HashMap<Uuid, (Task, bool)>> {
+        let mut found: HashMap<Uuid, (Task, bool)> =
+            moved.into_iter().map(|t| (t.id, (t, true))).collect();
+        let left: Vec<Uuid> = ids.filter(|id| !found.contains_key(id)).collect();
+        if !left.is_empty() {
+            for task in self
+                .select(Tasks::find().filter(Column::Id.is_in(left)))
+                .await?
+            {
+                found.insert(task.id, (task, false));
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The first column of each row, as text.
+pub(super) async fn rows_of_names<C: ConnectionTrait>(
+    conn: &C,
+    statement: Statement,
+) -> TaskResult<Vec<String>> {
+    Ok(conn
+        .query_all_raw(statement)
+        .await?
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0))
+        .collect::<Result<_, _>>()?)
+}
+
+/// Claimed tasks in the order they were claimed: priority, turn, `run_at`, id.
+fn sorted_in_claim_order(mut tasks: Vec<Task>) -> Vec<Task> {
+    tasks.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.fair_rank.cmp(&b.fair_rank))
+            .then(a.run_at.cmp(&b.run_at))
+            .then(a.id.cmp(&b.id))
+    });
+    tasks
+}
