@@ -7,6 +7,8 @@
 //!
 //! It claims tasks, heartbeats with progress, and completes them with a
 //! `resultId`; `--exit-when-idle` and `--max-tasks` make it stop on its own.
+//! `--batch N` makes each slot take up to N tasks per claim and report on
+//! all of them in one call per step.
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -55,6 +57,11 @@ struct Args {
     /// How long to wait before claiming again when nothing is pending.
     #[arg(long, default_value_t = 1000)]
     idle_poll_ms: u64,
+    /// Tasks each slot claims, heartbeats and completes per call (1 to
+    /// 100): one `claimTasks`, one `heartbeatTasks` for all it holds, one
+    /// `completeTasks`. 1 works one task at a time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    batch: u16,
 }
 
 #[tokio::main]
@@ -72,6 +79,7 @@ async fn main() -> ExitCode {
     config.max_tasks = args.max_tasks;
     config.exit_when_idle = args.exit_when_idle;
     config.idle_poll = Duration::from_millis(args.idle_poll_ms);
+    config.batch = usize::from(args.batch);
     config.verbose = true;
     match client::run(config).await {
         Ok(report) => {

@@ -9,6 +9,12 @@
 //! drops it and moves on. Any other error stops the worker; whatever it had
 //! claimed returns to PENDING when its lease expires.
 //!
+//! With `batch` over 1, each slot works on up to that many tasks at once
+//! and makes one call for them all at each step: `claimTasks(limit)` →
+//! `heartbeatTasks` for every task it holds → `completeTasks`. A task whose
+//! heartbeat or completion comes back with an error in its report is
+//! dropped; the others go on.
+//!
 //! A task created in a traced request carries that trace's `traceparent`;
 //! the worker sends a child of it (the same trace, a span id of its own)
 //! with its heartbeats and its completion, so they join the creator's trace.
@@ -39,6 +45,9 @@ pub struct WorkerConfig {
     /// Stop a slot as soon as nothing is pending, instead of polling.
     pub exit_when_idle: bool,
     pub idle_poll: Duration,
+    /// Tasks a slot claims, heartbeats and completes per call; 1 works one
+    /// task at a time with `claimTask`.
+    pub batch: usize,
     pub verbose: bool,
 }
 
@@ -56,6 +65,7 @@ impl WorkerConfig {
             max_tasks: None,
             exit_when_idle: false,
             idle_poll: Duration::from_secs(1),
+            batch: 1,
             verbose: false,
         }
     }
@@ -118,6 +128,15 @@ const HEARTBEAT: &str = "mutation Beat($id: ID!, $progress: Int, $lease: Int, $a
 }";
 const COMPLETE: &str = "mutation Complete($input: UpdateTaskStatusInput!) {
   updateTaskStatus(input: $input) { status }
+}";
+const CLAIM_MANY: &str = "mutation ClaimMany($types: [String!], $limit: Int!, $lease: Int, $worker: String) {
+  claimTasks(types: $types, limit: $limit, leaseSeconds: $lease, workerId: $worker) { id type attempts traceparent }
+}";
+const HEARTBEAT_MANY: &str = "mutation BeatMany($input: [HeartbeatTaskInput!]!, $lease: Int) {
+  heartbeatTasks(input: $input, leaseSeconds: $lease) { id error { code message } }
+}";
+const COMPLETE_MANY: &str = "mutation CompleteMany($input: [CompleteTaskInput!]!) {
+  completeTasks(input: $input) { id error { code message } }
 }";
 
 struct Client {
@@ -205,8 +224,22 @@ impl Budget {
     }
 
     fn give_back(&self) {
+        self.give_back_many(1);
+    }
+
+    /// Takes up to `n`; how many it took.
+    fn take_many(&self, n: usize) -> usize {
+        match &self.0 {
+            None => n,
+            Some(left) => left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| Some(l - l.min(n)))
+                .map_or(0, |l| l.min(n)),
+        }
+    }
+
+    fn give_back_many(&self, n: usize) {
         if let Some(left) = &self.0 {
-            left.fetch_add(1, Ordering::SeqCst);
+            left.fetch_add(n, Ordering::SeqCst);
         }
     }
 }
@@ -224,7 +257,13 @@ pub async fn run(config: WorkerConfig) -> Result<Report, WorkerError> {
     let slots: Vec<_> = (0..config.concurrency.max(1))
         .map(|slot| {
             let (client, budget, config) = (client.clone(), budget.clone(), config.clone());
-            tokio::spawn(async move { work(slot, &client, &budget, &config).await })
+            tokio::spawn(async move {
+                if config.batch > 1 {
+                    work_batches(slot, &client, &budget, &config).await
+                } else {
+                    work(slot, &client, &budget, &config).await
+                }
+            })
         })
         .collect();
     let mut total = Report::default();
@@ -291,6 +330,145 @@ async fn work(
             Err(err) => return Err(err),
         }
     }
+}
+
+/// A slot of `batch` tasks: claims up to that many, heartbeats and
+/// completes them with one call each step.
+async fn work_batches(
+    slot: usize,
+    client: &Client,
+    budget: &Budget,
+    config: &WorkerConfig,
+) -> Result<Report, WorkerError> {
+    let worker_id = format!("{}/{slot}", config.worker_id);
+    let mut report = Report::default();
+    loop {
+        let wanted = budget.take_many(config.batch);
+        if wanted == 0 {
+            return Ok(report);
+        }
+        let tasks = match claim_many(client, config, &worker_id, wanted).await {
+            Ok(tasks) => tasks,
+            Err(err) => {
+                budget.give_back_many(wanted);
+                return Err(err);
+            }
+        };
+        budget.give_back_many(wanted - tasks.len());
+        if tasks.is_empty() {
+            if config.exit_when_idle {
+                return Ok(report);
+            }
+            tokio::time::sleep(config.idle_poll).await;
+            continue;
+        }
+        let done = process_batch(client, config, tasks).await?;
+        report.completed += done.completed;
+        report.abandoned += done.abandoned;
+        if config.verbose {
+            println!(
+                "{worker_id}: batch done, {} completed, {} dropped",
+                done.completed, done.abandoned
+            );
+        }
+    }
+}
+
+async fn claim_many(
+    client: &Client,
+    config: &WorkerConfig,
+    worker_id: &str,
+    limit: usize,
+) -> Result<Vec<Claimed>, WorkerError> {
+    let types = (!config.types.is_empty()).then_some(&config.types);
+    let data = client
+        .call(
+            CLAIM_MANY,
+            json!({ "types": types, "limit": limit, "lease": config.lease_seconds, "worker": worker_id }),
+            None,
+        )
+        .await?;
+    let Some(tasks) = data["claimTasks"].as_array() else {
+        return Err(WorkerError::Protocol(format!("claimTasks returned {data}")));
+    };
+    tasks
+        .iter()
+        .map(
+            |task| match (task["id"].as_str(), task["attempts"].as_i64()) {
+                (Some(id), Some(attempts)) => Ok(Claimed {
+                    id: id.to_owned(),
+                    attempts,
+                    traceparent: task["traceparent"].as_str().and_then(child_traceparent),
+                }),
+                _ => Err(WorkerError::Protocol(format!("claimTasks returned {task}"))),
+            },
+        )
+        .collect()
+}
+
+/// The tasks of a batched report whose item came back without an error;
+/// those with one are dropped (no longer ours) and counted in `dropped`.
+fn still_held(
+    tasks: Vec<Claimed>,
+    reports: &Value,
+    dropped: &mut usize,
+) -> Result<Vec<Claimed>, WorkerError> {
+    let Some(reports) = reports.as_array().filter(|r| r.len() == tasks.len()) else {
+        return Err(WorkerError::Protocol(format!(
+            "a batched report returned {reports}"
+        )));
+    };
+    let mut held = Vec::with_capacity(tasks.len());
+    for (task, report) in tasks.into_iter().zip(reports) {
+        if report["error"].is_null() {
+            held.push(task);
+        } else {
+            *dropped += 1;
+        }
+    }
+    Ok(held)
+}
+
+/// [`process`] of a batch: every step one `heartbeatTasks` for all the
+/// tasks still held, then one `completeTasks`, each fenced per task.
+async fn process_batch(
+    client: &Client,
+    config: &WorkerConfig,
+    mut tasks: Vec<Claimed>,
+) -> Result<Report, WorkerError> {
+    let mut report = Report::default();
+    for step in 1..=config.steps {
+        tokio::time::sleep(config.step_time).await;
+        if tasks.is_empty() {
+            return Ok(report);
+        }
+        let progress = step * 100 / (config.steps + 1);
+        let input: Vec<Value> = tasks
+            .iter()
+            .map(|t| json!({ "id": t.id, "expectedAttempt": t.attempts, "progress": progress }))
+            .collect();
+        let data = client
+            .call(
+                HEARTBEAT_MANY,
+                json!({ "input": input, "lease": config.lease_seconds }),
+                None,
+            )
+            .await?;
+        tasks = still_held(tasks, &data["heartbeatTasks"], &mut report.abandoned)?;
+    }
+    tokio::time::sleep(config.step_time).await;
+    if tasks.is_empty() {
+        return Ok(report);
+    }
+    let input: Vec<Value> = tasks
+        .iter()
+        .map(|t| json!({ "id": t.id, "expectedAttempt": t.attempts, "resultId": result_id_for(&t.id) }))
+        .collect();
+    let data = client
+        .call(COMPLETE_MANY, json!({ "input": input }), None)
+        .await?;
+    report.completed += still_held(tasks, &data["completeTasks"], &mut report.abandoned)?.len();
+    Ok(report)
 }
 
 async fn claim(
