@@ -14,6 +14,11 @@
 //! table with the same number of pending tasks; service and raw alternate,
 //! and the medians are reported.
 //!
+//! `--batch N` adds two modes, timed from the create: each worker creates N
+//! tasks in one call, claims N in one call and completes those in one call
+//! (`createTasks`, `claimTasks`, `completeTasks`), through `TaskService`
+//! and as the same batched statements in raw SQL (bench_claims/batch.rs).
+//!
 //! `--backlog N` measures claims with a deep queue instead: N pending tasks
 //! spread over 10 types, 1,000 owners, three priorities and, for one in ten,
 //! a `run_at` a day away, written once; each repetition then claims and
@@ -32,6 +37,9 @@ use sea_orm::{
 use taskql::auth::CurrentUser;
 use taskql::service::{ClaimRequest, SeaTaskService, StatusUpdate, TaskService, Worker};
 use uuid::Uuid;
+
+#[path = "bench_claims/batch.rs"]
+mod batch;
 
 #[derive(Debug, Parser)]
 #[command(about = "Claim-and-complete throughput: TaskService next to raw SQL")]
@@ -58,6 +66,9 @@ struct Args {
     /// PostgreSQL: print the plan (EXPLAIN ANALYZE) of the claim statement.
     #[arg(long)]
     explain: bool,
+    /// Also run batched cycles of this many tasks per call (1 to 100).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=100))]
+    batch: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +78,22 @@ enum Mode {
     /// PostgreSQL only: the raw statements, each also sending a small NOTIFY
     /// in the same statement, as the service does. Tells what NOTIFY costs.
     RawNotify,
+    /// `--batch N`: create N, claim N, complete them, through the service.
+    BatchService,
+    /// `--batch N`: the same batches as raw statements.
+    BatchRaw,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Service => "TaskService ",
+            Mode::Raw => "raw SQL     ",
+            Mode::RawNotify => "raw + NOTIFY",
+            Mode::BatchService => "batched service",
+            Mode::BatchRaw => "batched raw SQL",
+        }
+    }
 }
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -127,25 +154,38 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
             explain_claim(&db).await?;
         }
     }
-    let mut rates = [Vec::new(), Vec::new(), Vec::new()];
-    let modes: &[Mode] = if db.get_database_backend() == DatabaseBackend::Postgres {
-        &[Mode::Service, Mode::Raw, Mode::RawNotify]
-    } else {
-        &[Mode::Service, Mode::Raw]
-    };
+    let mut rates = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut modes = vec![Mode::Service, Mode::Raw];
+    if db.get_database_backend() == DatabaseBackend::Postgres {
+        modes.push(Mode::RawNotify);
+    }
+    let batch = args.batch.map(usize::from);
+    if batch.is_some() {
+        modes.extend([Mode::BatchService, Mode::BatchRaw]);
+    }
     // One unmeasured round of each warms the pool and the statement caches.
     for rep in 0..=args.reps {
-        for &mode in modes {
-            if args.backlog.is_none() {
+        for &mode in &modes {
+            let batched = matches!(mode, Mode::BatchService | Mode::BatchRaw);
+            if batched {
+                Tasks::delete_many().exec(&db).await?;
+            } else if args.backlog.is_none() {
                 refill(&db, args.tasks).await?;
             }
             let before = completed(&db).await?;
             let budget = Arc::new(AtomicUsize::new(args.tasks));
             let started = Instant::now();
+            let n = batch.unwrap_or(1);
             let cycles = match mode {
                 Mode::Service => run_service(&service, args.workers, &budget).await?,
                 Mode::Raw => run_raw(&db, args.workers, false, &budget).await?,
                 Mode::RawNotify => run_raw(&db, args.workers, true, &budget).await?,
+                Mode::BatchService => batch::run_service(&service, args.workers, n, &budget)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                Mode::BatchRaw => batch::run_raw(&db, args.workers, n, &budget)
+                    .await
+                    .map_err(|e| e.to_string())?,
             };
             let elapsed = started.elapsed();
             if cycles != args.tasks || completed(&db).await? - before != args.tasks {
@@ -156,8 +196,6 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
             }
         }
     }
-    let service_median = median(&mut rates[0]);
-    let raw_median = median(&mut rates[1]);
     let show = |rates: &[f64]| {
         rates
             .iter()
@@ -165,29 +203,34 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!(
-        "{backend}: TaskService  median {service_median:>7.0} cycles/s  (runs: {})",
-        show(&rates[0])
-    );
-    println!(
-        "{backend}: raw SQL      median {raw_median:>7.0} cycles/s  (runs: {})",
-        show(&rates[1])
-    );
-    if !rates[2].is_empty() {
-        let notify_median = median(&mut rates[2]);
+    let mut medians = [0.0; 5];
+    for &mode in &modes {
+        let median = median(&mut rates[mode as usize]);
+        medians[mode as usize] = median;
         println!(
-            "{backend}: raw + NOTIFY median {notify_median:>7.0} cycles/s  (runs: {})",
-            show(&rates[2])
+            "{backend}: {} median {median:>7.0} cycles/s  (runs: {})",
+            mode.label(),
+            show(&rates[mode as usize])
         );
+    }
+    let ratio = |a: Mode, b: Mode| medians[a as usize] / medians[b as usize];
+    if modes.contains(&Mode::RawNotify) {
         println!(
             "{backend}: service / (raw + NOTIFY) = {:.2}",
-            service_median / notify_median
+            ratio(Mode::Service, Mode::RawNotify)
         );
     }
     println!(
         "{backend}: service / raw = {:.2}",
-        service_median / raw_median
+        ratio(Mode::Service, Mode::Raw)
     );
+    if let Some(n) = batch {
+        println!(
+            "{backend}: batches of {n}: service / raw = {:.2}, batched service / one-at-a-time service = {:.1}",
+            ratio(Mode::BatchService, Mode::BatchRaw),
+            ratio(Mode::BatchService, Mode::Service)
+        );
+    }
     db.close().await?;
     Ok(())
 }
