@@ -182,10 +182,10 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
                 Mode::RawNotify => run_raw(&db, args.workers, true, &budget).await?,
                 Mode::BatchService => batch::run_service(&service, args.workers, n, &budget)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| format!("{mode:?}: {e}"))?,
                 Mode::BatchRaw => batch::run_raw(&db, args.workers, n, &budget)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| format!("{mode:?}: {e}"))?,
             };
             let elapsed = started.elapsed();
             if cycles != args.tasks || completed(&db).await? - before != args.tasks {

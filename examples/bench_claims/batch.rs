@@ -143,6 +143,9 @@ pub async fn run_raw(
                             row.try_get::<i32>("", "attempts")?,
                         ));
                     }
+                    if done.is_empty() {
+                        continue;
+                    }
                     let completed = db.query_all_raw(complete(backend, &done)).await?;
                     if completed.len() != done.len() {
                         return Err("a raw completion missed a task".into());

@@ -10,6 +10,7 @@ mod m20261204_000006_result_id_index;
 mod m20261204_000007_stats_minutes;
 mod m20261204_000008_traceparent;
 mod m20261204_000009_type_indexes;
+mod m20261206_000010_lean_writes;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000007_stats_minutes::Migration),
             Box::new(m20261204_000008_traceparent::Migration),
             Box::new(m20261204_000009_type_indexes::Migration),
+            Box::new(m20261206_000010_lean_writes::Migration),
         ]
     }
 }

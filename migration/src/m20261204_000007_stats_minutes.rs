@@ -76,7 +76,7 @@ fn bucket(postgres: bool, from: &str, to: &str) -> String {
 
 /// What the rows of `from` (or the row `row`, when `from` is empty)
 /// contribute, each counted `sign` times: (metric, minute, type, bucket, n).
-fn contributions(postgres: bool, row: &str, from: &str, sign: &str) -> String {
+pub(crate) fn contributions(postgres: bool, row: &str, from: &str, sign: &str) -> String {
     let c = |column: &str| format!("{row}{column}");
     let finished = format!(
         "{} IN ('completed', 'failed') AND {} IS NOT NULL",
@@ -101,7 +101,7 @@ fn contributions(postgres: bool, row: &str, from: &str, sign: &str) -> String {
 /// An update changes the counters only when it moves a task's creation, its
 /// type, or a finished task's status or times: claims, heartbeats and
 /// requeues fire nothing.
-fn update_condition(distinct: &str) -> String {
+pub(crate) fn update_condition(distinct: &str) -> String {
     let changed = |column: &str| format!("OLD.{column} {distinct} NEW.{column}");
     format!(
         "{} OR {} OR ((OLD.status IN ('completed', 'failed') OR NEW.status IN ('completed', 'failed')) \
@@ -114,8 +114,8 @@ fn update_condition(distinct: &str) -> String {
     )
 }
 
-const GROUPED: &str = "SELECT metric, minute, type, bucket, sum(n) FROM";
-const GROUP_BY: &str = "GROUP BY metric, minute, type, bucket";
+pub(crate) const GROUPED: &str = "SELECT metric, minute, type, bucket, sum(n) FROM";
+pub(crate) const GROUP_BY: &str = "GROUP BY metric, minute, type, bucket";
 const COLUMNS: &str = "task_stats_minutes (metric, minute, type, bucket, n)";
 
 fn postgres_sql() -> Vec<String> {
