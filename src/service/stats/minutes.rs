@@ -163,6 +163,12 @@ pub fn histogram_percentile(buckets: &BTreeMap<i32, i64>, p: f64) -> Option<f64>
 /// it folded. Counts are exact either way: readers add the deltas not
 /// folded yet. One instance folds at a time; on SQLite the triggers keep
 /// the counters themselves and this does nothing.
+///
+/// After a fold that moved deltas, the instance vacuums the three tables
+/// that writes append to and readers empty (the two of deltas, and the
+/// change log's `task_changes`): each is read whole by a statement that
+/// empties it, and without a vacuum a second of dead rows would make every
+/// such read scan them until autovacuum comes, a minute later.
 #[instrument(level = "debug", skip_all)]
 pub async fn fold_deltas(db: &Db) -> TaskResult<u64> {
     if db.backend() != Backend::Postgres {
@@ -196,8 +202,18 @@ pub async fn fold_deltas(db: &Db) -> TaskResult<u64> {
         }
     }
     txn.commit().await?;
+    if folded > 0
+        && let Err(err) = db.execute_unprepared(VACUUM_QUEUES).await
+    {
+        tracing::warn!(error = %err, "vacuuming the queue tables failed");
+    }
     Ok(folded)
 }
+
+/// The tables that writes append to and a reader empties; a vacuum already
+/// running on one of them is left to finish.
+const VACUUM_QUEUES: &str =
+    "VACUUM (SKIP_LOCKED) task_changes, task_count_deltas, task_stats_deltas";
 
 /// Deletes the per-minute counters older than [`STATS_MINUTES_KEPT`]
 /// minutes before `now` (a day, the longest throughput window, and an
