@@ -1,6 +1,6 @@
-//! Per-request cost over HTTP: `createTask`, `tasks(status, first: 10)` and
-//! `task(id)` against the release server, beside the same SQL statements
-//! sent straight through sqlx.
+//! Per-request cost over HTTP: `createTask`, `createTasks` of `--batch`
+//! tasks, `tasks(status, first: 10)` and `task(id)` against the release
+//! server, beside the same SQL statements sent straight through sqlx.
 //!
 //! ```text
 //! cargo build --release
@@ -22,7 +22,9 @@
 //! to the raw statements. The raw side is what the server's statements cost
 //! without HTTP, GraphQL, auth or JSON: `INSERT … RETURNING *` (and on
 //! PostgreSQL, the same with a `pg_notify` in the statement, as taskql sends
-//! it), the list's `SELECT … ORDER BY created_at DESC, id DESC LIMIT 11`, and
+//! it), a multi-row `INSERT … RETURNING *` of `--batch` rows for
+//! `create-batch` (whose lines count requests: tasks are `--batch` times
+//! as many), the list's `SELECT … ORDER BY created_at DESC, id DESC LIMIT 11`, and
 //! a primary-key `SELECT`. `taskStats` (the dashboard's whole query, as a
 //! user and as a worker) has no single raw counterpart and prints none.
 use std::path::PathBuf;
@@ -77,12 +79,17 @@ struct Args {
     /// The server binary.
     #[arg(long, env = "TASKQL_BIN")]
     bin: Option<PathBuf>,
+    /// Tasks per request of `create-batch` (1 to 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    batch: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Workload {
     /// createTask with a small JSON metadata object.
     Create,
+    /// createTasks of `--batch` such tasks, for one user.
+    CreateBatch,
     /// tasks(status: [one status], first: 10), every field of the nodes.
     List,
     /// task(id) of one of the caller's tasks, every field.
@@ -97,6 +104,7 @@ impl std::fmt::Display for Workload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Create => "create",
+            Self::CreateBatch => "create-batch",
             Self::List => "list",
             Self::Get => "get",
             Self::Stats => "stats",
@@ -107,6 +115,7 @@ impl std::fmt::Display for Workload {
 
 const SECRET: &str = "bench-http-secret-0123456789abcdef";
 const CREATE: &str = "mutation CreateTask($input: CreateTaskInput!) { createTask(input: $input) { id type status metadata createdAt } }";
+const CREATE_BATCH: &str = "mutation CreateTasks($inputs: [CreateTaskInput!]!) { createTasks(inputs: $inputs) { id type status metadata createdAt } }";
 const LIST: &str = "query ListTasks($status: [TaskStatus!]) { tasks(status: $status, first: 10) { nodes { id type status resultId errorMessage metadata progress createdAt updatedAt } } }";
 const GET: &str = "query GetTask($id: ID!) { task(id: $id) { id type status resultId errorMessage metadata progress attempts createdAt updatedAt startedAt completedAt } }";
 const STATS: &str = "query Stats { taskStats { byStatus { status count } byType { type pending processing completed failed cancelled } throughput(minutes: 60) { at created completed failed } durations { type waitP50Ms waitP95Ms runP50Ms runP95Ms runP99Ms } oldestPendingAgeSeconds workers { workerId tasks nextLeaseExpiry } } }";
@@ -121,6 +130,8 @@ struct Fixture {
     worker_token: String,
     /// Seeded tasks with their owner's index, for `task(id)`.
     sample: Vec<(Uuid, usize)>,
+    /// Tasks per `create-batch` request.
+    batch: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +223,7 @@ async fn bench(
         tokens,
         worker_token,
         sample,
+        batch: usize::from(args.batch),
     });
     let is_postgres = !url.starts_with("sqlite:");
     // One request of each kind, so the idle figure includes warm caches.
@@ -230,6 +242,7 @@ async fn bench(
     let sides = |workload: Workload| -> Vec<Side> {
         match (workload, is_postgres) {
             (Workload::Create, true) => vec![Side::Raw, Side::RawNotify, Side::Taskql],
+            (Workload::CreateBatch, _) => vec![Side::Raw, Side::Taskql],
             // Several statements with no one raw counterpart.
             (Workload::Stats | Workload::WorkerStats, _) => vec![Side::Taskql],
             _ => vec![Side::Raw, Side::Taskql],
@@ -422,15 +435,21 @@ async fn request(
     fixture: &Fixture,
     rng: &mut impl Rng,
 ) -> Result<(), BoxError> {
+    let mut input = || {
+        serde_json::json!({
+            "type": TYPES[rng.random_range(0..3)],
+            "metadata": { "source": "bench", "priority": rng.random_range(1..=5), "tags": ["bench"] },
+        })
+    };
     let (user, body) = match workload {
         Workload::Create => {
-            let body = serde_json::json!({
-                "query": CREATE,
-                "variables": { "input": {
-                    "type": TYPES[rng.random_range(0..3)],
-                    "metadata": { "source": "bench", "priority": rng.random_range(1..=5), "tags": ["bench"] },
-                }},
-            });
+            let body = serde_json::json!({ "query": CREATE, "variables": { "input": input() } });
+            (rng.random_range(0..fixture.tokens.len()), body)
+        }
+        Workload::CreateBatch => {
+            let inputs: Vec<serde_json::Value> = (0..fixture.batch).map(|_| input()).collect();
+            let body =
+                serde_json::json!({ "query": CREATE_BATCH, "variables": { "inputs": inputs } });
             (rng.random_range(0..fixture.tokens.len()), body)
         }
         Workload::List => {

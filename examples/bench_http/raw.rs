@@ -33,6 +33,34 @@ const RAW_LIST_SQLITE: &str = "SELECT * FROM tasks WHERE user_id = ?1 AND status
 const RAW_GET_PG: &str = "SELECT * FROM tasks WHERE id = $1";
 const RAW_GET_SQLITE: &str = "SELECT * FROM tasks WHERE id = ?1";
 
+/// The raw insert of `rows` tasks in one statement, `RETURNING *`.
+fn insert_many(rows: usize, postgres: bool) -> String {
+    let p = |n: usize| {
+        if postgres {
+            format!("${n}")
+        } else {
+            format!("?{n}")
+        }
+    };
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let at = p(r * 5 + 5);
+            format!(
+                "({}, {}, {}, 'pending', {}, 0, {at}, {at}, {at}, 1)",
+                p(r * 5 + 1),
+                p(r * 5 + 2),
+                p(r * 5 + 3),
+                p(r * 5 + 4)
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO tasks (id, user_id, type, status, metadata, attempts, run_at, created_at, \
+         updated_at, version) VALUES {} RETURNING *",
+        values.join(", ")
+    )
+}
+
 /// A task as the raw insert writes it.
 struct NewRow<'a> {
     id: Uuid,
@@ -114,6 +142,46 @@ impl RawConn {
                             .fetch_one(conn)
                             .await?;
                     }
+                }
+            }
+            Workload::CreateBatch => {
+                let metadata: Vec<serde_json::Value> = (0..fixture.batch)
+                    .map(|_| serde_json::json!({ "source": "bench", "priority": rng.random_range(1..=5), "tags": ["bench"] }))
+                    .collect();
+                let rows: Vec<NewRow> = metadata
+                    .iter()
+                    .map(|metadata| NewRow {
+                        id: Uuid::now_v7(),
+                        owner: &owner,
+                        task_type: TYPES[rng.random_range(0..3)],
+                        metadata,
+                        now,
+                    })
+                    .collect();
+                // Only placeholders are written into it; every value is bound.
+                let sql = insert_many(rows.len(), matches!(self, Self::Postgres(_)));
+                let inserted = match self {
+                    Self::Postgres(conn) => {
+                        let query = rows
+                            .iter()
+                            .fold(sqlx::query(sqlx::AssertSqlSafe(sql.as_str())), |q, row| {
+                                row.bind(q)
+                            });
+                        query.fetch_all(conn).await?.len()
+                    }
+                    Self::Sqlite(conn) => {
+                        let query = rows
+                            .iter()
+                            .fold(sqlx::query(sqlx::AssertSqlSafe(sql.as_str())), |q, row| {
+                                row.bind(q)
+                            });
+                        query.fetch_all(conn).await?.len()
+                    }
+                };
+                if inserted != rows.len() {
+                    return Err(
+                        format!("raw batch insert: {inserted} of {} rows", rows.len()).into(),
+                    );
                 }
             }
             Workload::List => {

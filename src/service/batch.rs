@@ -18,7 +18,8 @@ use entity::tasks::Column;
 use entity::{Task, TaskStatus, Tasks};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, Statement, Value,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, Statement, TryIntoModel,
+    Value,
 };
 use uuid::Uuid;
 
@@ -250,50 +251,96 @@ impl SeaTaskService {
         traceparent: Option<String>,
     ) -> TaskResult<Option<Vec<Task>>> {
         let at = now();
-        let mut rows: Vec<(usize, NewRow)> = news
+        let mut rows: Vec<NewRow> = news
             .iter()
-            .enumerate()
-            .filter(|(i, _)| repeat_of[*i].is_none())
-            .map(|(i, new)| (i, NewRow::of(&user.id, new, traceparent.clone(), at)))
+            .zip(repeat_of)
+            .filter(|(_, repeat)| repeat.is_none())
+            .map(|(new, _)| NewRow::of(&user.id, new, traceparent.clone(), at))
             .collect();
-        self.queue
-            .assign(rows.iter_mut().map(|(_, row)| row))
-            .await?;
-        let ids: Vec<Uuid> = rows.iter().map(|(_, row)| *row.model.id.as_ref()).collect();
+        self.queue.assign(rows.iter_mut()).await?;
+        // Every column is set here, so the tasks are what was inserted: the
+        // insert returns only the ids it wrote, and no row is decoded back.
+        let made = rows
+            .iter()
+            .map(|row| row.model.clone().try_into_model())
+            .collect::<Result<Vec<Task>, _>>()?;
         // Rows in key order, so that two batches sharing keys wait on each
         // other's keys in the same order instead of deadlocking.
         rows.sort_by(|a, b| {
-            a.1.model
+            a.model
                 .idempotency_key
                 .as_ref()
-                .cmp(b.1.model.idempotency_key.as_ref())
+                .cmp(b.model.idempotency_key.as_ref())
         });
-        let mut insert = Tasks::insert_many(rows.into_iter().map(|(_, row)| row.model))
+        let mut insert = Tasks::insert_many(rows.into_iter().map(|row| row.model))
             .on_conflict(
                 OnConflict::columns([Column::UserId, Column::IdempotencyKey])
                     .do_nothing()
                     .to_owned(),
             )
             .into_query();
-        insert.returning_all();
-        let txn = self.db().begin().await?;
-        let mut inserted: HashMap<Uuid, Task> = self
-            .writer
-            .rows_in(&txn, &insert)
-            .await?
-            .into_iter()
-            .map(|task| (task.id, task))
-            .collect();
-        // The inputs whose key was taken before: their existing tasks.
-        let firsts = news
+        insert.returning_col(Column::Id);
+        let insert = self.writer.statement(&insert);
+        let ids = |rows: Vec<sea_orm::QueryResult>| {
+            rows.iter()
+                .map(|row| row.try_get_by_index::<Uuid>(0))
+                .collect::<Result<HashSet<Uuid>, _>>()
+        };
+        let answer = if made.iter().all(|task| task.idempotency_key.is_none()) {
+            // No key can be taken: the one statement is all or nothing.
+            let inserted = ids(self.writer.commit_query(insert).await?)?;
+            if inserted.len() != made.len() {
+                return Err(TaskError::Internal(format!(
+                    "a batch of {} creates inserted {}",
+                    made.len(),
+                    inserted.len()
+                )));
+            }
+            made
+        } else {
+            let txn = self.db().begin().await?;
+            let inserted = ids(txn.query_all_raw(insert).await?)?;
+            let firsts = news.iter().zip(repeat_of).filter(|(_, r)| r.is_none());
+            let Some(answer) = self
+                .with_taken_keys(&txn, user, made, &inserted, firsts.map(|(new, _)| new))
+                .await?
+            else {
+                return Ok(None);
+            };
+            txn.commit().await?;
+            self.writer.wrote();
+            answer
+        };
+        // Back in input order, each repeat with its first input's task.
+        let mut answer = answer.into_iter();
+        let mut tasks: Vec<Task> = Vec::with_capacity(news.len());
+        for repeat in repeat_of {
+            let task = match repeat {
+                Some(first) => tasks[*first].clone(),
+                None => answer.next().ok_or_else(|| {
+                    TaskError::Internal("a batch answered fewer tasks than it made".into())
+                })?,
+            };
+            tasks.push(task);
+        }
+        Ok(Some(tasks))
+    }
+
+    /// The tasks of a batch (`made`, of the inputs `news` in order), with
+    /// those whose key was taken before replaced by the task holding it;
+    /// `None` when one of those was deleted before it was read.
+    async fn with_taken_keys<'a>(
+        &self,
+        txn: &crate::db::DbTransaction,
+        user: &CurrentUser,
+        made: Vec<Task>,
+        inserted: &HashSet<Uuid>,
+        news: impl Iterator<Item = &'a NewTask>,
+    ) -> TaskResult<Option<Vec<Task>>> {
+        let taken: Vec<&str> = made
             .iter()
-            .enumerate()
-            .filter(|(i, _)| repeat_of[*i].is_none());
-        let taken: Vec<&str> = firsts
-            .clone()
-            .zip(&ids)
-            .filter(|(_, id)| !inserted.contains_key(id))
-            .filter_map(|((_, new), _)| new.idempotency_key.as_deref())
+            .filter(|task| !inserted.contains(&task.id))
+            .filter_map(|task| task.idempotency_key.as_deref())
             .collect();
         let mut existing: HashMap<String, Task> = HashMap::new();
         if !taken.is_empty() {
@@ -301,33 +348,25 @@ impl SeaTaskService {
                 .filter(Column::UserId.eq(&user.id))
                 .filter(Column::IdempotencyKey.is_in(taken))
                 .build(self.db().get_database_backend());
-            for task in rows_of(&txn, select).await? {
+            for task in rows_of(txn, select).await? {
                 if let Some(key) = task.idempotency_key.clone() {
                     existing.insert(key, task);
                 }
             }
         }
-        let mut answer: Vec<Option<Task>> = vec![None; news.len()];
-        for ((i, new), id) in firsts.zip(&ids) {
-            answer[i] = Some(match inserted.remove(id) {
-                Some(task) => task,
-                None => {
-                    let key = new.idempotency_key.as_deref().unwrap_or_default();
-                    let Some(task) = existing.remove(key) else {
-                        return Ok(None);
-                    };
-                    same_create(task, new).map_err(|e| e.at_input(i))?
-                }
-            });
-        }
-        txn.commit().await?;
-        self.writer.wrote();
-        for (i, first) in repeat_of.iter().enumerate() {
-            if let Some(first) = first {
-                answer[i] = answer[*first].clone();
+        let mut answer = Vec::with_capacity(made.len());
+        for ((task, new), index) in made.into_iter().zip(news).zip(0..) {
+            if inserted.contains(&task.id) {
+                answer.push(task);
+                continue;
             }
+            let key = task.idempotency_key.as_deref().unwrap_or_default();
+            let Some(found) = existing.remove(key) else {
+                return Ok(None);
+            };
+            answer.push(same_create(found, new).map_err(|e| e.at_input(index))?);
         }
-        Ok(Some(answer.into_iter().flatten().collect()))
+        Ok(Some(answer))
     }
 
     /// `claimTasks`: see [`claim_many`].

@@ -109,6 +109,16 @@ impl Writer {
         rows_of(&self.db, statement).await
     }
 
+    /// Runs a statement already built on its own and returns its rows as
+    /// they come (what it returns is not a whole task).
+    pub(super) async fn commit_query(
+        &self,
+        statement: Statement,
+    ) -> TaskResult<Vec<sea_orm::QueryResult>> {
+        let _wake = WakeReader(&self.log);
+        Ok(self.db.query_all_raw(statement).await?)
+    }
+
     /// Wakes the log's reader after a transaction that wrote committed.
     pub(super) fn wrote(&self) {
         self.log.wrote();

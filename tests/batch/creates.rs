@@ -217,3 +217,38 @@ async fn a_key_of_an_earlier_call_returns_its_task_and_a_changed_input_conflicts
     assert_ne!(bobs[0]["id"], first[0]["id"]);
     assert_eq!(bobs[0]["userId"], "bob");
 }
+
+#[tokio::test]
+async fn each_created_task_is_answered_as_it_is_then_read() {
+    let app = spawn_app().await;
+    let alice = app.user_token("alice");
+    let later = "2031-01-02T03:04:05.678901Z";
+    let metadata = json!({ "prompt": "a fox", "size": [1024, 768], "ratio": 0.1, "big": 12345678901234_i64, "nested": { "b": true, "a": null } });
+    for keyed in [false, true] {
+        let key = |i: usize| keyed.then(|| format!("same-as-read-{i}"));
+        let batch = vec![
+            json!({ "type": "image", "metadata": metadata, "idempotencyKey": key(0) }),
+            json!({ "type": "thumb", "runAt": later, "priority": 7, "maxAttempts": 5, "idempotencyKey": key(1) }),
+            json!({ "type": "image", "priority": -3, "idempotencyKey": key(2) }),
+        ];
+        let made = create_tasks(&app, &alice, &batch).await;
+        assert_eq!(made.len(), 3);
+        for task in &made {
+            let read = task_of(&app, task["id"].as_str().unwrap()).await;
+            assert_eq!(
+                task, &read,
+                "keyed: {keyed}: what createTasks answered is what is stored"
+            );
+        }
+        assert_eq!(made[0]["metadata"], metadata);
+        let run_at = made[1]["runAt"].as_str().unwrap();
+        assert_eq!(
+            chrono::DateTime::parse_from_rfc3339(run_at).unwrap(),
+            chrono::DateTime::parse_from_rfc3339(later).unwrap()
+        );
+        assert_eq!(
+            (&made[1]["priority"], &made[2]["priority"]),
+            (&json!(7), &json!(-3))
+        );
+    }
+}
