@@ -11,6 +11,9 @@ use taskql::config::{
 };
 use taskql::telemetry::Traces;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Why the command failed, as the one line it prints.
 #[derive(Debug, thiserror::Error)]
 enum CliError {

@@ -16,7 +16,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use entity::tasks::Column;
 use entity::{Task, TaskStatus, Tasks};
-use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, Statement, TryIntoModel,
     Value,
@@ -27,7 +26,7 @@ use super::line::CLAIM_ORDER;
 use super::queue;
 use super::sea::{SeaTaskService, now, same_create};
 use super::transitions::{self, Move, lease_deadline};
-use super::writer::{NewRow, rows_of};
+use super::writer::{NewRow, ids_of, insert_rows, rows_of};
 use super::{ClaimRequest, NewTask, StatusUpdate, Worker, validate};
 use crate::auth::CurrentUser;
 use crate::db::Backend;
@@ -272,23 +271,13 @@ impl SeaTaskService {
                 .as_ref()
                 .cmp(b.model.idempotency_key.as_ref())
         });
-        let mut insert = Tasks::insert_many(rows.into_iter().map(|row| row.model))
-            .on_conflict(
-                OnConflict::columns([Column::UserId, Column::IdempotencyKey])
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .into_query();
+        let keyed = made.iter().any(|task| task.idempotency_key.is_some());
+        let mut insert = insert_rows(rows, keyed);
         insert.returning_col(Column::Id);
         let insert = self.writer.statement(&insert);
-        let ids = |rows: Vec<sea_orm::QueryResult>| {
-            rows.iter()
-                .map(|row| row.try_get_by_index::<Uuid>(0))
-                .collect::<Result<HashSet<Uuid>, _>>()
-        };
-        let answer = if made.iter().all(|task| task.idempotency_key.is_none()) {
+        let answer = if !keyed {
             // No key can be taken: the one statement is all or nothing.
-            let inserted = ids(self.writer.commit_query(insert).await?)?;
+            let inserted = ids_of(self.writer.commit_query(insert).await?)?;
             if inserted.len() != made.len() {
                 return Err(TaskError::Internal(format!(
                     "a batch of {} creates inserted {}",
@@ -299,7 +288,7 @@ impl SeaTaskService {
             made
         } else {
             let txn = self.db().begin().await?;
-            let inserted = ids(txn.query_all_raw(insert).await?)?;
+            let inserted = ids_of(txn.query_all_raw(insert).await?)?;
             let firsts = news.iter().zip(repeat_of).filter(|(_, r)| r.is_none());
             let Some(answer) = self
                 .with_taken_keys(&txn, user, made, &inserted, firsts.map(|(new, _)| new))
