@@ -14,10 +14,12 @@
 //! table with the same number of pending tasks; service and raw alternate,
 //! and the medians are reported.
 //!
-//! `--batch N` adds two modes, timed from the create: each worker creates N
+//! `--batch N` adds four modes. Two are timed from the create: each worker creates N
 //! tasks in one call, claims N in one call and completes those in one call
 //! (`createTasks`, `claimTasks`, `completeTasks`), through `TaskService`
-//! and as the same batched statements in raw SQL (bench_claims/batch.rs).
+//! and as the same batched statements in raw SQL (bench_claims/batch.rs);
+//! and two more that claim and complete in batches the tasks refilled
+//! untimed, as the one-at-a-time modes do.
 //!
 //! `--backlog N` measures claims with a deep queue instead: N pending tasks
 //! spread over 10 types, 1,000 owners, three priorities and, for one in ten,
@@ -82,6 +84,11 @@ enum Mode {
     BatchService,
     /// `--batch N`: the same batches as raw statements.
     BatchRaw,
+    /// `--batch N`: claim N and complete them (the tasks are there, as for
+    /// one at a time), through the service.
+    ClaimBatchService,
+    /// The same claims and completions as raw statements.
+    ClaimBatchRaw,
 }
 
 impl Mode {
@@ -90,8 +97,10 @@ impl Mode {
             Mode::Service => "TaskService ",
             Mode::Raw => "raw SQL     ",
             Mode::RawNotify => "raw + NOTIFY",
-            Mode::BatchService => "batched service",
-            Mode::BatchRaw => "batched raw SQL",
+            Mode::BatchService => "create+claim+complete batched, service",
+            Mode::BatchRaw => "create+claim+complete batched, raw SQL",
+            Mode::ClaimBatchService => "claim+complete batched, service",
+            Mode::ClaimBatchRaw => "claim+complete batched, raw SQL",
         }
     }
 }
@@ -154,20 +163,25 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
             explain_claim(&db).await?;
         }
     }
-    let mut rates = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut rates: [Vec<f64>; 7] = Default::default();
     let mut modes = vec![Mode::Service, Mode::Raw];
     if db.get_database_backend() == DatabaseBackend::Postgres {
         modes.push(Mode::RawNotify);
     }
     let batch = args.batch.map(usize::from);
     if batch.is_some() {
-        modes.extend([Mode::BatchService, Mode::BatchRaw]);
+        modes.extend([
+            Mode::BatchService,
+            Mode::BatchRaw,
+            Mode::ClaimBatchService,
+            Mode::ClaimBatchRaw,
+        ]);
     }
     // One unmeasured round of each warms the pool and the statement caches.
     for rep in 0..=args.reps {
         for &mode in &modes {
-            let batched = matches!(mode, Mode::BatchService | Mode::BatchRaw);
-            if batched {
+            let creates = matches!(mode, Mode::BatchService | Mode::BatchRaw);
+            if creates {
                 Tasks::delete_many().exec(&db).await?;
             } else if args.backlog.is_none() {
                 refill(&db, args.tasks).await?;
@@ -180,12 +194,16 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
                 Mode::Service => run_service(&service, args.workers, &budget).await?,
                 Mode::Raw => run_raw(&db, args.workers, false, &budget).await?,
                 Mode::RawNotify => run_raw(&db, args.workers, true, &budget).await?,
-                Mode::BatchService => batch::run_service(&service, args.workers, n, &budget)
-                    .await
-                    .map_err(|e| format!("{mode:?}: {e}"))?,
-                Mode::BatchRaw => batch::run_raw(&db, args.workers, n, &budget)
-                    .await
-                    .map_err(|e| format!("{mode:?}: {e}"))?,
+                Mode::BatchService | Mode::ClaimBatchService => {
+                    batch::run_service(&service, args.workers, n, creates, &budget)
+                        .await
+                        .map_err(|e| format!("{mode:?}: {e}"))?
+                }
+                Mode::BatchRaw | Mode::ClaimBatchRaw => {
+                    batch::run_raw(&db, args.workers, n, creates, &budget)
+                        .await
+                        .map_err(|e| format!("{mode:?}: {e}"))?
+                }
             };
             let elapsed = started.elapsed();
             if cycles != args.tasks || completed(&db).await? - before != args.tasks {
@@ -203,7 +221,7 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let mut medians = [0.0; 5];
+    let mut medians = [0.0; 7];
     for &mode in &modes {
         let median = median(&mut rates[mode as usize]);
         medians[mode as usize] = median;
@@ -226,9 +244,14 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
     );
     if let Some(n) = batch {
         println!(
-            "{backend}: batches of {n}: service / raw = {:.2}, batched service / one-at-a-time service = {:.1}",
+            "{backend}: batches of {n}, create+claim+complete: service / raw = {:.2}, / one-at-a-time service = {:.1}",
             ratio(Mode::BatchService, Mode::BatchRaw),
             ratio(Mode::BatchService, Mode::Service)
+        );
+        println!(
+            "{backend}: batches of {n}, claim+complete: service / raw = {:.2}, / one-at-a-time service = {:.1}",
+            ratio(Mode::ClaimBatchService, Mode::ClaimBatchRaw),
+            ratio(Mode::ClaimBatchService, Mode::Service)
         );
     }
     db.close().await?;

@@ -30,12 +30,14 @@ fn metadata(i: usize) -> serde_json::Value {
     serde_json::json!({ "prompt": "a red fox", "n": i })
 }
 
-/// What a worker does with its share, one batch at a time: create, claim,
-/// complete. Returns the tasks it completed.
+/// What a worker does with its share, one batch at a time: create (when
+/// `create`; else the tasks are there already), claim, complete. Returns
+/// the tasks it completed.
 pub async fn run_service(
     service: &Arc<SeaTaskService>,
     workers: usize,
     batch: usize,
+    create: bool,
     budget: &Arc<AtomicUsize>,
 ) -> Result<usize, BoxError> {
     let handles: Vec<_> = (0..workers)
@@ -51,7 +53,7 @@ pub async fn run_service(
                 };
                 let mut cycles = 0;
                 loop {
-                    let n = take_many(&budget, batch);
+                    let n = if create { take_many(&budget, batch) } else { 0 };
                     if n > 0 {
                         let news = (0..n)
                             .map(|i| NewTask {
@@ -97,6 +99,7 @@ pub async fn run_raw(
     db: &DatabaseConnection,
     workers: usize,
     batch: usize,
+    create: bool,
     budget: &Arc<AtomicUsize>,
 ) -> Result<usize, BoxError> {
     let backend = db.get_database_backend();
@@ -107,7 +110,7 @@ pub async fn run_raw(
                 let worker: Value = format!("bench-{w}").into();
                 let mut cycles = 0;
                 loop {
-                    let n = take_many(&budget, batch);
+                    let n = if create { take_many(&budget, batch) } else { 0 };
                     let at = chrono::Utc::now();
                     if n > 0 {
                         let models: Vec<ActiveModel> = (0..n)
