@@ -256,7 +256,7 @@ impl SeaTaskService {
             .filter(|(_, repeat)| repeat.is_none())
             .map(|(new, _)| NewRow::of(&user.id, new, traceparent.clone(), at))
             .collect();
-        self.queue.assign(rows.iter_mut()).await?;
+        self.queue.assign(rows.iter_mut(), &HashMap::new()).await?;
         // Every column is set here, so the tasks are what was inserted: the
         // insert returns only the ids it wrote, and no row is decoded back.
         let made = rows

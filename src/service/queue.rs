@@ -532,6 +532,7 @@ impl Queue {
     pub(super) async fn assign<'a>(
         &self,
         batch: impl IntoIterator<Item = &'a mut super::writer::NewRow>,
+        in_flight: &std::collections::HashMap<String, i64>,
     ) -> TaskResult<()> {
         use std::collections::{BTreeSet, HashMap};
         let mut batch: Vec<&mut super::writer::NewRow> = batch.into_iter().collect();
@@ -580,9 +581,11 @@ impl Queue {
             let priority = *create.model.priority.as_ref();
             let owner = create.model.user_id.as_ref().clone();
             let now_served = served.get(&priority).copied().unwrap_or(0);
-            let turn = last_turn
-                .get(&owner)
-                .map_or(now_served, |last| Ord::max(last + 1, now_served));
+            let last = match (last_turn.get(&owner), in_flight.get(&owner)) {
+                (Some(a), Some(b)) => Some(Ord::max(*a, *b)),
+                (a, b) => a.or(b).copied(),
+            };
+            let turn = last.map_or(now_served, |last| Ord::max(last + 1, now_served));
             last_turn.insert(owner, turn);
             create.model.fair_rank = Set(turn);
             let max_attempts = create.max_attempts.unwrap_or_else(|| {

@@ -6,7 +6,7 @@
 //! log. Creates that arrive while one is being written are inserted together
 //! by the next statement: one commit (one WAL flush) for all of them,
 //! instead of one each.
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use entity::tasks::{ActiveModel, Column};
@@ -24,7 +24,10 @@ use crate::error::{TaskError, TaskResult};
 
 /// Most creates one statement inserts.
 const MAX_CREATE_BATCH: usize = 64;
-/// Insert statements of batched creates in flight at once on PostgreSQL:
+/// Insert statements one inserter has in flight at once on PostgreSQL (see
+/// [`insert_queued`]).
+const STATEMENTS_IN_FLIGHT: usize = 4;
+/// Inserters of batched creates on PostgreSQL:
 /// one per four cores, one to four. While one commits (waits for its WAL
 /// flush), the next batch executes; but every statement costs CPU of its
 /// own, and on a machine of a few cores fewer, larger batches get more
@@ -131,21 +134,10 @@ impl Writer {
         self.commit(&update).await
     }
 
-    /// Inserts `batch` in one statement and answers each create: its new
-    /// row, or `None` when its idempotency key was taken.
-    async fn insert(&self, mut batch: Vec<QueuedCreate>) {
-        // Each row takes its owner's next turn (an owner's later rows in
-        // this batch the turns after it) and its budget of attempts.
-        if let Err(err) = self
-            .queue
-            .assign(batch.iter_mut().map(|c| &mut c.row))
-            .await
-        {
-            for create in batch {
-                let _ = create.reply.send(Err(err.clone()));
-            }
-            return;
-        }
+    /// Inserts `batch` (turns and budgets assigned) in one statement and
+    /// answers each create: its new row, or `None` when its idempotency key
+    /// was taken.
+    async fn write(&self, batch: Vec<QueuedCreate>) {
         let keyed = batch
             .iter()
             .any(|create| create.row.model.idempotency_key.as_ref().is_some());
@@ -173,7 +165,7 @@ impl Writer {
                 // One row the database refused must not fail the others.
                 tracing::warn!(error = %err, rows = batch.len(), "a batched insert failed; inserting its rows one by one");
                 for create in batch {
-                    Box::pin(self.insert(vec![create])).await;
+                    Box::pin(self.write(vec![create])).await;
                 }
             }
             Err(err) => {
@@ -279,24 +271,113 @@ fn batch_span(batch: &[QueuedCreate]) -> tracing::Span {
 }
 
 /// Inserts queued creates, all that are waiting (up to a batch) in one
-/// statement, one statement at a time; there are [`postgres_inserters`] of
-/// these (one on SQLite, which has one writer). A create that finds its
-/// inserter idle is inserted at once, alone; under load, creates gather
-/// while the statement before them commits. It runs apart from the
-/// requests, so a client that hangs up cannot stop a batch that others
-/// wait on.
-async fn insert_queued(writer: Writer, mut queue: mpsc::UnboundedReceiver<QueuedCreate>) {
+/// statement; there are [`postgres_inserters`] of these (one on SQLite,
+/// which has one writer). Up to `in_flight` statements of one inserter run
+/// at once: while one waits for its commit's WAL flush, the creates that
+/// arrive meanwhile are inserted by the next, and the flushes go together,
+/// so no create waits for another batch's flush while a slot is free. A
+/// create that finds a slot free is inserted at once, alone; under load,
+/// creates gather while every slot is busy.
+///
+/// Turns are assigned here, one batch after the other, counting the turns
+/// that batches still in flight gave their owners ([`InFlight`]), so an
+/// owner's creates never share a turn whatever commits first. It runs
+/// apart from the requests, so a client that hangs up cannot stop a batch
+/// that others wait on.
+async fn insert_queued(
+    writer: Writer,
+    mut queue: mpsc::UnboundedReceiver<QueuedCreate>,
+    in_flight: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let turns = Arc::new(std::sync::Mutex::new(InFlight::default()));
     let mut batch = Vec::with_capacity(MAX_CREATE_BATCH);
-    loop {
+    for seq in 0u64.. {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let received = queue.recv_many(&mut batch, MAX_CREATE_BATCH).await;
         if received == 0 {
             return;
         }
+        let mut batch = std::mem::take(&mut batch);
         let span = batch_span(&batch);
-        writer
-            .insert(std::mem::take(&mut batch))
-            .instrument(span)
+        let ahead = turns.lock().unwrap_or_else(|e| e.into_inner()).of(&batch);
+        // Each row takes its owner's next turn (an owner's later rows in
+        // this batch the turns after it) and its budget of attempts.
+        let assigned = writer
+            .queue
+            .assign(batch.iter_mut().map(|c| &mut c.row), &ahead)
+            .instrument(span.clone())
             .await;
+        if let Err(err) = assigned {
+            for create in batch {
+                let _ = create.reply.send(Err(err.clone()));
+            }
+            continue;
+        }
+        turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hold(&batch, seq);
+        let (writer, turns) = (writer.clone(), turns.clone());
+        tokio::spawn(async move {
+            let owners: Vec<String> = batch
+                .iter()
+                .map(|c| c.row.model.user_id.as_ref().clone())
+                .collect();
+            writer.write(batch).instrument(span).await;
+            turns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(&owners, seq);
+            drop(slot);
+        });
+    }
+}
+
+/// The last turn each owner got in a batch still being written, and that
+/// batch's number: the next batch's turns for that owner come after it,
+/// even before the database shows it.
+#[derive(Default)]
+struct InFlight(HashMap<String, (i64, u64)>);
+
+impl InFlight {
+    /// The turns in flight of the owners of `batch`.
+    fn of(&self, batch: &[QueuedCreate]) -> HashMap<String, i64> {
+        batch
+            .iter()
+            .filter_map(|c| {
+                let owner = c.row.model.user_id.as_ref();
+                self.0.get(owner).map(|(turn, _)| (owner.clone(), *turn))
+            })
+            .collect()
+    }
+
+    /// Records the turns batch `seq` gave its owners.
+    fn hold(&mut self, batch: &[QueuedCreate], seq: u64) {
+        for create in batch {
+            let turn = *create.row.model.fair_rank.as_ref();
+            let owner = create.row.model.user_id.as_ref().clone();
+            let entry = self.0.entry(owner).or_insert((turn, seq));
+            if turn >= entry.0 {
+                *entry = (turn, seq);
+            }
+        }
+    }
+
+    /// Forgets what batch `seq` held, once it is written; a later batch's
+    /// turns for the same owner stay.
+    fn release(&mut self, owners: &[String], seq: u64) {
+        for owner in owners {
+            if self
+                .0
+                .get(owner)
+                .is_some_and(|(_, held_by)| *held_by == seq)
+            {
+                self.0.remove(owner);
+            }
+        }
     }
 }
 
@@ -308,15 +389,16 @@ impl Inserters {
     /// Starts the inserters of `writer` on the current tokio runtime:
     /// [`postgres_inserters`] on PostgreSQL, one on SQLite (one writer).
     pub(super) fn start(writer: &Writer) -> Self {
-        let inserters = match writer.db.backend() {
-            Backend::Postgres => postgres_inserters(),
-            Backend::Sqlite => 1,
+        // SQLite has one writer: a second statement would only wait for it.
+        let (inserters, in_flight) = match writer.db.backend() {
+            Backend::Postgres => (postgres_inserters(), STATEMENTS_IN_FLIGHT),
+            Backend::Sqlite => (1, 1),
         };
         Self(
             (0..inserters)
                 .map(|_| {
                     let (creates, waiting) = mpsc::unbounded_channel();
-                    tokio::spawn(insert_queued(writer.clone(), waiting));
+                    tokio::spawn(insert_queued(writer.clone(), waiting, in_flight));
                     creates
                 })
                 .collect(),
