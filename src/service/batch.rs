@@ -375,14 +375,7 @@ impl SeaTaskService {
         let limit = limit as usize;
         let terms = (terms.0.as_str(), terms.1, terms.2);
         let backend = self.db().get_database_backend();
-        let in_reach: Vec<String> = self
-            .queue
-            .capped()
-            .await?
-            .iter()
-            .filter(|t| request.types.is_empty() || request.types.contains(t))
-            .cloned()
-            .collect();
+        let in_reach = self.queue.capped_in_reach(&request.types).await?;
         let claimed = if self.db().backend() == Backend::Postgres && !in_reach.is_empty() {
             // Claims of one capped type take turns (see `queue`).
             let txn = self.db().begin().await?;

@@ -10,8 +10,9 @@
 //! lowest rank first within a priority, so an owner who queues 30 tasks
 //! and one who queues 1 alternate: the second owner's task is claimed first
 //! or second. The rank is read when the create is written. One instance
-//! writes an owner's creates one statement after the other (one batch
-//! takes consecutive turns), so they read each other's turns; creates of
+//! assigns an owner's creates their turns one batch after the other (one
+//! batch takes consecutive turns), counting the turns of its batches still
+//! in flight, so they never share a turn; creates of
 //! one owner racing on two instances may take the same turn, which only
 //! orders them by `run_at` instead.
 //!
@@ -360,6 +361,18 @@ impl Queue {
             entry.processing = processing;
         }
         Ok(types.into_values().collect())
+    }
+
+    /// The capped types a claim of `types` (any when empty) may reach, as
+    /// read at most a second ago.
+    pub async fn capped_in_reach(&self, types: &[String]) -> TaskResult<Vec<String>> {
+        Ok(self
+            .capped()
+            .await?
+            .iter()
+            .filter(|t| types.is_empty() || types.contains(t))
+            .cloned()
+            .collect())
     }
 
     /// The capped types, as read at most a second ago.

@@ -418,17 +418,10 @@ impl TaskService for SeaTaskService {
         // PostgreSQL locks the capped types in reach first (see `queue`).
         let (caps, in_reach) = match self.db().backend() {
             Backend::Sqlite => (Caps::Counted, Vec::new()),
-            Backend::Postgres => {
-                let in_reach = self
-                    .queue
-                    .capped()
-                    .await?
-                    .iter()
-                    .filter(|t| request.types.is_empty() || request.types.contains(t))
-                    .cloned()
-                    .collect();
-                (Caps::Locked(&[]), in_reach)
-            }
+            Backend::Postgres => (
+                Caps::Locked(&[]),
+                self.queue.capped_in_reach(&request.types).await?,
+            ),
         };
         if in_reach.is_empty() {
             let stmt = queue::claim(&request.types, caps, at, worker_id, until);

@@ -14,6 +14,20 @@ fn example_config(app: &TestApp) -> worker_client::WorkerConfig {
     config
 }
 
+/// What the owner sees of each of `ids`: COMPLETED on the first attempt,
+/// with the example's result and full progress.
+async fn completed_by_the_example(app: &TestApp, owner: &str, ids: &[String]) {
+    for id in ids {
+        let task = data(app.gql(Some(owner), TASK, json!({ "id": id })).await)["task"].clone();
+        assert_eq!(task["status"], "COMPLETED", "{task}");
+        assert_eq!(task["resultId"], worker_client::result_id_for(id));
+        assert_eq!(
+            (&task["progress"], &task["attempts"]),
+            (&json!(100), &json!(1))
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_example_worker_completes_users_tasks_end_to_end() {
     let app = spawn_app().await;
@@ -49,16 +63,7 @@ async fn the_example_worker_completes_users_tasks_end_to_end() {
         }
     );
 
-    // What alice sees.
-    for id in &wanted {
-        let task = data(app.gql(Some(&alice), TASK, json!({ "id": id })).await)["task"].clone();
-        assert_eq!(task["status"], "COMPLETED", "{task}");
-        assert_eq!(task["resultId"], worker_client::result_id_for(id));
-        assert_eq!(
-            (&task["progress"], &task["attempts"]),
-            (&json!(100), &json!(1))
-        );
-    }
+    completed_by_the_example(&app, &alice, &wanted).await;
     let untouched = data(
         app.gql(Some(&alice), TASK, json!({ "id": email["id"] }))
             .await,
@@ -156,15 +161,7 @@ async fn the_example_worker_in_batches_completes_each_task_once() {
             abandoned: 0
         }
     );
-    for id in &wanted {
-        let task = data(app.gql(Some(&alice), TASK, json!({ "id": id })).await)["task"].clone();
-        assert_eq!(task["status"], "COMPLETED", "{task}");
-        assert_eq!(task["resultId"], worker_client::result_id_for(id));
-        assert_eq!(
-            (&task["progress"], &task["attempts"]),
-            (&json!(100), &json!(1))
-        );
-    }
+    completed_by_the_example(&app, &alice, &wanted).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
