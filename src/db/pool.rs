@@ -88,12 +88,13 @@ pub fn is_unavailable(err: &DbErr) -> bool {
     }
     match sqlx_error.as_ref() {
         // query_canceled (statement_timeout), too_many_connections,
-        // insufficient resources; SQLite's "database is locked" after its
-        // busy timeout.
+        // insufficient resources; a deadlock or serialization failure (the
+        // victim's transaction rolled back whole, so a retry is safe);
+        // SQLite's "database is locked" after its busy timeout.
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             matches!(
                 code.as_ref(),
-                "57014" | "53300" | "53000" | "5" | "6" | "517"
+                "57014" | "53300" | "53000" | "40P01" | "40001" | "5" | "6" | "517"
             )
         }),
         _ => false,

@@ -12,9 +12,9 @@
 //! or second. The rank is read when the create is written. One instance
 //! assigns an owner's creates their turns one batch after the other (one
 //! batch takes consecutive turns), counting the turns of its batches still
-//! in flight, so they never share a turn; creates of
-//! one owner racing on two instances may take the same turn, which only
-//! orders them by `run_at` instead.
+//! in flight, so they never share a turn; creates of one owner racing on
+//! two instances, or a `createTasks` racing the same owner's `createTask`,
+//! may take the same turn, which only orders them by `run_at` instead.
 //!
 //! **The cap.** A claim that may take a capped type counts that type's
 //! PROCESSING tasks in the claim statement. On SQLite the statement is the

@@ -24,8 +24,8 @@ use crate::error::{TaskError, TaskResult};
 
 /// Most creates one statement inserts.
 const MAX_CREATE_BATCH: usize = 64;
-/// Insert statements one inserter has in flight at once on PostgreSQL (see
-/// [`insert_queued`]).
+/// Most insert statements one inserter has in flight at once on PostgreSQL
+/// (see [`insert_queued`]); fewer when the pool is small.
 const STATEMENTS_IN_FLIGHT: usize = 4;
 /// Inserters of batched creates on PostgreSQL:
 /// one per four cores, one to four. While one commits (waits for its WAL
@@ -141,10 +141,27 @@ impl Writer {
         let keyed = batch
             .iter()
             .any(|create| create.row.model.idempotency_key.as_ref().is_some());
-        let rows = batch.iter().map(|create| NewRow {
-            model: create.row.model.clone(),
-            max_attempts: create.row.max_attempts,
-        });
+        // Rows in (owner, key) order, as `createTasks` inserts them: two
+        // statements in flight that share keys wait on each other's keys in
+        // the same order instead of deadlocking.
+        let mut rows: Vec<NewRow> = batch
+            .iter()
+            .map(|create| NewRow {
+                model: create.row.model.clone(),
+                max_attempts: create.row.max_attempts,
+            })
+            .collect();
+        if keyed {
+            rows.sort_by(|a, b| {
+                let key = |row: &NewRow| {
+                    (
+                        row.model.user_id.as_ref().clone(),
+                        row.model.idempotency_key.as_ref().clone(),
+                    )
+                };
+                key(a).cmp(&key(b))
+            });
+        }
         // Every column is set here, so an inserted task is its row as made:
         // the insert returns only the ids it wrote.
         let mut insert = insert_rows(rows, keyed);
@@ -390,8 +407,14 @@ impl Inserters {
     /// [`postgres_inserters`] on PostgreSQL, one on SQLite (one writer).
     pub(super) fn start(writer: &Writer) -> Self {
         // SQLite has one writer: a second statement would only wait for it.
+        // On PostgreSQL the inserts in flight hold at most half the pool,
+        // so claims and reads still get connections under a burst.
         let (inserters, in_flight) = match writer.db.backend() {
-            Backend::Postgres => (postgres_inserters(), STATEMENTS_IN_FLIGHT),
+            Backend::Postgres => {
+                let inserters = postgres_inserters();
+                let half = writer.db.settings().max_connections as usize / 2;
+                (inserters, (half / inserters).clamp(1, STATEMENTS_IN_FLIGHT))
+            }
             Backend::Sqlite => (1, 1),
         };
         Self(

@@ -211,9 +211,11 @@ pub async fn fold_deltas(db: &Db) -> TaskResult<u64> {
 }
 
 /// The tables that writes append to and a reader empties; a vacuum already
-/// running on one of them is left to finish.
+/// running on one of them is left to finish. Their empty pages are kept
+/// for the next second's rows (`TRUNCATE false`): giving them back would
+/// take a lock that every write's trigger waits on.
 const VACUUM_QUEUES: &str =
-    "VACUUM (SKIP_LOCKED) task_changes, task_count_deltas, task_stats_deltas";
+    "VACUUM (SKIP_LOCKED, TRUNCATE false) task_changes, task_count_deltas, task_stats_deltas";
 
 /// Deletes the per-minute counters older than [`STATS_MINUTES_KEPT`]
 /// minutes before `now` (a day, the longest throughput window, and an
