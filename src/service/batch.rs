@@ -23,7 +23,6 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::line::CLAIM_ORDER;
-use super::queue;
 use super::sea::{SeaTaskService, now, same_create};
 use super::transitions::{self, Move, lease_deadline};
 use super::writer::{NewRow, ids_of, insert_rows, rows_of};
@@ -263,14 +262,6 @@ impl SeaTaskService {
             .iter()
             .map(|row| row.model.clone().try_into_model())
             .collect::<Result<Vec<Task>, _>>()?;
-        // Rows in key order, so that two batches sharing keys wait on each
-        // other's keys in the same order instead of deadlocking.
-        rows.sort_by(|a, b| {
-            a.model
-                .idempotency_key
-                .as_ref()
-                .cmp(b.model.idempotency_key.as_ref())
-        });
         let keyed = made.iter().any(|task| task.idempotency_key.is_some());
         let mut insert = insert_rows(rows, keyed);
         insert.returning_col(Column::Id);
@@ -377,17 +368,10 @@ impl SeaTaskService {
         let backend = self.db().get_database_backend();
         let in_reach = self.queue.capped_in_reach(&request.types).await?;
         let claimed = if self.db().backend() == Backend::Postgres && !in_reach.is_empty() {
-            // Claims of one capped type take turns (see `queue`).
-            let txn = self.db().begin().await?;
-            let locked: Vec<String> =
-                rows_of_names(&txn, self.writer.statement(&queue::lock_capped(&in_reach))).await?;
-            let stmt = claim_many(backend, &request.types, &locked, limit, terms);
-            let claimed = rows_of(&txn, stmt).await?;
-            txn.commit().await?;
-            if !claimed.is_empty() {
-                self.writer.wrote();
-            }
-            claimed
+            self.claim_locked(&in_reach, |locked| {
+                claim_many(backend, &request.types, locked, limit, terms)
+            })
+            .await?
         } else {
             let stmt = claim_many(backend, &request.types, &in_reach, limit, terms);
             self.writer.commit_raw(stmt).await?

@@ -183,11 +183,7 @@ impl SeaTaskService {
         self.find(task_id, user).await?.ok_or(TaskError::NotFound)
     }
 
-    pub(super) async fn find_by_key(
-        &self,
-        user: &CurrentUser,
-        key: &str,
-    ) -> TaskResult<Option<Task>> {
+    async fn find_by_key(&self, user: &CurrentUser, key: &str) -> TaskResult<Option<Task>> {
         self.select_one(
             Tasks::find()
                 .filter(Column::UserId.eq(&user.id))
@@ -198,23 +194,19 @@ impl SeaTaskService {
 
     /// A claim that may take a capped type, on PostgreSQL: the policy rows
     /// of the capped types in reach are locked first, so the claim counts
-    /// every claim of them committed before (see `queue`).
-    async fn claim_capped(
+    /// every claim of them committed before (see `queue`). `claim` makes
+    /// the claim's statement (`RETURNING *`) for the types it locked.
+    pub(super) async fn claim_locked(
         &self,
-        types: &[String],
         in_reach: &[String],
-        at: DateTime<Utc>,
-        worker_id: &str,
-        until: DateTime<Utc>,
-    ) -> TaskResult<Option<Task>> {
+        claim: impl FnOnce(&[String]) -> sea_orm::Statement,
+    ) -> TaskResult<Vec<Task>> {
         let txn = self.db().begin().await?;
         let locked =
             rows_of_names(&txn, self.writer.statement(&queue::lock_capped(in_reach))).await?;
-        let mut stmt = queue::claim(types, Caps::Locked(&locked), at, worker_id, until);
-        stmt.returning_all();
-        let claimed = self.writer.rows_in(&txn, &stmt).await?.pop();
+        let claimed = rows_of(&txn, claim(&locked)).await?;
         txn.commit().await?;
-        if claimed.is_some() {
+        if !claimed.is_empty() {
             self.writer.wrote();
         }
         Ok(claimed)
@@ -428,8 +420,14 @@ impl TaskService for SeaTaskService {
             return self.make(Move::Claim, stmt).await;
         }
         let claimed = self
-            .claim_capped(&request.types, &in_reach, at, worker_id, until)
-            .await?;
+            .claim_locked(&in_reach, |locked| {
+                let mut stmt =
+                    queue::claim(&request.types, Caps::Locked(locked), at, worker_id, until);
+                stmt.returning_all();
+                self.writer.statement(&stmt)
+            })
+            .await?
+            .pop();
         if let Some(task) = &claimed {
             self.moved(Move::Claim, task);
         }

@@ -324,19 +324,28 @@ fn by_id(arms: impl IntoIterator<Item = (Uuid, Expr)>, otherwise: Expr) -> Expr 
     case.finally(otherwise).into()
 }
 
+/// [`Move::update`] of the tasks of `fences`, each only while its
+/// `attempts` equals the attempt given with it.
+fn fenced_each(mv: Move, fences: &[(Uuid, i32)], at: DateTime<Utc>) -> UpdateStatement {
+    let mut stmt = mv.update(at);
+    let expected = fences.iter().map(|(id, n)| (*id, Expr::val(*n)));
+    stmt.and_where(Expr::col(Column::Id).is_in(fences.iter().map(|(id, _)| *id)))
+        .and_where(Expr::col(Column::Attempts).eq(by_id(expected, Expr::val(Option::<i32>::None))));
+    stmt
+}
+
 /// `completeTasks`: each task COMPLETED as `updateTaskStatus(COMPLETED)`
 /// would, in one statement, each fenced by its own expected attempt.
 pub fn complete_many(items: &[Completion], at: DateTime<Utc>) -> UpdateStatement {
-    let mut stmt = Move::Complete.update(at);
-    let expected = items
+    let fences: Vec<(Uuid, i32)> = items
         .iter()
-        .map(|c| (c.task_id, Expr::val(c.expected_attempt)));
+        .map(|c| (c.task_id, c.expected_attempt))
+        .collect();
+    let mut stmt = fenced_each(Move::Complete, &fences, at);
     let results = items
         .iter()
         .filter_map(|c| Some((c.task_id, Expr::val(c.result_id.clone()?))));
-    stmt.and_where(Expr::col(Column::Id).is_in(items.iter().map(|c| c.task_id)))
-        .and_where(Expr::col(Column::Attempts).eq(by_id(expected, Expr::val(Option::<i32>::None))))
-        .and_where(attempt_is_open())
+    stmt.and_where(attempt_is_open())
         .value(
             Column::ResultId,
             by_id(results, Expr::col(Column::ResultId)),
@@ -351,20 +360,18 @@ pub fn complete_many(items: &[Completion], at: DateTime<Utc>) -> UpdateStatement
 /// `heartbeatTasks`: each lease until `until`, with its progress when
 /// given, in one statement, each fenced by its own expected attempt.
 pub fn heartbeat_many(items: &[Beat], until: DateTime<Utc>, at: DateTime<Utc>) -> UpdateStatement {
-    let mut stmt = Move::Heartbeat.update(at);
-    let expected = items
+    let fences: Vec<(Uuid, i32)> = items
         .iter()
-        .map(|b| (b.task_id, Expr::val(b.expected_attempt)));
+        .map(|b| (b.task_id, b.expected_attempt))
+        .collect();
+    let mut stmt = fenced_each(Move::Heartbeat, &fences, at);
     let progress = items
         .iter()
         .filter_map(|b| Some((b.task_id, Expr::val(b.progress?))));
-    stmt.and_where(Expr::col(Column::Id).is_in(items.iter().map(|b| b.task_id)))
-        .and_where(Expr::col(Column::Attempts).eq(by_id(expected, Expr::val(Option::<i32>::None))))
-        .value(Column::LeaseExpiresAt, until)
-        .value(
-            Column::Progress,
-            by_id(progress, Expr::col(Column::Progress)),
-        );
+    stmt.value(Column::LeaseExpiresAt, until).value(
+        Column::Progress,
+        by_id(progress, Expr::col(Column::Progress)),
+    );
     stmt
 }
 

@@ -141,27 +141,13 @@ impl Writer {
         let keyed = batch
             .iter()
             .any(|create| create.row.model.idempotency_key.as_ref().is_some());
-        // Rows in (owner, key) order, as `createTasks` inserts them: two
-        // statements in flight that share keys wait on each other's keys in
-        // the same order instead of deadlocking.
-        let mut rows: Vec<NewRow> = batch
+        let rows = batch
             .iter()
             .map(|create| NewRow {
                 model: create.row.model.clone(),
                 max_attempts: create.row.max_attempts,
             })
             .collect();
-        if keyed {
-            rows.sort_by(|a, b| {
-                let key = |row: &NewRow| {
-                    (
-                        row.model.user_id.as_ref().clone(),
-                        row.model.idempotency_key.as_ref().clone(),
-                    )
-                };
-                key(a).cmp(&key(b))
-            });
-        }
         // Every column is set here, so an inserted task is its row as made:
         // the insert returns only the ids it wrote.
         let mut insert = insert_rows(rows, keyed);
@@ -205,16 +191,27 @@ pub(super) fn ids_of(rows: Vec<sea_orm::QueryResult>) -> TaskResult<HashSet<Uuid
 /// The insert of `rows`; with `keyed` (some row has an idempotency key),
 /// a row whose key is taken inserts nothing (`ON CONFLICT DO NOTHING`:
 /// NULL keys never conflict). Without keys the plain insert is cheaper: a
-/// speculative insert costs PostgreSQL about a fifth more per row.
+/// speculative insert costs PostgreSQL about a fifth more per row. Keyed
+/// rows go in (owner, key) order, so two statements in flight that share
+/// keys (an inserter's, a `createTasks`) wait on each other's keys in the
+/// same order instead of deadlocking.
 pub(super) fn insert_rows(
-    rows: impl IntoIterator<Item = NewRow>,
+    mut rows: Vec<NewRow>,
     keyed: bool,
 ) -> sea_orm::sea_query::InsertStatement {
-    let insert = Tasks::insert_many(rows.into_iter().map(|row| row.model));
     if !keyed {
-        return insert.into_query();
+        return Tasks::insert_many(rows.into_iter().map(|row| row.model)).into_query();
     }
-    insert
+    rows.sort_by(|a, b| {
+        let key = |row: &NewRow| {
+            (
+                row.model.user_id.as_ref().clone(),
+                row.model.idempotency_key.as_ref().clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    Tasks::insert_many(rows.into_iter().map(|row| row.model))
         .on_conflict(
             OnConflict::columns([Column::UserId, Column::IdempotencyKey])
                 .do_nothing()
