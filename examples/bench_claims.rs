@@ -469,11 +469,16 @@ async fn run_raw(
 
 /// Takes one cycle from the budget; false once it is spent.
 fn take(budget: &AtomicUsize) -> bool {
+    take_many(budget, 1) == 1
+}
+
+/// Takes up to `n` from the budget; how many it took.
+fn take_many(budget: &AtomicUsize, n: usize) -> usize {
     budget
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-            left.checked_sub(1)
+            Some(left - left.min(n))
         })
-        .is_ok()
+        .map_or(0, |left| left.min(n))
 }
 
 /// Writes `n` pending tasks as a deep, mixed queue: 10 types, 1,000 owners

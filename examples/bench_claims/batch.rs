@@ -2,7 +2,7 @@
 //! creates N tasks, claims N and completes what it claimed, one call (or one
 //! statement) for each, through `TaskService` and as raw SQL.
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use entity::Tasks;
 use entity::tasks::ActiveModel;
@@ -13,18 +13,9 @@ use taskql::auth::CurrentUser;
 use taskql::service::{ClaimRequest, Completion, NewTask, SeaTaskService, TaskService, Worker};
 use uuid::Uuid;
 
-use super::LEASE;
+use super::{LEASE, take_many};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Takes up to `n` from the budget; how many it took.
-fn take_many(budget: &AtomicUsize, n: usize) -> usize {
-    budget
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-            Some(left - left.min(n))
-        })
-        .map_or(0, |left| left.min(n))
-}
 
 fn metadata(i: usize) -> serde_json::Value {
     serde_json::json!({ "prompt": "a red fox", "n": i })

@@ -215,12 +215,7 @@ struct Budget(Option<AtomicUsize>);
 
 impl Budget {
     fn take(&self) -> bool {
-        match &self.0 {
-            None => true,
-            Some(left) => left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok(),
-        }
+        self.take_many(1) == 1
     }
 
     fn give_back(&self) {

@@ -104,11 +104,16 @@ pub(crate) fn worker(ctx: &Context<'_>) -> async_graphql::Result<Worker> {
 }
 
 pub(crate) fn task_id(id: &ID) -> async_graphql::Result<Uuid> {
+    parse_task_id(id).map_err(graphql_error)
+}
+
+/// `id` as a task id, or BAD_USER_INPUT quoting it.
+pub(crate) fn parse_task_id(id: &ID) -> Result<Uuid, TaskError> {
     Uuid::parse_str(id.as_str()).map_err(|_| {
-        graphql_error(TaskError::invalid(format!(
+        TaskError::invalid(format!(
             "'{}' is not a task id",
             crate::error::echo(id.as_str())
-        )))
+        ))
     })
 }
 

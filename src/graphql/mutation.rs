@@ -4,24 +4,13 @@ use super::policy::{TaskType, TaskTypePolicyInput};
 use super::types::{
     CompleteTaskInput, CreateTaskInput, HeartbeatTaskInput, Task, TaskReport, UpdateTaskStatusInput,
 };
-use super::{current_user, graphql_error, lease, service, task_id, worker};
-use crate::error::TaskError;
+use super::{current_user, graphql_error, lease, parse_task_id, service, task_id, worker};
 use crate::service::{Beat, ClaimRequest, Completion, Heartbeat, StatusUpdate};
 
 /// The task id of each report's input, or BAD_USER_INPUT naming the input.
 fn report_ids<'a>(ids: impl Iterator<Item = &'a ID>) -> Result<Vec<uuid::Uuid>> {
     ids.enumerate()
-        .map(|(i, id)| {
-            uuid::Uuid::parse_str(id.as_str()).map_err(|_| {
-                graphql_error(
-                    TaskError::invalid(format!(
-                        "'{}' is not a task id",
-                        crate::error::echo(id.as_str())
-                    ))
-                    .at_input(i),
-                )
-            })
-        })
+        .map(|(i, id)| parse_task_id(id).map_err(|e| graphql_error(e.at_input(i))))
         .collect()
 }
 
