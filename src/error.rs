@@ -21,6 +21,15 @@ pub enum TaskError {
     /// retrying later. The detail is logged, never shown.
     #[error("the database is unavailable; try again shortly")]
     Unavailable(String),
+    /// A change went to the database and its answer never came (the
+    /// request's deadline passed, or the connection broke): it may or may
+    /// not have been made. The detail is logged, never shown.
+    #[error(
+        "the database did not answer in time, so this change may or may not have been made: \
+         read the task to see. A create repeated with the same idempotencyKey is never made \
+         twice; a claim made unseen goes back to the queue when its lease expires"
+    )]
+    Unconfirmed(String),
     /// The detail is logged, never shown: it may hold a database message.
     #[error("internal server error")]
     Internal(String),
@@ -69,9 +78,18 @@ impl TaskError {
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::Forbidden(_) => "FORBIDDEN",
             Self::CursorExpired(_) => "CURSOR_EXPIRED",
-            Self::Unavailable(_) => "SERVICE_UNAVAILABLE",
+            Self::Unavailable(_) | Self::Unconfirmed(_) => "SERVICE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL_SERVER_ERROR",
             Self::AtInput { error, .. } => error.code(),
+        }
+    }
+
+    /// Whether the database was unreachable or too slow: worth retrying.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::Unconfirmed(_) => true,
+            Self::AtInput { error, .. } => error.is_unavailable(),
+            _ => false,
         }
     }
 }
@@ -79,7 +97,10 @@ impl TaskError {
 impl From<sea_orm::DbErr> for TaskError {
     fn from(err: sea_orm::DbErr) -> Self {
         let detail = err.to_string();
-        if crate::db::is_unavailable(&err) {
+        if crate::db::is_unconfirmed(&err) {
+            tracing::warn!(error = %detail, "no answer to a change sent to the database");
+            Self::Unconfirmed(detail)
+        } else if crate::db::is_unavailable(&err) {
             tracing::warn!(error = %detail, "database unavailable");
             Self::Unavailable(detail)
         } else {

@@ -129,14 +129,47 @@ pub struct DatabaseSettings {
         value_parser = Setting(parse::timeout)
     )]
     pub acquire_timeout: Duration,
-    /// Longest a database statement may run.
+    /// Longest a database statement may run (PostgreSQL's
+    /// `statement_timeout`): shorter than the request timeout, so that the
+    /// database ends a slow statement before the request's deadline does.
     #[arg(
         long = "db-statement-timeout",
         value_name = "DB_STATEMENT_TIMEOUT",
         env = "TASKQL_DB_STATEMENT_TIMEOUT",
-        default_value = "10s",
+        default_value = "5s",
         global = true,
         value_parser = Setting(parse::timeout)
     )]
     pub statement_timeout: Duration,
+    /// Longest a GraphQL operation, or one read of a subscription, waits on
+    /// the database in all (connections, statements, `BEGIN`, `COMMIT`,
+    /// retries) before it fails with SERVICE_UNAVAILABLE.
+    #[arg(
+        long = "request-timeout",
+        value_name = "REQUEST_TIMEOUT",
+        env = "TASKQL_REQUEST_TIMEOUT",
+        default_value = "10s",
+        global = true,
+        value_parser = Setting(parse::timeout)
+    )]
+    pub request_timeout: Duration,
+}
+
+impl DatabaseSettings {
+    /// The statement timeout must fall inside the request's deadline: past
+    /// it the request closes the statement's connection before PostgreSQL's
+    /// own cancel can end the statement and keep the connection.
+    pub(super) fn check_deadlines(&self) -> Result<(), super::ConfigError> {
+        if self.statement_timeout >= self.request_timeout {
+            return Err(super::ConfigError::new(
+                "TASKQL_DB_STATEMENT_TIMEOUT",
+                format!(
+                    "must be shorter than TASKQL_REQUEST_TIMEOUT ({:?}), so that the database \
+                     ends a slow statement before the request's deadline does",
+                    self.request_timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
 }

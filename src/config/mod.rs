@@ -147,6 +147,7 @@ pub struct Config {
 impl Config {
     /// Checks what no one setting's parser can: the settings together.
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        settings.database.check_deadlines()?;
         Ok(Self {
             auth: AuthConfig::new(&settings.auth, &settings.database.url)?,
             database: settings.database.clone(),

@@ -97,6 +97,16 @@ fn bad_settings_name_themselves() {
             &["--db-statement-timeout", "2h"],
             "TASKQL_DB_STATEMENT_TIMEOUT",
         ),
+        (&["--request-timeout", "0s"], "TASKQL_REQUEST_TIMEOUT"),
+        // The statement timeout must end inside the request's deadline.
+        (
+            &["--db-statement-timeout", "10s"],
+            "TASKQL_DB_STATEMENT_TIMEOUT",
+        ),
+        (
+            &["--db-statement-timeout", "2s", "--request-timeout", "2s"],
+            "TASKQL_DB_STATEMENT_TIMEOUT",
+        ),
         (
             &["--max-subscriptions-per-connection", "100001"],
             "TASKQL_MAX_SUBSCRIPTIONS_PER_CONNECTION",
@@ -185,7 +195,8 @@ fn defaults_come_from_the_parser() {
     assert_eq!(settings.http.listen.to_string(), "127.0.0.1:8000");
     assert_eq!(settings.database.max_connections, 10);
     assert_eq!(settings.database.acquire_timeout, Duration::from_secs(3));
-    assert_eq!(settings.database.statement_timeout, Duration::from_secs(10));
+    assert_eq!(settings.database.statement_timeout, Duration::from_secs(5));
+    assert_eq!(settings.database.request_timeout, Duration::from_secs(10));
     assert_eq!(
         settings.database.url.as_str(),
         "sqlite://taskql.db?mode=rwc"

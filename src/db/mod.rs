@@ -9,10 +9,12 @@
 //! never reuses a connection whose statement failed at the connection level
 //! or was cancelled midway; it closes it. And every wait is bounded: getting
 //! a connection (`acquire_timeout`), each statement (`statement_timeout`,
-//! enforced by PostgreSQL), and each call as a whole, here: a connection and
-//! its statement within `acquire_timeout + statement_timeout`. In a network
-//! partition packets vanish, the server's timeout never reaches taskql and
-//! TCP may wait indefinitely; only this side's deadline ends the wait.
+//! enforced by PostgreSQL), each call as a whole, here (a connection and its
+//! statement within `acquire_timeout + statement_timeout`, and never past
+//! `request_timeout`), and every call of one request together, by the
+//! request's deadline ([`deadline`]). In a network partition packets vanish,
+//! the server's timeout never reaches taskql and TCP may wait indefinitely;
+//! only this side's deadline ends the wait.
 //!
 //! SeaORM's entity API runs on `Db` through `ConnectionTrait`, so the
 //! service builds its statements with SeaORM. Every connection's options
@@ -29,17 +31,16 @@ use sea_orm::{
 };
 use tokio::sync::Semaphore;
 
-/// The moment a database call is given up.
-type Deadline = tokio::time::Instant;
-
 pub use crate::config::Backend;
+use deadline::Deadline;
 pub use settings::DbSettings;
 
+pub mod deadline;
 mod pool;
 mod settings;
 
-use pool::{Connector, Pool, sqlx_err, timed_out};
-pub use pool::{Pooled, is_unavailable};
+use pool::{Connector, Pool, sqlx_err, timed_out, unless_confirmed};
+pub use pool::{Pooled, is_unavailable, is_unconfirmed};
 
 /// SQLite allows one writer at a time; more connections only queue.
 pub const MAX_SQLITE_CONNECTIONS: u32 = 8;
@@ -59,6 +60,8 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
     /// Longest a statement may run.
     pub statement_timeout: Duration,
+    /// Longest a request's database calls may take together (see [`deadline`]).
+    pub request_timeout: Duration,
 }
 
 impl From<&crate::config::DatabaseSettings> for PoolSettings {
@@ -67,6 +70,7 @@ impl From<&crate::config::DatabaseSettings> for PoolSettings {
             max_connections: settings.max_connections,
             acquire_timeout: settings.acquire_timeout,
             statement_timeout: settings.statement_timeout,
+            request_timeout: settings.request_timeout,
         }
     }
 }
@@ -74,12 +78,14 @@ impl From<&crate::config::DatabaseSettings> for PoolSettings {
 impl PoolSettings {
     /// The longest one database call takes on this side: getting a
     /// connection, then its statement (in a transaction, `BEGIN`, each
-    /// statement and `COMMIT` are calls of their own). Past it the call fails
-    /// with SERVICE_UNAVAILABLE and its connection is closed. What the wait
-    /// for a connection left of `acquire_timeout` is the statement's grace
-    /// past `statement_timeout`, for the server's own timeout to answer first.
+    /// statement and `COMMIT` are calls of their own), and never longer than
+    /// a whole request. Past it the call fails with SERVICE_UNAVAILABLE and
+    /// its connection is closed. What the wait for a connection left of
+    /// `acquire_timeout` is the statement's grace past `statement_timeout`,
+    /// for the server's own timeout to answer first. A request's deadline
+    /// ([`deadline`]) may end a call sooner.
     pub fn call_limit(&self) -> Duration {
-        self.acquire_timeout + self.statement_timeout
+        (self.acquire_timeout + self.statement_timeout).min(self.request_timeout)
     }
 }
 
@@ -180,13 +186,18 @@ impl Db {
         self.pool.discard_idle();
     }
 
-    /// A connection, within `acquire_timeout` (SERVICE_UNAVAILABLE after).
+    /// A connection, within `acquire_timeout` and the request's deadline
+    /// (SERVICE_UNAVAILABLE after).
     pub async fn acquire(&self) -> Result<Pooled, DbErr> {
         self.acquire_within(self.pool.settings.acquire_timeout)
             .await
     }
 
     async fn acquire_within(&self, limit: Duration) -> Result<Pooled, DbErr> {
+        let limit = match deadline::current() {
+            Some(deadline) => limit.min(deadline.saturating_duration_since(Deadline::now())),
+            None => limit,
+        };
         self.pool.acquire(limit).await
     }
 
@@ -227,7 +238,7 @@ impl Db {
         let deadline = self.pool.call_deadline();
         let mut conn = self.acquire().await?;
         let again = (retry == Retry::OnStaleConnection).then(|| values.clone());
-        match conn.fetch_all_by(&sql, values, deadline).await {
+        let outcome = match conn.fetch_all_by(&sql, values, deadline).await {
             Err(err) if !conn.is_alive() && again.is_some() && Deadline::now() < deadline => {
                 drop(conn);
                 tracing::debug!(error = %err, "a read failed on a stale connection; trying a fresh one");
@@ -239,6 +250,10 @@ impl Db {
                     .await
             }
             outcome => outcome,
+        };
+        match retry {
+            Retry::Never => outcome.map_err(unless_confirmed),
+            Retry::OnStaleConnection => outcome,
         }
     }
 }
@@ -298,13 +313,17 @@ impl ConnectionTrait for Db {
         let values = stmt.values.unwrap_or(Values(Vec::new()));
         let deadline = self.pool.call_deadline();
         let mut conn = self.acquire().await?;
-        conn.execute_by(&stmt.sql, values, deadline).await
+        conn.execute_by(&stmt.sql, values, deadline)
+            .await
+            .map_err(unless_confirmed)
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
         let deadline = self.pool.call_deadline();
         let mut conn = self.acquire().await?;
-        conn.execute_unprepared_by(sql, deadline).await
+        conn.execute_unprepared_by(sql, deadline)
+            .await
+            .map_err(unless_confirmed)
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
@@ -325,8 +344,10 @@ pub struct DbTransaction {
 }
 
 impl DbTransaction {
+    /// Commits; an error that leaves unknown whether the commit happened
+    /// says so ([`is_unconfirmed`]).
     pub async fn commit(self) -> Result<(), DbErr> {
-        self.finish("COMMIT").await
+        self.finish("COMMIT").await.map_err(unless_confirmed)
     }
 
     pub async fn rollback(self) -> Result<(), DbErr> {

@@ -13,7 +13,7 @@ use sea_query_sqlx::SqlxValues;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument as _;
 
-use super::{Backend, Deadline, PING_AFTER_IDLE, PoolSettings};
+use super::{Backend, Deadline, PING_AFTER_IDLE, PoolSettings, deadline};
 
 #[derive(Clone)]
 pub(super) enum Connector {
@@ -53,6 +53,43 @@ pub(super) fn timed_out(what: &str) -> sqlx::Error {
         std::io::ErrorKind::TimedOut,
         format!("the database did not answer {what} in time"),
     ))
+}
+
+/// A call that may have changed something (a statement outside a
+/// transaction, or `COMMIT`) went out, and its answer never came: the
+/// connection broke or the deadline passed. Whether the change was made is
+/// unknown.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer came to a change sent to the database: {0}")]
+struct Unconfirmed(String);
+
+/// `err`, from a call that may have changed something, marked
+/// [`Unconfirmed`] when it came after the call went out and left its
+/// outcome unknown.
+pub(super) fn unless_confirmed(err: DbErr) -> DbErr {
+    let (DbErr::Exec(RuntimeErr::SqlxError(sqlx_error))
+    | DbErr::Query(RuntimeErr::SqlxError(sqlx_error))) = &err
+    else {
+        return err;
+    };
+    // A call that found its connection already gone never went out.
+    if matches!(sqlx_error.as_ref(), sqlx::Error::PoolClosed) || !breaks_connection(sqlx_error) {
+        return err;
+    }
+    let unconfirmed = std::io::Error::other(Unconfirmed(sqlx_error.to_string()));
+    sqlx_err(DbErr::Exec, sqlx::Error::Io(unconfirmed))
+}
+
+/// Whether `err` leaves unknown whether a change was made (see
+/// [`Unconfirmed`]).
+pub fn is_unconfirmed(err: &DbErr) -> bool {
+    match err {
+        DbErr::Exec(RuntimeErr::SqlxError(e)) => match e.as_ref() {
+            sqlx::Error::Io(io) => io.get_ref().is_some_and(|inner| inner.is::<Unconfirmed>()),
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// Whether a connection that returned this error must not be used again.
@@ -368,9 +405,11 @@ impl Pool {
         }
     }
 
-    /// When a call starting now must have ended.
+    /// When a call starting now must have ended: after the call limit, or
+    /// at the request's deadline if that comes first.
     pub(super) fn call_deadline(&self) -> Deadline {
-        Deadline::now() + self.settings.call_limit()
+        let limit = Deadline::now() + self.settings.call_limit();
+        deadline::current().map_or(limit, |request| request.min(limit))
     }
 
     pub(super) fn discard_idle(&self) {

@@ -80,6 +80,13 @@ pub(crate) fn graphql_error(err: TaskError) -> async_graphql::Error {
     err.extend()
 }
 
+/// A service error as an error of a whole response (it has no location).
+pub(crate) fn server_error(err: TaskError) -> async_graphql::ServerError {
+    let mut error = async_graphql::ServerError::new(err.to_string(), None);
+    error.extensions = graphql_error(err).extensions;
+    error
+}
+
 pub(crate) fn service<'a>(ctx: &Context<'a>) -> &'a Arc<dyn TaskService> {
     ctx.data_unchecked::<Arc<dyn TaskService>>()
 }

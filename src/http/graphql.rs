@@ -19,11 +19,16 @@ use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use serde::Deserialize;
+use std::future::Future;
 use std::sync::Arc;
 use tracing::Instrument as _;
 
 use super::{HttpState, MAX_BATCH, caller_from_headers, request_error};
+use crate::db::deadline::{self, Deadline};
+use crate::error::TaskError;
 use crate::graphql::{self, Caller, WireResponse};
 
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json; charset=utf-8";
@@ -190,6 +195,54 @@ pub(super) fn prepare(
     (request, operation)
 }
 
+/// The answer to an operation cut at its request's deadline: the database
+/// did not answer in time, and a mutation's change may have been made.
+fn past_deadline(kind: Option<OperationType>) -> Response {
+    let error = if kind == Some(OperationType::Mutation) {
+        TaskError::Unconfirmed("the request's deadline passed".into())
+    } else {
+        TaskError::Unavailable("the request's deadline passed".into())
+    };
+    tracing::warn!(
+        kind = kind_name(kind),
+        "an operation passed its request's deadline"
+    );
+    Response::from_errors(vec![graphql::server_error(error)])
+}
+
+/// Runs one operation to end by `deadline` (see `crate::db::deadline`).
+async fn by_deadline(
+    deadline: Deadline,
+    kind: Option<OperationType>,
+    execute: impl Future<Output = Response>,
+) -> Response {
+    deadline::until(deadline, execute)
+        .await
+        .unwrap_or_else(|_| past_deadline(kind))
+}
+
+/// An operation's responses on a stream transport: a query's or a
+/// mutation's one answer within `TASKQL_REQUEST_TIMEOUT` from now. A
+/// subscription waits as long as it likes for changes; its start and each
+/// read it makes have deadlines of their own, in the service.
+pub(super) fn bounded(
+    state: &HttpState,
+    kind: Option<OperationType>,
+    mut responses: BoxStream<'static, Response>,
+) -> BoxStream<'static, Response> {
+    if kind == Some(OperationType::Subscription) {
+        return responses;
+    }
+    let deadline = Deadline::now() + state.db.settings().request_timeout;
+    futures::stream::once(async move {
+        deadline::until(deadline, responses.next())
+            .await
+            .unwrap_or_else(|_| Some(past_deadline(kind)))
+    })
+    .filter_map(std::future::ready)
+    .boxed()
+}
+
 fn kind_name(kind: Option<OperationType>) -> &'static str {
     match kind {
         Some(OperationType::Query) => "query",
@@ -305,6 +358,8 @@ async fn run(
     batch: bool,
 ) -> HttpResponse {
     let request_id = request_id(headers);
+    // One deadline for the request, its operations together.
+    let deadline = Deadline::now() + state.db.settings().request_timeout;
     let mut responses = Vec::with_capacity(requests.len());
     for request in requests {
         let started = Instant::now();
@@ -328,11 +383,8 @@ async fn run(
             operation.kind.map(|kind| kind_name(Some(kind))),
             operation.name.as_deref(),
         );
-        let mut response = state
-            .schema
-            .execute(request.data(caller.clone()))
-            .instrument(span)
-            .await;
+        let execute = state.schema.execute(request.data(caller.clone()));
+        let mut response = by_deadline(deadline, operation.kind, execute.instrument(span)).await;
         graphql::hide_schema_description(&mut response, &operation.schema_description);
         graphql::finish(&mut response);
         record_operation(state, request_id, &operation, &response, started);

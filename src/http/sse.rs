@@ -24,7 +24,8 @@ use futures::stream::BoxStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::graphql::{
-    Operation, is_mutation, mutation_over_get, parse_body, prepare, record_operation, request_id,
+    Operation, bounded, is_mutation, mutation_over_get, parse_body, prepare, record_operation,
+    request_id,
 };
 use super::{HttpState, caller_from_headers, request_error, streams_full};
 use crate::auth::{CurrentUser, LEEWAY_SECS};
@@ -113,7 +114,8 @@ fn respond(
     let (responses, operation): (BoxStream<'static, Response>, Operation) = match resolved {
         Ok(()) => {
             let (request, operation) = prepare(&state, request);
-            (state.schema.execute_stream(request.data(caller)), operation)
+            let responses = state.schema.execute_stream(request.data(caller));
+            (bounded(&state, operation.kind, responses), operation)
         }
         // Refused before it ran: reported in a `next`, as the protocol asks.
         Err(refused) => (

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::graphql::WireRequest;
+use super::graphql::{WireRequest, bounded};
 use super::{HttpState, MAX_BODY_BYTES, streams_full, verify};
 use crate::auth::{Authenticator, CurrentUser};
 use crate::graphql::{self, Caller, SubscriptionCounter, WireResponse};
@@ -448,12 +448,15 @@ fn start(
     let start = operations.starts;
     let responses = match state.persisted.resolve(caller, &mut request) {
         Ok(()) => {
+            let mut kind = None;
             if let Some(document) = state.documents.document(&request.query) {
+                kind = graphql::operation_type(&document, request.operation_name.as_deref());
                 request.set_parsed_query(document);
             }
-            state
+            let responses = state
                 .schema
-                .execute_stream_with_session_data(request, session_data.clone())
+                .execute_stream_with_session_data(request, session_data.clone());
+            bounded(state, kind, responses)
         }
         // Refused before it ran: answered like a document that does not validate.
         Err(refused) => {

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::queue::Queue;
 use super::watch::changelog::Changelog;
+use crate::db::deadline::{self, Deadline};
 use crate::db::{Backend, Db};
 use crate::error::{TaskError, TaskResult};
 
@@ -164,7 +165,7 @@ impl Writer {
                     let _ = create.reply.send(made);
                 }
             }
-            Err(err) if batch.len() > 1 && !matches!(err, TaskError::Unavailable(_)) => {
+            Err(err) if batch.len() > 1 && !err.is_unavailable() => {
                 // One row the database refused must not fail the others.
                 tracing::warn!(error = %err, rows = batch.len(), "a batched insert failed; inserting its rows one by one");
                 for create in batch {
@@ -266,6 +267,9 @@ struct QueuedCreate {
     /// The create's span: its batch's insert is traced under the first
     /// create's, linked to the others'.
     span: tracing::Span,
+    /// Its request's deadline: the batch's database calls end by the
+    /// earliest of its creates'.
+    deadline: Option<Deadline>,
 }
 
 /// The span of a batch's insert, inside the trace of its first create.
@@ -314,16 +318,33 @@ async fn insert_queued(
         if received == 0 {
             return;
         }
-        let mut batch = std::mem::take(&mut batch);
+        // A create whose request's deadline passed while it waited has been
+        // answered already: it is not written.
+        let now = Deadline::now();
+        let (late, mut batch): (Vec<_>, Vec<_>) = std::mem::take(&mut batch)
+            .into_iter()
+            .partition(|create| create.deadline.is_some_and(|deadline| deadline <= now));
+        for create in late {
+            let _ = create.reply.send(Err(TaskError::Unavailable(
+                "its request's deadline passed before it was inserted".into(),
+            )));
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let deadline = batch.iter().filter_map(|create| create.deadline).min();
         let span = batch_span(&batch);
         let ahead = turns.lock().unwrap_or_else(|e| e.into_inner()).of(&batch);
         // Each row takes its owner's next turn (an owner's later rows in
         // this batch the turns after it) and its budget of attempts.
-        let assigned = writer
-            .queue
-            .assign(batch.iter_mut().map(|c| &mut c.row), &ahead)
-            .instrument(span.clone())
-            .await;
+        let assigned = deadline::scoped(
+            deadline,
+            writer
+                .queue
+                .assign(batch.iter_mut().map(|c| &mut c.row), &ahead)
+                .instrument(span.clone()),
+        )
+        .await;
         if let Err(err) = assigned {
             for create in batch {
                 let _ = create.reply.send(Err(err.clone()));
@@ -340,7 +361,7 @@ async fn insert_queued(
                 .iter()
                 .map(|c| c.row.model.user_id.as_ref().clone())
                 .collect();
-            writer.write(batch).instrument(span).await;
+            deadline::scoped(deadline, writer.write(batch).instrument(span)).await;
             turns
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -441,6 +462,7 @@ impl Inserters {
                 row,
                 reply,
                 span: tracing::Span::current(),
+                deadline: deadline::current(),
             })
             .map_err(|_| stopped())?;
         inserted.await.map_err(|_| stopped())?

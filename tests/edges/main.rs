@@ -18,10 +18,11 @@ use tokio::net::TcpStream;
 use common::edge::proxy::{Proxy, ProxyMode, host_port, through};
 use common::edge::raw::{SlowClients, Upgrade, open_uninitialised_socket, read_response};
 use common::edge::server::Server;
-use common::edge::{begin, wait_until};
+use common::edge::{begin, http_client, wait_until};
 use common::{TestDb, postgres_url_or_skip, token_for, ws};
 
 mod big_inputs;
+mod deadlines;
 mod outages;
 mod slow_clients;
 mod websockets;

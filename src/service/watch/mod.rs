@@ -21,7 +21,7 @@ use super::line::{Following, Lines, Place};
 use super::pages::visible_to;
 use super::writer::rows_of;
 use crate::auth::CurrentUser;
-use crate::db::Db;
+use crate::db::{Db, deadline};
 use crate::error::{TaskError, TaskResult};
 
 pub mod bus;
@@ -75,13 +75,27 @@ impl Watch {
         if following.is_none() {
             *following = Some(self.lines.follow(&task.task_type, task.id));
         }
-        match self.lines.place(user, task.id).await {
+        match self.by_deadline(self.lines.place(user, task.id)).await {
             Ok(place) => Some(place),
             Err(err) => {
                 tracing::warn!(error = %err, task = %task.id, "reading a task's place failed");
                 None
             }
         }
+    }
+
+    /// Runs one of a stream's reads (its start, or a read for one event)
+    /// to end within `TASKQL_REQUEST_TIMEOUT` from now, as a request does
+    /// (see `crate::db::deadline`): the stream itself waits for changes as
+    /// long as it likes.
+    async fn by_deadline<T>(&self, read: impl Future<Output = TaskResult<T>>) -> TaskResult<T> {
+        deadline::within(self.db.settings().request_timeout, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(TaskError::Unavailable(
+                    "a subscription's read passed its deadline".into(),
+                ))
+            })
     }
 
     /// The task if `user` may see it (see [`visible_to`]).
@@ -112,8 +126,12 @@ impl Watch {
         // Every change committed after the read is past the position the
         // reader had published by then, so it will be published.
         let mut events = self.log.bus().subscribe(Topic::Task(task_id));
-        self.log.published().await?;
-        let current = self.read_task(task_id, &user).await?;
+        let current = self
+            .by_deadline(async {
+                self.log.published().await?;
+                self.read_task(task_id, &user).await
+            })
+            .await?;
         let watch = self.clone();
         Ok(Box::pin(async_stream::stream! {
             let mut following = None;
@@ -153,7 +171,7 @@ impl Watch {
                     Ok(event) if event.kind == TaskEventKind::Deleted => return,
                     Ok(event) => event.task.clone(),
                     // Fell behind its buffer: the current state says where it is.
-                    Err(RecvError::Lagged(_)) => match watch.read_task(task_id, &user).await {
+                    Err(RecvError::Lagged(_)) => match watch.by_deadline(watch.read_task(task_id, &user)).await {
                         Ok(task) => task,
                         Err(TaskError::NotFound) => return,
                         Err(err) => {
@@ -195,21 +213,25 @@ impl Watch {
         // Listen first: everything published from here on is received, and
         // everything before was committed, so a replay reads it.
         let mut events = self.log.bus().subscribe(topic);
-        // Everything past this the reader publishes, and we receive.
-        let published = self.log.published().await?;
-        let mut last = match after {
-            Some(pos) => {
-                check_cursor(pos, changelog::horizon(&self.db).await?)?;
-                pos
-            }
-            None => published,
-        };
+        let mut last = self
+            .by_deadline(async {
+                // Everything past this the reader publishes, and we receive.
+                let published = self.log.published().await?;
+                match after {
+                    Some(pos) => {
+                        check_cursor(pos, changelog::horizon(&self.db).await?)?;
+                        Ok(pos)
+                    }
+                    None => Ok(published),
+                }
+            })
+            .await?;
         let mut replaying = after.is_some();
         let watch = self.clone();
         Ok(Box::pin(async_stream::stream! {
             loop {
                 if replaying {
-                    match watch.replay_page(last, owner.as_deref()).await {
+                    match watch.by_deadline(watch.replay_page(last, owner.as_deref())).await {
                         Ok((page, full)) => {
                             for event in page {
                                 last = event.pos;
