@@ -85,11 +85,14 @@ impl App {
             .await
             .map_err(|e| StartError::Database(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let service = Arc::new(SeaTaskService::with_max_attempts(
-            db.clone(),
-            metrics.clone(),
-            config.tasks.max_attempts,
-        ));
+        let service = Arc::new(
+            SeaTaskService::with_max_attempts(
+                db.clone(),
+                metrics.clone(),
+                config.tasks.max_attempts,
+            )
+            .with_max_result_bytes(config.tasks.max_result_bytes),
+        );
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut background = Vec::new();

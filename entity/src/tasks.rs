@@ -133,6 +133,9 @@ pub struct Model {
     /// The W3C `traceparent` of the create (its service span), when that
     /// request was traced: a worker continues the trace from it.
     pub traceparent: Option<String>,
+    /// What the worker's completion left: any JSON, bounded in size.
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub result: Option<Json>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -143,7 +146,7 @@ impl ActiveModelBehavior for ActiveModel {}
 impl Model {
     /// The columns in the order of the table (and of [`Column`]), which
     /// `SELECT *`, `RETURNING *` and SeaORM's selects of this entity all use.
-    pub const COLUMNS: [&'static str; 23] = [
+    pub const COLUMNS: [&'static str; 24] = [
         "id",
         "user_id",
         "type",
@@ -167,6 +170,7 @@ impl Model {
         "retry_base",
         "fair_rank",
         "traceparent",
+        "result",
     ];
 
     /// Reads a row of [`Self::COLUMNS`] by position: the derived reader
@@ -196,6 +200,7 @@ impl Model {
             retry_base: row.try_get_by_index(20)?,
             fair_rank: row.try_get_by_index(21)?,
             traceparent: row.try_get_by_index(22)?,
+            result: row.try_get_by_index(23)?,
         })
     }
 }
@@ -235,6 +240,7 @@ impl ActiveModel {
             retry_base: Set(0),
             fair_rank: Set(0),
             traceparent: Set(None),
+            result: Set(None),
         }
     }
 }

@@ -67,6 +67,7 @@ pub async fn run_service(
                             task_id: task.id,
                             expected_attempt: task.attempts,
                             result_id: Some(format!("r-{}", task.id)),
+                            result: None,
                         })
                         .collect();
                     for outcome in service.complete_tasks(&worker, completions).await? {

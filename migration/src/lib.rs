@@ -11,6 +11,7 @@ mod m20261204_000007_stats_minutes;
 mod m20261204_000008_traceparent;
 mod m20261204_000009_type_indexes;
 mod m20261206_000010_lean_writes;
+mod m20261206_000011_results;
 
 pub struct Migrator;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000008_traceparent::Migration),
             Box::new(m20261204_000009_type_indexes::Migration),
             Box::new(m20261206_000010_lean_writes::Migration),
+            Box::new(m20261206_000011_results::Migration),
         ]
     }
 }

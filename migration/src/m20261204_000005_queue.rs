@@ -38,7 +38,7 @@ enum TaskTypes {
 }
 
 /// Appended to `tasks` in this order, after its first columns.
-const NEW_COLUMNS: &str = "run_at, priority, max_attempts, retry_base, fair_rank";
+pub(crate) const NEW_COLUMNS: &str = "run_at, priority, max_attempts, retry_base, fair_rank";
 
 /// The budget of the tasks that exist before this migration: the default
 /// that `TASKQL_MAX_ATTEMPTS` has when unset.

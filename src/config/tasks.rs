@@ -18,6 +18,16 @@ pub struct TaskSettings {
         value_parser = Setting(|text| parse::positive(text, 1000).map(|n| n as i32))
     )]
     pub max_attempts: i32,
+    /// The most bytes a completion's `result` may take, serialized (at
+    /// most 1 MiB, a request body's limit).
+    #[arg(
+        long = "max-result-bytes",
+        env = "TASKQL_MAX_RESULT_BYTES",
+        default_value = "262144",
+        global = true,
+        value_parser = Setting(|text| parse::positive(text, 1024 * 1024).map(|n| n as usize))
+    )]
+    pub max_result_bytes: usize,
     /// Delete finished tasks older than this (e.g. 30d); off when unset.
     #[arg(
         long = "retention",

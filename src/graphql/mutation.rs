@@ -94,6 +94,7 @@ impl MutationRoot {
             task_id: task_id(&input.id)?,
             status: input.status.into(),
             result_id: input.result_id,
+            result: input.result.map(|json| json.0),
             error_message: input.error_message,
             progress: input.progress,
             expected_attempt: input.expected_attempt,
@@ -177,6 +178,7 @@ impl MutationRoot {
                 task_id: *id,
                 expected_attempt: c.expected_attempt,
                 result_id: c.result_id,
+                result: c.result.map(|json| json.0),
             })
             .collect();
         let outcomes = service(ctx)

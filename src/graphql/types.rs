@@ -32,6 +32,9 @@ pub struct Task {
     pub status: TaskStatus,
     /// The id of what the task produced, once COMPLETED.
     pub result_id: Option<String>,
+    /// What the task produced, as its worker's completion left it (any
+    /// JSON, at most TASKQL_MAX_RESULT_BYTES serialized); null until then.
+    pub result: Option<Json<serde_json::Value>>,
     /// Why the task FAILED.
     pub error_message: Option<String>,
     pub metadata: Json<serde_json::Value>,
@@ -135,6 +138,7 @@ impl From<entity::Task> for Task {
             task_type: task.task_type,
             status: task.status.into(),
             result_id: task.result_id,
+            result: task.result.map(Json),
             error_message: task.error_message,
             metadata: Json(task.metadata),
             progress: task.progress,
@@ -240,6 +244,9 @@ pub struct CompleteTaskInput {
     pub expected_attempt: i32,
     /// The id of what the task produced.
     pub result_id: Option<String>,
+    /// What the task produced: any JSON but null, at most
+    /// TASKQL_MAX_RESULT_BYTES (256 KiB by default) serialized.
+    pub result: Option<Json<serde_json::Value>>,
 }
 
 /// One task of `heartbeatTasks`.
@@ -299,6 +306,9 @@ pub struct UpdateTaskStatusInput {
     pub id: ID,
     pub status: TaskStatus,
     pub result_id: Option<String>,
+    /// With COMPLETED only: what the task produced, any JSON but null, at
+    /// most TASKQL_MAX_RESULT_BYTES (256 KiB by default) serialized.
+    pub result: Option<Json<serde_json::Value>>,
     pub error_message: Option<String>,
     pub progress: Option<i32>,
     /// Fencing: CONFLICT unless the task's attempts equal this.

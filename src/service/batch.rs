@@ -48,6 +48,7 @@ pub struct Completion {
     /// Fencing: the completion applies only while `attempts` equals it.
     pub expected_attempt: i32,
     pub result_id: Option<String>,
+    pub result: Option<serde_json::Value>,
 }
 
 /// One task of `heartbeatTasks`.
@@ -392,6 +393,9 @@ impl SeaTaskService {
             if let Some(result_id) = &completion.result_id {
                 validate::result_id(result_id).map_err(|e| e.at_input(i))?;
             }
+            if let Some(result) = &completion.result {
+                validate::result(result, self.max_result_bytes).map_err(|e| e.at_input(i))?;
+            }
         }
         check_distinct(completions.iter().map(|c| c.task_id))?;
         if completions.is_empty() {
@@ -413,6 +417,7 @@ impl SeaTaskService {
                 }
                 let update = StatusUpdate {
                     result_id: c.result_id,
+                    result: c.result,
                     expected_attempt: Some(c.expected_attempt),
                     ..StatusUpdate::new(c.task_id, TaskStatus::Completed)
                 };

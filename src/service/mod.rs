@@ -90,6 +90,8 @@ pub struct StatusUpdate {
     pub task_id: Uuid,
     pub status: TaskStatus,
     pub result_id: Option<String>,
+    /// With COMPLETED only: what the task produced (see `validate::result`).
+    pub result: Option<serde_json::Value>,
     pub error_message: Option<String>,
     pub progress: Option<i32>,
     /// Fencing token: the update only applies while `attempts` equals it.
@@ -105,6 +107,7 @@ impl StatusUpdate {
             task_id,
             status,
             result_id: None,
+            result: None,
             error_message: None,
             progress: None,
             expected_attempt: None,

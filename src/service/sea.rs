@@ -61,6 +61,8 @@ pub struct SeaTaskService {
     metrics: Arc<Metrics>,
     /// A worker's `taskStats.workers`, shared by every dashboard.
     leases: stats::LeaseBoard,
+    /// The most a completion's `result` may take, serialized.
+    pub(super) max_result_bytes: usize,
 }
 
 /// Now, at the microsecond precision both databases store.
@@ -111,7 +113,14 @@ impl SeaTaskService {
             queue,
             metrics,
             leases: stats::LeaseBoard::default(),
+            max_result_bytes: validate::DEFAULT_MAX_RESULT_BYTES,
         }
+    }
+
+    /// This service with completions' `result` bounded by `bytes`.
+    pub fn with_max_result_bytes(mut self, bytes: usize) -> Self {
+        self.max_result_bytes = bytes;
+        self
     }
 
     /// The change log and this instance's reader of it.
@@ -303,6 +312,14 @@ impl TaskService for SeaTaskService {
         validate::progress(update.progress)?;
         if let Some(result_id) = &update.result_id {
             validate::result_id(result_id)?;
+        }
+        if let Some(result) = &update.result {
+            if to != TaskStatus::Completed {
+                return Err(TaskError::invalid(
+                    "result is set only by a completion: send it with status COMPLETED",
+                ));
+            }
+            validate::result(result, self.max_result_bytes)?;
         }
         let error_message = update
             .error_message

@@ -201,6 +201,9 @@ pub fn report(
     if let Some(result_id) = &update.result_id {
         stmt.value(Column::ResultId, result_id.as_str());
     }
+    if let Some(result) = &update.result {
+        stmt.value(Column::Result, result.clone());
+    }
     match (error_message, to) {
         (Some(message), _) => {
             stmt.value(Column::ErrorMessage, message);
@@ -283,6 +286,7 @@ pub fn retry(task_id: Uuid, visible: Condition, at: DateTime<Utc>) -> UpdateStat
         .value(Column::RunAt, at)
         .value(Column::Progress, Option::<i32>::None)
         .value(Column::ResultId, Option::<String>::None)
+        .value(Column::Result, Option::<serde_json::Value>::None)
         .value(Column::ErrorMessage, Option::<String>::None)
         .value(Column::WorkerId, Option::<String>::None)
         .value(Column::LeaseExpiresAt, Option::<DateTime<Utc>>::None)
@@ -345,11 +349,15 @@ pub fn complete_many(items: &[Completion], at: DateTime<Utc>) -> UpdateStatement
     let results = items
         .iter()
         .filter_map(|c| Some((c.task_id, Expr::val(c.result_id.clone()?))));
+    let values = items
+        .iter()
+        .filter_map(|c| Some((c.task_id, Expr::val(c.result.clone()?))));
     stmt.and_where(attempt_is_open())
         .value(
             Column::ResultId,
             by_id(results, Expr::col(Column::ResultId)),
         )
+        .value(Column::Result, by_id(values, Expr::col(Column::Result)))
         .value(Column::ErrorMessage, Option::<String>::None)
         .value(Column::Progress, 100)
         .value(Column::CompletedAt, at)
@@ -432,7 +440,8 @@ pub fn refused_report(
             )));
         }
     }
-    let same_result = update.result_id.is_none() || update.result_id == task.result_id;
+    let same_result = (update.result_id.is_none() || update.result_id == task.result_id)
+        && (update.result.is_none() || update.result == task.result);
     let same_error = error_message.is_none() || error_message == task.error_message.as_deref();
     if task.status == to && to.is_terminal() && same_result && same_error {
         return Ok(task);

@@ -56,6 +56,34 @@ pub fn metadata(value: Option<serde_json::Value>) -> TaskResult<serde_json::Valu
     Ok(value)
 }
 
+/// Default of `TASKQL_MAX_RESULT_BYTES`: the most a task's `result` may
+/// take, serialized.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 256 * 1024;
+
+/// A completion's `result`: any JSON but null, at most `max_bytes`
+/// serialized, no U+0000.
+pub fn result(value: &serde_json::Value, max_bytes: usize) -> TaskResult<()> {
+    if value.is_null() {
+        return Err(TaskError::invalid(
+            "result must be a JSON value other than null; leave it out to set none",
+        ));
+    }
+    if contains_nul(value) {
+        return Err(TaskError::invalid(
+            "result must not contain the NUL character (\\u0000) in keys or strings",
+        ));
+    }
+    let size = serde_json::to_vec(value)
+        .map_err(|_| TaskError::invalid("result is not serializable JSON"))?
+        .len();
+    if size > max_bytes {
+        return Err(TaskError::invalid(format!(
+            "result is {size} bytes serialized; the limit is {max_bytes} (TASKQL_MAX_RESULT_BYTES)"
+        )));
+    }
+    Ok(())
+}
+
 /// PostgreSQL's jsonb cannot store U+0000; refused on every backend alike.
 fn contains_nul(value: &serde_json::Value) -> bool {
     match value {

@@ -97,13 +97,8 @@ fn new_task() -> NewTask {
 
 fn completion(task_id: uuid::Uuid, result_id: &str) -> StatusUpdate {
     StatusUpdate {
-        task_id,
-        status: entity::TaskStatus::Completed,
         result_id: Some(result_id.to_owned()),
-        error_message: None,
-        progress: None,
-        expected_attempt: None,
-        retryable: false,
+        ..StatusUpdate::new(task_id, entity::TaskStatus::Completed)
     }
 }
 

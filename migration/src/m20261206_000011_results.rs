@@ -1,0 +1,102 @@
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseBackend};
+
+use crate::m20261204_000004_task_events::{TASK_COLUMNS, postgres_functions, sqlite_triggers};
+use crate::m20261204_000005_queue::NEW_COLUMNS;
+
+/// `result`: the JSON a worker's completion leaves on its task, for the
+/// task's owner and for the tasks that depend on it. Appended last, after
+/// `traceparent`, where `Task::COLUMNS` expects it; the change log keeps it
+/// too, so an event carries a task's result like every other field.
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+/// The columns the change log copies once this migration ran.
+fn logged() -> String {
+    format!("{TASK_COLUMNS}, {NEW_COLUMNS}, result")
+}
+
+/// The columns it copied before.
+fn logged_before() -> String {
+    format!("{TASK_COLUMNS}, {NEW_COLUMNS}")
+}
+
+fn postgres_up() -> Vec<String> {
+    let mut sql: Vec<String> = ["tasks", "task_events", "task_changes"]
+        .iter()
+        .map(|table| format!("ALTER TABLE {table} ADD COLUMN result jsonb"))
+        .collect();
+    sql.extend(postgres_functions(&logged()));
+    sql
+}
+
+fn sqlite_up() -> Vec<String> {
+    let mut sql: Vec<String> = ["created", "updated", "deleted"]
+        .iter()
+        .map(|kind| format!("DROP TRIGGER task_events_{kind}"))
+        .collect();
+    sql.extend(
+        ["tasks", "task_events"]
+            .iter()
+            .map(|table| format!("ALTER TABLE {table} ADD COLUMN result json_text")),
+    );
+    sql.extend(sqlite_triggers(&logged()));
+    sql
+}
+
+fn postgres_down() -> Vec<String> {
+    let mut sql = postgres_functions(&logged_before());
+    sql.extend(
+        ["tasks", "task_events", "task_changes"]
+            .iter()
+            .map(|table| format!("ALTER TABLE {table} DROP COLUMN result")),
+    );
+    sql
+}
+
+fn sqlite_down() -> Vec<String> {
+    let mut sql: Vec<String> = ["created", "updated", "deleted"]
+        .iter()
+        .map(|kind| format!("DROP TRIGGER task_events_{kind}"))
+        .collect();
+    sql.extend(sqlite_triggers(&logged_before()));
+    sql.extend(
+        ["tasks", "task_events"]
+            .iter()
+            .map(|table| format!("ALTER TABLE {table} DROP COLUMN result")),
+    );
+    sql
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let sql = match manager.get_database_backend() {
+            DatabaseBackend::Postgres => postgres_up(),
+            _ => sqlite_up(),
+        };
+        run(manager, sql).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let sql = match manager.get_database_backend() {
+            DatabaseBackend::Postgres => postgres_down(),
+            _ => sqlite_down(),
+        };
+        run(manager, sql).await
+    }
+}
+
+/// Runs `sql` in order; on SQLite as one batch, on one connection (see the
+/// queue migration).
+async fn run(manager: &SchemaManager<'_>, sql: Vec<String>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    if manager.get_database_backend() == DatabaseBackend::Sqlite {
+        db.execute_unprepared(&sql.join(";\n")).await?;
+    } else {
+        for statement in sql {
+            db.execute_unprepared(&statement).await?;
+        }
+    }
+    Ok(())
+}
