@@ -136,6 +136,10 @@ pub struct Model {
     /// What the worker's completion left: any JSON, bounded in size.
     #[sea_orm(column_type = "JsonBinary", nullable)]
     pub result: Option<Json>,
+    /// How many of its dependencies have not completed; claimable only at 0.
+    pub waiting_on: i32,
+    /// The dependency whose failure or cancel cancelled this task.
+    pub cancelled_by: Option<Uuid>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -146,7 +150,7 @@ impl ActiveModelBehavior for ActiveModel {}
 impl Model {
     /// The columns in the order of the table (and of [`Column`]), which
     /// `SELECT *`, `RETURNING *` and SeaORM's selects of this entity all use.
-    pub const COLUMNS: [&'static str; 24] = [
+    pub const COLUMNS: [&'static str; 26] = [
         "id",
         "user_id",
         "type",
@@ -171,6 +175,8 @@ impl Model {
         "fair_rank",
         "traceparent",
         "result",
+        "waiting_on",
+        "cancelled_by",
     ];
 
     /// Reads a row of [`Self::COLUMNS`] by position: the derived reader
@@ -201,6 +207,8 @@ impl Model {
             fair_rank: row.try_get_by_index(21)?,
             traceparent: row.try_get_by_index(22)?,
             result: row.try_get_by_index(23)?,
+            waiting_on: row.try_get_by_index(24)?,
+            cancelled_by: row.try_get_by_index(25)?,
         })
     }
 }
@@ -241,6 +249,8 @@ impl ActiveModel {
             fair_rank: Set(0),
             traceparent: Set(None),
             result: Set(None),
+            waiting_on: Set(0),
+            cancelled_by: Set(None),
         }
     }
 }

@@ -12,6 +12,7 @@ mod m20261204_000008_traceparent;
 mod m20261204_000009_type_indexes;
 mod m20261206_000010_lean_writes;
 mod m20261206_000011_results;
+mod m20261206_000012_dependencies;
 
 pub struct Migrator;
 
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000009_type_indexes::Migration),
             Box::new(m20261206_000010_lean_writes::Migration),
             Box::new(m20261206_000011_results::Migration),
+            Box::new(m20261206_000012_dependencies::Migration),
         ]
     }
 }

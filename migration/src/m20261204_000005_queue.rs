@@ -227,7 +227,7 @@ impl MigrationTrait for Migration {
 /// Runs `sql` in order. On SQLite as one batch, so on one connection: a
 /// trigger dropped on one pooled connection can still be in the schema
 /// another connection has cached when it creates the trigger again.
-async fn run(manager: &SchemaManager<'_>, sql: Vec<String>) -> Result<(), DbErr> {
+pub(crate) async fn run(manager: &SchemaManager<'_>, sql: Vec<String>) -> Result<(), DbErr> {
     let db = manager.get_connection();
     if manager.get_database_backend() == DatabaseBackend::Sqlite {
         db.execute_unprepared(&sql.join(";\n")).await?;

@@ -1,8 +1,8 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseBackend};
+use sea_orm_migration::sea_orm::DatabaseBackend;
 
 use crate::m20261204_000004_task_events::{TASK_COLUMNS, postgres_functions, sqlite_triggers};
-use crate::m20261204_000005_queue::NEW_COLUMNS;
+use crate::m20261204_000005_queue::{NEW_COLUMNS, run};
 
 /// `result`: the JSON a worker's completion leaves on its task, for the
 /// task's owner and for the tasks that depend on it. Appended last, after
@@ -38,7 +38,7 @@ fn sqlite_up() -> Vec<String> {
     sql.extend(
         ["tasks", "task_events"]
             .iter()
-            .map(|table| format!("ALTER TABLE {table} ADD COLUMN result json_text")),
+            .map(|table| format!("ALTER TABLE {table} ADD COLUMN result jsonb_text")),
     );
     sql.extend(sqlite_triggers(&logged()));
     sql
@@ -85,18 +85,4 @@ impl MigrationTrait for Migration {
         };
         run(manager, sql).await
     }
-}
-
-/// Runs `sql` in order; on SQLite as one batch, on one connection (see the
-/// queue migration).
-async fn run(manager: &SchemaManager<'_>, sql: Vec<String>) -> Result<(), DbErr> {
-    let db = manager.get_connection();
-    if manager.get_database_backend() == DatabaseBackend::Sqlite {
-        db.execute_unprepared(&sql.join(";\n")).await?;
-    } else {
-        for statement in sql {
-            db.execute_unprepared(&statement).await?;
-        }
-    }
-    Ok(())
 }

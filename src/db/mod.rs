@@ -216,9 +216,24 @@ impl Db {
 
     /// Starts a transaction on one connection; it rolls back unless committed.
     pub async fn begin(&self) -> Result<DbTransaction, DbErr> {
+        self.begin_with("BEGIN").await
+    }
+
+    /// Starts a transaction that reads, then writes what it read decided:
+    /// on SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so no
+    /// other writer commits between its reads and its writes. On PostgreSQL
+    /// it is [`Db::begin`]; lock what must not change (`FOR SHARE`).
+    pub async fn begin_write(&self) -> Result<DbTransaction, DbErr> {
+        match self.pool.backend {
+            Backend::Sqlite => self.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.begin_with("BEGIN").await,
+        }
+    }
+
+    async fn begin_with(&self, begin: &str) -> Result<DbTransaction, DbErr> {
         let deadline = self.pool.call_deadline();
         let mut conn = self.acquire().await?;
-        conn.execute_unprepared_by("BEGIN", deadline).await?;
+        conn.execute_unprepared_by(begin, deadline).await?;
         conn.reusable = false;
         Ok(DbTransaction {
             backend: self.pool.backend,

@@ -72,6 +72,10 @@ impl DbSettings {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(busy_timeout)
             .foreign_keys(true)
+            // A dependency's cancel runs through its dependents' dependents:
+            // the triggers fire from their own statements (see the
+            // dependencies migration).
+            .pragma("recursive_triggers", "ON")
             .create_if_missing(true)
             .statement_cache_capacity(STATEMENT_CACHE)
             .disable_statement_logging()

@@ -21,8 +21,9 @@ impl MutationRoot {
     /// Starts tracking a task for you; it begins PENDING.
     async fn create_task(&self, ctx: &Context<'_>, input: CreateTaskInput) -> Result<Task> {
         let user = current_user(ctx)?;
+        let new = input.into_new().map_err(graphql_error)?;
         let task = service(ctx)
-            .create_task(user, input.into())
+            .create_task(user, new)
             .await
             .map_err(graphql_error)?;
         Ok(task.into())
@@ -39,7 +40,11 @@ impl MutationRoot {
         inputs: Vec<CreateTaskInput>,
     ) -> Result<Vec<Task>> {
         let user = current_user(ctx)?;
-        let news = inputs.into_iter().map(Into::into).collect();
+        let news = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, input)| input.into_new().map_err(|e| graphql_error(e.at_input(i))))
+            .collect::<Result<_>>()?;
         let tasks = service(ctx)
             .create_tasks(user, news)
             .await

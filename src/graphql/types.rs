@@ -7,7 +7,7 @@ use async_graphql::{
 use chrono::{DateTime, Utc};
 use tokio::sync::OnceCell;
 
-use crate::service::{Place, Watched};
+use crate::service::{Place, Related, Watched};
 
 use crate::service::watch::bus::TaskEvent as BusEvent;
 
@@ -74,6 +74,9 @@ pub struct Task {
     /// Its place in line, read once (when asked, unless it came with the task).
     #[graphql(skip)]
     pub place: Arc<OnceCell<Option<Place>>>,
+    /// How many of its dependencies have not completed.
+    #[graphql(skip)]
+    pub waiting: i32,
 }
 
 #[ComplexObject]
@@ -98,9 +101,40 @@ impl Task {
             .await?
             .and_then(|place| place.estimated_start_at))
     }
+
+    /// The dependencies a PENDING task still waits for: it is not claimable
+    /// (and has no queuePosition) until they all COMPLETED. Empty once it
+    /// may run, and for a task in any other status.
+    async fn waiting_on(&self, ctx: &Context<'_>) -> Result<Vec<Task>> {
+        if self.status != TaskStatus::Pending || self.waiting == 0 {
+            return Ok(Vec::new());
+        }
+        self.related(ctx, Related::WaitingOn).await
+    }
+
+    /// The tasks this one depends on (its createTask's dependsOn), by id:
+    /// a worker reads their `result` here.
+    async fn dependencies(&self, ctx: &Context<'_>) -> Result<Vec<Task>> {
+        self.related(ctx, Related::Dependencies).await
+    }
+
+    /// The tasks that depend on this one, by id (the first 100).
+    async fn dependents(&self, ctx: &Context<'_>) -> Result<Vec<Task>> {
+        self.related(ctx, Related::Dependents).await
+    }
 }
 
 impl Task {
+    async fn related(&self, ctx: &Context<'_>, related: Related) -> Result<Vec<Task>> {
+        let user = super::current_user(ctx)?;
+        let id = super::task_id(&self.id)?;
+        let tasks = super::service(ctx)
+            .related_tasks(id, related, user)
+            .await
+            .map_err(super::graphql_error)?;
+        Ok(tasks.into_iter().map(Task::from).collect())
+    }
+
     async fn place(&self, ctx: &Context<'_>) -> Result<Option<Place>> {
         if self.status != TaskStatus::Pending {
             return Ok(None);
@@ -155,6 +189,7 @@ impl From<entity::Task> for Task {
             max_attempts: task.max_attempts,
             traceparent: task.traceparent,
             place: Arc::default(),
+            waiting: task.waiting_on,
         }
     }
 }
@@ -220,19 +255,49 @@ pub struct CreateTaskInput {
     pub priority: Option<i32>,
     /// 1 to 100; the type's policy (or the server's default) when absent.
     pub max_attempts: Option<i32>,
+    /// Tasks this one waits for (at most 100): it stays PENDING, not
+    /// claimable, until they all COMPLETED, and is CANCELLED if one ends
+    /// FAILED or CANCELLED. Your own tasks (any, for a worker), by id; in
+    /// createTasks also an earlier input of the call, by its index ("0").
+    pub depends_on: Option<Vec<ID>>,
 }
 
-impl From<CreateTaskInput> for crate::service::NewTask {
-    fn from(input: CreateTaskInput) -> Self {
-        Self {
-            task_type: input.task_type,
-            metadata: input.metadata.map(|m| m.0),
-            idempotency_key: input.idempotency_key,
-            run_at: input.run_at,
-            priority: input.priority,
-            max_attempts: input.max_attempts,
-        }
+impl CreateTaskInput {
+    /// The service's create, or why an entry of `dependsOn` names no task.
+    pub fn into_new(self) -> Result<crate::service::NewTask, crate::error::TaskError> {
+        let depends_on = self
+            .depends_on
+            .unwrap_or_default()
+            .iter()
+            .map(dependency)
+            .collect::<Result<_, _>>()?;
+        Ok(crate::service::NewTask {
+            task_type: self.task_type,
+            metadata: self.metadata.map(|m| m.0),
+            idempotency_key: self.idempotency_key,
+            run_at: self.run_at,
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            depends_on,
+        })
     }
+}
+
+/// An entry of `dependsOn`: a task's id, or an input's index ("0").
+fn dependency(id: &ID) -> Result<crate::service::Dependency, crate::error::TaskError> {
+    use crate::service::Dependency;
+    let text = id.as_str();
+    if !text.is_empty() && text.len() <= 4 && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(Dependency::Input(text.parse().unwrap_or(usize::MAX)));
+    }
+    uuid::Uuid::parse_str(text)
+        .map(Dependency::Task)
+        .map_err(|_| {
+            crate::error::TaskError::invalid(format!(
+                "dependsOn entry '{}' is neither a task id nor an input's index",
+                crate::error::echo(text)
+            ))
+        })
 }
 
 /// One task of `completeTasks`.

@@ -61,6 +61,13 @@ pub struct Beat {
 }
 
 /// Refuses a batch of `n` inputs when `n` is over `max`.
+/// Why a batch of creates gave up: its keys kept changing hands.
+fn key_churn() -> TaskError {
+    TaskError::conflict(
+        "an idempotencyKey of this batch is being created and deleted by other requests; try again",
+    )
+}
+
 fn check_size(field: &str, n: usize, max: usize) -> TaskResult<()> {
     if n > max {
         return Err(TaskError::invalid(format!(
@@ -140,7 +147,8 @@ fn claim_many(
     let processing = p.bind(TaskStatus::Processing.as_str());
     let yes = p.bind(true);
     let runnable = format!(
-        "SELECT id, priority, fair_rank, run_at FROM tasks WHERE status = {pending} AND run_at <= {at_p}"
+        "SELECT id, priority, fair_rank, run_at FROM tasks WHERE status = {pending} \
+         AND waiting_on = 0 AND run_at <= {at_p}"
     );
     let of_types = if types.is_empty() {
         String::new()
@@ -197,7 +205,11 @@ impl SeaTaskService {
         let news = news
             .into_iter()
             .enumerate()
-            .map(|(i, new)| validate::new_task(new).map_err(|e| e.at_input(i)))
+            .map(|(i, new)| {
+                let new = validate::new_task(new).map_err(|e| e.at_input(i))?;
+                validate::dependencies(&new.depends_on, Some(i)).map_err(|e| e.at_input(i))?;
+                Ok(new)
+            })
             .collect::<TaskResult<Vec<_>>>()?;
         if news.is_empty() {
             return Ok(Vec::new());
@@ -226,6 +238,9 @@ impl SeaTaskService {
                 }
             }
         }
+        if news.iter().any(|new| !new.depends_on.is_empty()) {
+            return self.create_linked(user, &news, &repeat_of).await;
+        }
         let traceparent = crate::telemetry::traceparent(&tracing::Span::current());
         for _ in 0..MAX_CREATE_ATTEMPTS {
             if let Some(tasks) = self
@@ -235,9 +250,28 @@ impl SeaTaskService {
                 return Ok(tasks);
             }
         }
-        Err(TaskError::conflict(
-            "an idempotencyKey of this batch is being created and deleted by other requests; try again",
-        ))
+        Err(key_churn())
+    }
+
+    /// Creates `news` (validated; `repeat_of` as in [`Self::create_many`])
+    /// when some depend on other tasks, trying again while racing creates
+    /// take their keys.
+    pub(super) async fn create_linked(
+        &self,
+        user: &CurrentUser,
+        news: &[NewTask],
+        repeat_of: &[Option<usize>],
+    ) -> TaskResult<Vec<Task>> {
+        let traceparent = crate::telemetry::traceparent(&tracing::Span::current());
+        for _ in 0..MAX_CREATE_ATTEMPTS {
+            if let Some(tasks) = self
+                .insert_linked(user, news, repeat_of, traceparent.clone())
+                .await?
+            {
+                return Ok(tasks);
+            }
+        }
+        Err(key_churn())
     }
 
     /// One try of [`Self::create_many`]: the tasks in input order, or `None`

@@ -4,8 +4,8 @@
 //! - **Position** counts, in claim order (see `queue`), the runnable tasks
 //!   of the task's type up to and including it: 1 is the next one a worker
 //!   claiming that type takes. Only a `PENDING` task whose `run_at` has
-//!   passed has one. A paused type keeps its order, so its tasks keep their
-//!   positions.
+//!   passed and that waits on no dependency has one. A paused type keeps
+//!   its order, so its tasks keep their positions.
 //! - **Start** is `now + position / rate`, where the rate is how fast the
 //!   type's tasks were claimed lately: the last [`RATE_SAMPLE`] first
 //!   claims (by `started_at`) within [`RATE_WINDOW`]. No claims in that
@@ -114,11 +114,11 @@ async fn place_of(
     // own: two ranges of `tasks_type_claim_idx`.
     let sql = "SELECT w.type AS type, \
          (SELECT COUNT(*) FROM tasks t WHERE t.status = $3 AND t.priority > w.priority \
-            AND t.type = w.type AND t.run_at <= $2) \
+            AND t.type = w.type AND t.run_at <= $2 AND t.waiting_on = 0) \
          + (SELECT COUNT(*) FROM tasks t WHERE t.status = $3 AND t.priority = w.priority \
             AND (t.fair_rank, t.run_at, t.id) <= (w.fair_rank, w.run_at, w.id) \
-            AND t.type = w.type AND t.run_at <= $2) AS position \
-         FROM tasks w WHERE w.id = $1 AND w.status = $3 AND w.run_at <= $2";
+            AND t.type = w.type AND t.run_at <= $2 AND t.waiting_on = 0) AS position \
+         FROM tasks w WHERE w.id = $1 AND w.status = $3 AND w.run_at <= $2 AND w.waiting_on = 0";
     let mut values: Vec<Value> = vec![task_id.into(), at.into(), PENDING.into()];
     let sql = match owner {
         Some(owner) => {
@@ -155,7 +155,7 @@ async fn rank(
     let at = super::sea::now();
     let sql = format!(
         "SELECT id FROM tasks WHERE status = $3 AND type = $1 AND run_at <= $2 \
-         ORDER BY {CLAIM_ORDER}"
+         AND waiting_on = 0 ORDER BY {CLAIM_ORDER}"
     );
     let values: [Value; 3] = [task_type.into(), at.into(), PENDING.into()];
     let rows = db

@@ -12,6 +12,7 @@ use crate::error::{TaskError, TaskResult};
 use futures::stream::BoxStream;
 
 mod batch;
+mod dependencies;
 pub mod line;
 mod pages;
 pub mod queue;
@@ -23,6 +24,7 @@ pub mod watch;
 mod writer;
 
 pub use batch::{Beat, Completion, MAX_CLAIMS, MAX_CREATES, MAX_REPORTS};
+pub use dependencies::{MAX_DEPENDENTS_LISTED, Related};
 pub use line::Place;
 pub use queue::{Backoff, Policy, PolicyChange, TaskType};
 pub use sea::SeaTaskService;
@@ -83,6 +85,18 @@ pub struct NewTask {
     pub priority: Option<i32>,
     /// 1 to 100; the type's policy (or the default) when absent.
     pub max_attempts: Option<i32>,
+    /// The tasks it waits for (at most 100): it is not claimable until
+    /// they all completed.
+    pub depends_on: Vec<Dependency>,
+}
+
+/// A task a new task depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dependency {
+    /// A task that exists.
+    Task(Uuid),
+    /// An earlier input of the same `createTasks`, by its index.
+    Input(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +185,15 @@ pub trait TaskService: Send + Sync {
 
     /// A user sees only their own tasks; a service sees every task.
     async fn get_task(&self, task_id: Uuid, user: &CurrentUser) -> TaskResult<Task>;
+
+    /// The tasks related to a task (its dependencies, those not completed
+    /// yet, or its dependents) that `user` may see, by id.
+    async fn related_tasks(
+        &self,
+        task_id: Uuid,
+        related: Related,
+        user: &CurrentUser,
+    ) -> TaskResult<Vec<Task>>;
 
     async fn get_tasks_by_user(
         &self,

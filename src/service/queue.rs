@@ -429,8 +429,8 @@ pub enum Caps<'a> {
 /// when empty) becomes PROCESSING under `worker_id`'s lease until `until`
 /// ([`Move::Claim`]).
 ///
-/// Runnable: PENDING, `run_at` passed, its type not paused and under its
-/// cap. Order: priority (highest first), then turn (`fair_rank`), then
+/// Runnable: PENDING, waiting on no dependency, `run_at` passed, its type
+/// not paused and under its cap. Order: priority (highest first), then turn (`fair_rank`), then
 /// `run_at`, then id.
 pub fn claim(
     types: &[String],
@@ -479,6 +479,7 @@ pub fn claim(
         .column(Column::Id)
         .from(Tasks)
         .and_where(Expr::col(Column::Status).eq(TaskStatus::Pending.as_str()))
+        .and_where(Expr::col(Column::WaitingOn).eq(0))
         .and_where(Expr::col(Column::RunAt).lte(at))
         .and_where(Expr::col(Column::TaskType).not_in_subquery(blocked))
         .order_by(Column::Priority, Order::Desc)

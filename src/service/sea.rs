@@ -280,6 +280,13 @@ impl TaskService for SeaTaskService {
     #[instrument(level = "debug", skip_all, fields(user = %user.id, task_type = %new.task_type))]
     async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task> {
         let new = validate::new_task(new)?;
+        if !new.depends_on.is_empty() {
+            validate::dependencies(&new.depends_on, None)?;
+            let mut created = self.create_linked(user, &[new], &[None]).await?;
+            return created
+                .pop()
+                .ok_or_else(|| TaskError::Internal("a create answered no task".into()));
+        }
         let key = new.idempotency_key.as_deref().unwrap_or_default();
         // The worker that runs the task continues this span's trace.
         let traceparent = crate::telemetry::traceparent(&tracing::Span::current());
@@ -299,6 +306,15 @@ impl TaskService for SeaTaskService {
         Err(TaskError::conflict(
             "idempotencyKey is being created and deleted by other requests; try again",
         ))
+    }
+
+    async fn related_tasks(
+        &self,
+        task_id: Uuid,
+        related: super::Related,
+        user: &CurrentUser,
+    ) -> TaskResult<Vec<Task>> {
+        self.related(task_id, related, user).await
     }
 
     #[instrument(level = "debug", skip_all, fields(user = %user.id, inputs = news.len()))]

@@ -230,6 +230,12 @@ pub fn report(
         // returns the task if its worker goes quiet (a PROCESSING task
         // without a lease would be stuck forever).
         let was_pending = || Expr::col(Column::Status).eq(Pending.as_str());
+        // A task waiting on its dependencies is not to be started yet.
+        stmt.and_where(
+            Expr::col(Column::Status)
+                .eq(Processing.as_str())
+                .or(Expr::col(Column::WaitingOn).eq(0)),
+        );
         let deadline = lease_deadline(at, DEFAULT_LEASE);
         stmt.value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at))
             .value(
@@ -439,6 +445,12 @@ pub fn refused_report(
                  stop working on it"
             )));
         }
+    }
+    if task.status == Pending && to == Processing && task.waiting_on > 0 {
+        return Err(TaskError::conflict(format!(
+            "the task waits for {} of its dependencies to complete; it cannot start before",
+            task.waiting_on
+        )));
     }
     let same_result = (update.result_id.is_none() || update.result_id == task.result_id)
         && (update.result.is_none() || update.result == task.result);

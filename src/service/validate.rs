@@ -111,6 +111,48 @@ pub fn new_task(mut new: super::NewTask) -> TaskResult<super::NewTask> {
     Ok(new)
 }
 
+/// Most tasks one task may depend on.
+pub const MAX_DEPENDENCIES: usize = 100;
+
+/// A create's `dependsOn`: at most [`MAX_DEPENDENCIES`], each once; an
+/// index only in a batch (`at`, the input's own index), and only of an
+/// earlier input, so that no dependency can close a cycle.
+pub fn dependencies(depends_on: &[super::Dependency], at: Option<usize>) -> TaskResult<()> {
+    use super::Dependency;
+    if depends_on.len() > MAX_DEPENDENCIES {
+        return Err(TaskError::invalid(format!(
+            "dependsOn may name at most {MAX_DEPENDENCIES} tasks, got {}",
+            depends_on.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for dependency in depends_on {
+        if !seen.insert(dependency) {
+            return Err(TaskError::invalid(
+                "dependsOn names the same task twice; name each once",
+            ));
+        }
+        if let Dependency::Input(index) = *dependency {
+            match at {
+                None => {
+                    return Err(TaskError::invalid(format!(
+                        "dependsOn entry '{index}' is an input's index, which only createTasks takes; \
+                         name a task by its id"
+                    )));
+                }
+                Some(at) if index >= at => {
+                    return Err(TaskError::invalid(format!(
+                        "dependsOn entry '{index}' must be the index of an earlier input of this \
+                         createTasks (this is input {at})"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A short identifier-like text: 1..=max characters, no control characters.
 pub fn label(field: &str, value: &str, max: usize) -> TaskResult<()> {
     let len = value.chars().count();

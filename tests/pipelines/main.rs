@@ -1,5 +1,5 @@
 //! Pipelines and fair limits through the real router: a task's `result`
-//! left by its completion. On SQLite by default, on PostgreSQL when
+//! left by its completion, and tasks that wait for others (`dependsOn`). On SQLite by default, on PostgreSQL when
 //! `TASKQL_TEST_DATABASE_URL` is set.
 #[path = "../common/mod.rs"]
 mod common;
@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
+mod dependencies;
 mod results;
 
 /// Claims the next task of `task_type` as the test worker: its id and attempt.
