@@ -156,7 +156,9 @@ impl SeaTaskService {
 
         let mut made: Vec<Task> = Vec::with_capacity(rows.len());
         if !rows.is_empty() {
-            self.queue.assign(rows.iter_mut(), &HashMap::new()).await?;
+            self.queue
+                .assign_on(&txn, rows.iter_mut(), &HashMap::new())
+                .await?;
             made = rows
                 .iter()
                 .map(|row| row.model.clone().try_into_model())

@@ -548,6 +548,18 @@ impl Queue {
         batch: impl IntoIterator<Item = &'a mut super::writer::NewRow>,
         in_flight: &std::collections::HashMap<String, i64>,
     ) -> TaskResult<()> {
+        self.assign_on(&self.db.reads(), batch, in_flight).await
+    }
+
+    /// [`Self::assign`], reading on `conn`: a transaction that holds
+    /// SQLite's write lock reads on its own connection, not on one it
+    /// would wait for while others wait for its lock.
+    pub(super) async fn assign_on<'a>(
+        &self,
+        conn: &impl ConnectionTrait,
+        batch: impl IntoIterator<Item = &'a mut super::writer::NewRow>,
+        in_flight: &std::collections::HashMap<String, i64>,
+    ) -> TaskResult<()> {
         use std::collections::{BTreeSet, HashMap};
         let mut batch: Vec<&mut super::writer::NewRow> = batch.into_iter().collect();
         let owners: BTreeSet<&str> = batch
@@ -573,7 +585,7 @@ impl Queue {
         let mut last_turn = HashMap::new();
         let mut served = HashMap::new();
         let mut budget = HashMap::new();
-        for row in self.db.reads().query_all_raw(statement).await? {
+        for row in conn.query_all_raw(statement).await? {
             let kind: String = row.try_get_by_index(0)?;
             let name: String = row.try_get_by_index(1)?;
             let Some(n) = row.try_get_by_index::<Option<i64>>(2)? else {

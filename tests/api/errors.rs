@@ -226,7 +226,12 @@ async fn database_failures_are_internal_and_say_nothing_of_the_database() {
     let alice = app.user_token("alice");
     create(&app, &alice, "x").await;
     use sea_orm::ConnectionTrait;
-    app.db.execute_unprepared("DROP TABLE tasks").await.unwrap();
+    // PostgreSQL refuses to drop a table other tables reference, unless told.
+    let drop = match app.db.get_database_backend() {
+        sea_orm::DatabaseBackend::Postgres => "DROP TABLE tasks CASCADE",
+        _ => "DROP TABLE tasks",
+    };
+    app.db.execute_unprepared(drop).await.unwrap();
     let body = app
         .gql(Some(&alice), "query { tasks { nodes { id } } }", json!({}))
         .await;

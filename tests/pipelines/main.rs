@@ -8,6 +8,7 @@ use common::*;
 use serde_json::{Value, json};
 
 mod dependencies;
+mod racing;
 mod results;
 
 /// Claims the next task of `task_type` as the test worker: its id and attempt.
