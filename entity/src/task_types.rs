@@ -18,6 +18,9 @@ pub struct Model {
     pub concurrency: Option<i32>,
     pub paused: bool,
     pub updated_at: DateTimeUtc,
+    /// Most tasks of the type PROCESSING at once with one concurrency key;
+    /// no limit when null.
+    pub concurrency_per_key: Option<i32>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

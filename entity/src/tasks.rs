@@ -140,6 +140,9 @@ pub struct Model {
     pub waiting_on: i32,
     /// The dependency whose failure or cancel cancelled this task.
     pub cancelled_by: Option<Uuid>,
+    /// Tasks of a type that share a key run at most the type's
+    /// `concurrency_per_key` at once.
+    pub concurrency_key: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -150,7 +153,7 @@ impl ActiveModelBehavior for ActiveModel {}
 impl Model {
     /// The columns in the order of the table (and of [`Column`]), which
     /// `SELECT *`, `RETURNING *` and SeaORM's selects of this entity all use.
-    pub const COLUMNS: [&'static str; 26] = [
+    pub const COLUMNS: [&'static str; 27] = [
         "id",
         "user_id",
         "type",
@@ -177,6 +180,7 @@ impl Model {
         "result",
         "waiting_on",
         "cancelled_by",
+        "concurrency_key",
     ];
 
     /// Reads a row of [`Self::COLUMNS`] by position: the derived reader
@@ -209,6 +213,7 @@ impl Model {
             result: row.try_get_by_index(23)?,
             waiting_on: row.try_get_by_index(24)?,
             cancelled_by: row.try_get_by_index(25)?,
+            concurrency_key: row.try_get_by_index(26)?,
         })
     }
 }
@@ -251,6 +256,7 @@ impl ActiveModel {
             result: Set(None),
             waiting_on: Set(0),
             cancelled_by: Set(None),
+            concurrency_key: Set(None),
         }
     }
 }

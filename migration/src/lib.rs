@@ -13,6 +13,7 @@ mod m20261204_000009_type_indexes;
 mod m20261206_000010_lean_writes;
 mod m20261206_000011_results;
 mod m20261206_000012_dependencies;
+mod m20261206_000013_concurrency_keys;
 
 pub struct Migrator;
 
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000010_lean_writes::Migration),
             Box::new(m20261206_000011_results::Migration),
             Box::new(m20261206_000012_dependencies::Migration),
+            Box::new(m20261206_000013_concurrency_keys::Migration),
         ]
     }
 }

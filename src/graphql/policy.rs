@@ -23,6 +23,10 @@ pub struct TaskTypePolicy {
     /// Most tasks of the type PROCESSING at once, across every worker and
     /// instance; null for no cap.
     pub concurrency: Option<i32>,
+    /// Most tasks of the type PROCESSING at once with one concurrencyKey
+    /// (a customer, an account); the others of that key wait while other
+    /// keys' tasks run. Null for no cap per key.
+    pub concurrency_per_key: Option<i32>,
     /// Claims skip the type; cancel and delete still work.
     pub paused: bool,
 }
@@ -53,6 +57,7 @@ impl From<service::TaskType> for TaskType {
                     jitter: t.policy.backoff.jitter,
                 },
                 concurrency: t.policy.concurrency,
+                concurrency_per_key: t.policy.concurrency_per_key,
                 paused: t.policy.paused,
             },
             pending: count(t.pending),
@@ -82,6 +87,8 @@ pub struct TaskTypePolicyInput {
     pub backoff: Option<BackoffInput>,
     /// 1 to 100000; null removes the cap.
     pub concurrency: MaybeUndefined<i32>,
+    /// 1 to 100000; null removes the cap per concurrency key.
+    pub concurrency_per_key: MaybeUndefined<i32>,
     pub paused: Option<bool>,
 }
 
@@ -103,6 +110,7 @@ impl From<TaskTypePolicyInput> for PolicyChange {
             max_seconds: backoff.max_seconds,
             jitter: backoff.jitter,
             concurrency: change(input.concurrency),
+            concurrency_per_key: change(input.concurrency_per_key),
             paused: input.paused,
         }
     }

@@ -71,6 +71,8 @@ pub struct Task {
     /// its calls about the task, so they join the creator's trace. Null
     /// when the create was not traced, and in subscriptions' events.
     pub traceparent: Option<String>,
+    /// Its concurrency key, as created: see TaskTypePolicy.concurrencyPerKey.
+    pub concurrency_key: Option<String>,
     /// Its place in line, read once (when asked, unless it came with the task).
     #[graphql(skip)]
     pub place: Arc<OnceCell<Option<Place>>>,
@@ -188,6 +190,7 @@ impl From<entity::Task> for Task {
             priority: task.priority,
             max_attempts: task.max_attempts,
             traceparent: task.traceparent,
+            concurrency_key: task.concurrency_key,
             place: Arc::default(),
             waiting: task.waiting_on,
         }
@@ -260,6 +263,10 @@ pub struct CreateTaskInput {
     /// FAILED or CANCELLED. Your own tasks (any, for a worker), by id; in
     /// createTasks also an earlier input of the call, by its index ("0").
     pub depends_on: Option<Vec<ID>>,
+    /// 1 to 255 characters: tasks of the type with the same key (a
+    /// customer, an account) run at most the type's concurrencyPerKey at
+    /// once; other keys' tasks run meanwhile.
+    pub concurrency_key: Option<String>,
 }
 
 impl CreateTaskInput {
@@ -279,6 +286,7 @@ impl CreateTaskInput {
             priority: self.priority,
             max_attempts: self.max_attempts,
             depends_on,
+            concurrency_key: self.concurrency_key,
         })
     }
 }

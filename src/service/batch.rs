@@ -23,6 +23,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::line::CLAIM_ORDER;
+use super::queue::{self, Caps};
 use super::sea::{SeaTaskService, now, same_create};
 use super::transitions::{self, Move, lease_deadline};
 use super::writer::{NewRow, ids_of, insert_rows, rows_of};
@@ -158,7 +159,8 @@ fn claim_many(
     };
     let mut ctes = vec![format!(
         "free AS {materialized}({runnable}{of_types} AND type NOT IN \
-         (SELECT task_type FROM task_types WHERE paused = {yes} OR concurrency IS NOT NULL) \
+         (SELECT task_type FROM task_types WHERE paused = {yes} OR concurrency IS NOT NULL \
+          OR concurrency_per_key IS NOT NULL) \
          ORDER BY {CLAIM_ORDER} LIMIT {limit}{lock})"
     )];
     for (i, task_type) in capped.iter().enumerate() {
@@ -401,9 +403,25 @@ impl SeaTaskService {
         let limit = limit as usize;
         let terms = (terms.0.as_str(), terms.1, terms.2);
         let backend = self.db().get_database_backend();
-        let in_reach = self.queue.capped_in_reach(&request.types).await?;
-        let claimed = if self.db().backend() == Backend::Postgres && !in_reach.is_empty() {
-            self.claim_locked(&in_reach, |locked| {
+        let postgres = self.db().backend() == Backend::Postgres;
+        let (in_reach, keyed) = self.queue.capped_in_reach(&request.types).await?;
+        let claimed = if keyed {
+            // A cap per key counts the tasks of each key claimed before:
+            // one claim after the other, in one transaction.
+            let (worker_id, at, until) = terms;
+            self.claim_locked(&in_reach, limit, |locked| {
+                let caps = if postgres {
+                    Caps::Locked(locked)
+                } else {
+                    Caps::Counted
+                };
+                let mut stmt = queue::claim(&request.types, caps, at, worker_id, until);
+                stmt.returning_all();
+                self.writer.statement(&stmt)
+            })
+            .await?
+        } else if postgres && !in_reach.is_empty() {
+            self.claim_locked(&in_reach, 1, |locked| {
                 claim_many(backend, &request.types, locked, limit, terms)
             })
             .await?

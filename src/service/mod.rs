@@ -88,6 +88,9 @@ pub struct NewTask {
     /// The tasks it waits for (at most 100): it is not claimable until
     /// they all completed.
     pub depends_on: Vec<Dependency>,
+    /// Tasks of its type with this key run at most the type's
+    /// `concurrency_per_key` at once.
+    pub concurrency_key: Option<String>,
 }
 
 /// A task a new task depends on.

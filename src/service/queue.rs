@@ -104,6 +104,8 @@ pub struct Policy {
     pub max_attempts: i32,
     pub backoff: Backoff,
     pub concurrency: Option<i32>,
+    /// Most tasks PROCESSING at once with one concurrency key.
+    pub concurrency_per_key: Option<i32>,
     pub paused: bool,
 }
 
@@ -114,6 +116,7 @@ impl Policy {
                 max_attempts: default_max_attempts,
                 backoff: Backoff::default(),
                 concurrency: None,
+                concurrency_per_key: None,
                 paused: false,
             },
             Some(row) => Self {
@@ -125,6 +128,7 @@ impl Policy {
                     jitter: row.backoff_jitter,
                 },
                 concurrency: row.concurrency,
+                concurrency_per_key: row.concurrency_per_key,
                 paused: row.paused,
             },
         }
@@ -141,6 +145,7 @@ pub struct PolicyChange {
     pub max_seconds: Option<f64>,
     pub jitter: Option<bool>,
     pub concurrency: Option<Option<i32>>,
+    pub concurrency_per_key: Option<Option<i32>>,
     pub paused: Option<bool>,
 }
 
@@ -213,19 +218,28 @@ fn apply(current: &Policy, stored_max: Option<i32>, change: &PolicyChange) -> Ta
         )));
     }
     let concurrency = change.concurrency.unwrap_or(current.concurrency);
-    if let Some(cap) = concurrency
-        && !CONCURRENCY.contains(&cap)
-    {
-        return Err(TaskError::invalid(format!(
-            "concurrency must be between {} and {}, or null for no cap; got {cap}",
-            CONCURRENCY.start(),
-            CONCURRENCY.end()
-        )));
+    let concurrency_per_key = change
+        .concurrency_per_key
+        .unwrap_or(current.concurrency_per_key);
+    for (field, value) in [
+        ("concurrency", concurrency),
+        ("concurrencyPerKey", concurrency_per_key),
+    ] {
+        if let Some(cap) = value
+            && !CONCURRENCY.contains(&cap)
+        {
+            return Err(TaskError::invalid(format!(
+                "{field} must be between {} and {}, or null for no cap; got {cap}",
+                CONCURRENCY.start(),
+                CONCURRENCY.end()
+            )));
+        }
     }
     Ok(Row {
         max_attempts,
         backoff,
         concurrency,
+        concurrency_per_key,
         paused: change.paused.unwrap_or(current.paused),
     })
 }
@@ -235,6 +249,7 @@ struct Row {
     max_attempts: Option<i32>,
     backoff: Backoff,
     concurrency: Option<i32>,
+    concurrency_per_key: Option<i32>,
     paused: bool,
 }
 
@@ -243,7 +258,16 @@ struct Row {
 pub struct Queue {
     db: Db,
     default_max_attempts: i32,
-    capped: std::sync::Mutex<Option<(Instant, Arc<Vec<String>>)>>,
+    capped: std::sync::Mutex<Option<(Instant, Arc<Capped>)>>,
+}
+
+/// The types with a cap, overall or per key, as one instance last read them.
+#[derive(Debug, Default)]
+pub struct Capped {
+    /// Every capped type, by name.
+    pub types: Vec<String>,
+    /// Those with a cap per concurrency key.
+    pub keyed: Vec<String>,
 }
 
 impl Queue {
@@ -295,6 +319,7 @@ impl Queue {
             backoff_max_seconds: Set(row.backoff.max_seconds),
             backoff_jitter: Set(row.backoff.jitter),
             concurrency: Set(row.concurrency),
+            concurrency_per_key: Set(row.concurrency_per_key),
             paused: Set(row.paused),
             updated_at: Set(super::sea::now()),
         };
@@ -309,6 +334,7 @@ impl Queue {
                         PolicyColumn::BackoffMaxSeconds,
                         PolicyColumn::BackoffJitter,
                         PolicyColumn::Concurrency,
+                        PolicyColumn::ConcurrencyPerKey,
                         PolicyColumn::Paused,
                         PolicyColumn::UpdatedAt,
                     ])
@@ -364,19 +390,18 @@ impl Queue {
     }
 
     /// The capped types a claim of `types` (any when empty) may reach, as
-    /// read at most a second ago.
-    pub async fn capped_in_reach(&self, types: &[String]) -> TaskResult<Vec<String>> {
-        Ok(self
-            .capped()
-            .await?
-            .iter()
-            .filter(|t| types.is_empty() || types.contains(t))
-            .cloned()
-            .collect())
+    /// read at most a second ago, and whether one of them has a cap per key.
+    pub async fn capped_in_reach(&self, types: &[String]) -> TaskResult<(Vec<String>, bool)> {
+        let capped = self.capped().await?;
+        let reached = |t: &&String| types.is_empty() || types.contains(t);
+        Ok((
+            capped.types.iter().filter(reached).cloned().collect(),
+            capped.keyed.iter().any(|t| reached(&t)),
+        ))
     }
 
     /// The capped types, as read at most a second ago.
-    pub async fn capped(&self) -> TaskResult<Arc<Vec<String>>> {
+    pub async fn capped(&self) -> TaskResult<Arc<Capped>> {
         if let Some((read_at, capped)) = &*self.capped.lock().unwrap_or_else(|e| e.into_inner())
             && read_at.elapsed() < CAPPED_FRESH_FOR
         {
@@ -385,21 +410,35 @@ impl Queue {
         let mut select = Query::select();
         select
             .column(PolicyColumn::TaskType)
+            .expr(Expr::col(PolicyColumn::ConcurrencyPerKey).is_not_null())
             .from(TaskTypes)
-            .and_where(Expr::col(PolicyColumn::Concurrency).is_not_null());
-        let capped: Vec<String> = self
+            .cond_where(is_capped());
+        let mut capped = Capped::default();
+        for row in self
             .db
             .reads()
             .query_all_raw(self.db.get_database_backend().build(&select))
             .await?
-            .iter()
-            .map(|row| row.try_get_by_index::<String>(0))
-            .collect::<Result<_, _>>()?;
+        {
+            let task_type: String = row.try_get_by_index(0)?;
+            if row.try_get_by_index::<bool>(1)? {
+                capped.keyed.push(task_type.clone());
+            }
+            capped.types.push(task_type);
+        }
         let capped = Arc::new(capped);
         *self.capped.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((Instant::now(), capped.clone()));
         Ok(capped)
     }
+}
+
+/// A type with a cap: on how many of its tasks run, or on how many run
+/// with one concurrency key.
+fn is_capped() -> Condition {
+    Condition::any()
+        .add(Expr::col(PolicyColumn::Concurrency).is_not_null())
+        .add(Expr::col(PolicyColumn::ConcurrencyPerKey).is_not_null())
 }
 
 /// Locks the policy rows of `types` that have a cap, in name order, until
@@ -409,7 +448,7 @@ pub fn lock_capped(types: &[String]) -> SelectStatement {
     select
         .column(PolicyColumn::TaskType)
         .from(TaskTypes)
-        .and_where(Expr::col(PolicyColumn::Concurrency).is_not_null())
+        .cond_where(is_capped())
         .and_where(Expr::col(PolicyColumn::TaskType).is_in(types.iter().cloned()))
         .order_by(PolicyColumn::TaskType, Order::Asc)
         .lock(LockType::Update);
@@ -453,24 +492,25 @@ pub fn claim(
         None,
         Box::new(count.into_sub_query_statement()),
     ));
-    let capped = Expr::col(PolicyColumn::Concurrency).is_not_null();
-    let over = match caps {
-        Caps::Counted => capped.and(at_cap),
-        Caps::Locked(locked) => capped.and(
-            Expr::col(PolicyColumn::TaskType)
-                .is_not_in(locked.iter().cloned())
-                .or(at_cap),
-        ),
-    };
+    let full = Expr::col(PolicyColumn::Concurrency)
+        .is_not_null()
+        .and(at_cap);
+    let mut blocked_if = Condition::any()
+        .add(Expr::col(PolicyColumn::Paused).eq(true))
+        .add(full);
+    if let Caps::Locked(locked) = caps {
+        // A capped type this claim did not lock is skipped, never over-claimed.
+        blocked_if = blocked_if.add(
+            Condition::all()
+                .add(is_capped())
+                .add(Expr::col(PolicyColumn::TaskType).is_not_in(locked.iter().cloned())),
+        );
+    }
     let mut blocked = Query::select();
     blocked
         .column(PolicyColumn::TaskType)
         .from(TaskTypes)
-        .cond_where(
-            Condition::any()
-                .add(Expr::col(PolicyColumn::Paused).eq(true))
-                .add(over),
-        );
+        .cond_where(blocked_if);
 
     // On PostgreSQL, SKIP LOCKED lets concurrent claimers pass each other
     // instead of queueing on one row.
@@ -482,6 +522,7 @@ pub fn claim(
         .and_where(Expr::col(Column::WaitingOn).eq(0))
         .and_where(Expr::col(Column::RunAt).lte(at))
         .and_where(Expr::col(Column::TaskType).not_in_subquery(blocked))
+        .and_where(key_has_room())
         .order_by(Column::Priority, Order::Desc)
         .order_by(Column::FairRank, Order::Asc)
         .order_by(Column::RunAt, Order::Asc)
@@ -502,6 +543,20 @@ pub fn claim(
         .value(Column::LeaseExpiresAt, until)
         .value(Column::StartedAt, Expr::col(Column::StartedAt).if_null(at));
     stmt
+}
+
+/// A task's concurrency key has room: it has none, or its type has no cap
+/// per key, or fewer than that cap of the type's tasks with the key run
+/// (counted in `tasks_key_running_idx`). Read from the claim's candidate
+/// row, `tasks`.
+pub(super) fn key_has_room() -> Expr {
+    Expr::cust_with_values(
+        "NOT EXISTS (SELECT 1 FROM task_types k WHERE k.task_type = tasks.type \
+         AND k.concurrency_per_key IS NOT NULL AND tasks.concurrency_key IS NOT NULL \
+         AND k.concurrency_per_key <= (SELECT COUNT(*) FROM tasks r WHERE r.type = tasks.type \
+         AND r.concurrency_key = tasks.concurrency_key AND r.status = $1))",
+        [TaskStatus::Processing.as_str()],
+    )
 }
 
 /// Reads, in one statement, what a batch of creates needs: each owner's

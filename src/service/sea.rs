@@ -201,19 +201,34 @@ impl SeaTaskService {
         .await
     }
 
-    /// A claim that may take a capped type, on PostgreSQL: the policy rows
-    /// of the capped types in reach are locked first, so the claim counts
-    /// every claim of them committed before (see `queue`). `claim` makes
-    /// the claim's statement (`RETURNING *`) for the types it locked.
+    /// A claim that may take a capped type, in one transaction: on
+    /// PostgreSQL the policy rows of the capped types in reach are locked
+    /// first, so the claim counts every claim of them committed before (see
+    /// `queue`); SQLite holds its one write lock from the start. `claim`
+    /// makes the claim's statement (`RETURNING *`) for the types it locked
+    /// (all in reach on SQLite), run up to `times` times while it takes
+    /// tasks: claims one after the other, each counting the ones before.
     pub(super) async fn claim_locked(
         &self,
         in_reach: &[String],
-        claim: impl FnOnce(&[String]) -> sea_orm::Statement,
+        times: usize,
+        claim: impl Fn(&[String]) -> sea_orm::Statement,
     ) -> TaskResult<Vec<Task>> {
-        let txn = self.db().begin().await?;
-        let locked =
-            rows_of_names(&txn, self.writer.statement(&queue::lock_capped(in_reach))).await?;
-        let claimed = rows_of(&txn, claim(&locked)).await?;
+        let txn = self.db().begin_write().await?;
+        let locked = match self.db().backend() {
+            Backend::Postgres => {
+                rows_of_names(&txn, self.writer.statement(&queue::lock_capped(in_reach))).await?
+            }
+            Backend::Sqlite => in_reach.to_vec(),
+        };
+        let mut claimed = Vec::new();
+        for _ in 0..times {
+            let taken = rows_of(&txn, claim(&locked)).await?;
+            if taken.is_empty() {
+                break;
+            }
+            claimed.extend(taken);
+        }
         txn.commit().await?;
         if !claimed.is_empty() {
             self.writer.wrote();
@@ -445,7 +460,7 @@ impl TaskService for SeaTaskService {
             Backend::Sqlite => (Caps::Counted, Vec::new()),
             Backend::Postgres => (
                 Caps::Locked(&[]),
-                self.queue.capped_in_reach(&request.types).await?,
+                self.queue.capped_in_reach(&request.types).await?.0,
             ),
         };
         if in_reach.is_empty() {
@@ -453,7 +468,7 @@ impl TaskService for SeaTaskService {
             return self.make(Move::Claim, stmt).await;
         }
         let claimed = self
-            .claim_locked(&in_reach, |locked| {
+            .claim_locked(&in_reach, 1, |locked| {
                 let mut stmt =
                     queue::claim(&request.types, Caps::Locked(locked), at, worker_id, until);
                 stmt.returning_all();

@@ -104,6 +104,9 @@ pub fn new_task(mut new: super::NewTask) -> TaskResult<super::NewTask> {
     if let Some(key) = &new.idempotency_key {
         label("idempotencyKey", key, MAX_KEY_LEN)?;
     }
+    if let Some(key) = &new.concurrency_key {
+        label("concurrencyKey", key, MAX_KEY_LEN)?;
+    }
     super::queue::check_priority(new.priority.unwrap_or(0))?;
     if let Some(max) = new.max_attempts {
         super::queue::check_max_attempts(max)?;

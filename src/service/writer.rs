@@ -249,6 +249,7 @@ impl NewRow {
         );
         model.priority = Set(new.priority.unwrap_or(0));
         model.traceparent = Set(traceparent);
+        model.concurrency_key = Set(new.concurrency_key.clone());
         if let Some(run_at) = new.run_at {
             model.run_at = Set(super::sea::in_micros(run_at));
         }

@@ -1,5 +1,6 @@
 //! Pipelines and fair limits through the real router: a task's `result`
-//! left by its completion, and tasks that wait for others (`dependsOn`). On SQLite by default, on PostgreSQL when
+//! left by its completion, tasks that wait for others (`dependsOn`), and
+//! caps per concurrency key. On SQLite by default, on PostgreSQL when
 //! `TASKQL_TEST_DATABASE_URL` is set.
 #[path = "../common/mod.rs"]
 mod common;
@@ -8,6 +9,7 @@ use common::*;
 use serde_json::{Value, json};
 
 mod dependencies;
+mod keys;
 mod racing;
 mod results;
 

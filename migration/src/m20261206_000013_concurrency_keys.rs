@@ -1,0 +1,99 @@
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DatabaseBackend;
+
+use crate::m20261204_000004_task_events::{TASK_COLUMNS, postgres_functions, sqlite_triggers};
+use crate::m20261204_000005_queue::{NEW_COLUMNS, run};
+
+/// Concurrency keys: `tasks.concurrency_key` (a customer, an account, any
+/// name the creator chooses) and `task_types.concurrency_per_key`, the most
+/// tasks of the type PROCESSING at once with one key. A partial index holds
+/// exactly the running tasks that have a key, which is what a claim counts.
+/// The change log keeps the key like every other column.
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+fn logged() -> String {
+    format!("{TASK_COLUMNS}, {NEW_COLUMNS}, result, waiting_on, cancelled_by, concurrency_key")
+}
+
+fn logged_before() -> String {
+    format!("{TASK_COLUMNS}, {NEW_COLUMNS}, result, waiting_on, cancelled_by")
+}
+
+const RUNNING_BY_KEY: &str = "CREATE INDEX tasks_key_running_idx ON tasks (type, concurrency_key) \
+     WHERE status = 'processing' AND concurrency_key IS NOT NULL";
+
+fn postgres_up() -> Vec<String> {
+    let mut sql: Vec<String> = ["tasks", "task_events", "task_changes"]
+        .iter()
+        .map(|table| format!("ALTER TABLE {table} ADD COLUMN concurrency_key text"))
+        .collect();
+    sql.push("ALTER TABLE task_types ADD COLUMN concurrency_per_key integer".into());
+    sql.extend(postgres_functions(&logged()));
+    sql.push(RUNNING_BY_KEY.into());
+    sql
+}
+
+fn sqlite_up() -> Vec<String> {
+    let mut sql: Vec<String> = ["created", "updated", "deleted"]
+        .iter()
+        .map(|kind| format!("DROP TRIGGER task_events_{kind}"))
+        .collect();
+    sql.extend(
+        ["tasks", "task_events"]
+            .iter()
+            .map(|table| format!("ALTER TABLE {table} ADD COLUMN concurrency_key text")),
+    );
+    sql.push("ALTER TABLE task_types ADD COLUMN concurrency_per_key integer".into());
+    sql.extend(sqlite_triggers(&logged()));
+    sql.push(RUNNING_BY_KEY.into());
+    sql
+}
+
+fn postgres_down() -> Vec<String> {
+    let mut sql = vec!["DROP INDEX IF EXISTS tasks_key_running_idx".to_owned()];
+    sql.extend(postgres_functions(&logged_before()));
+    sql.extend(
+        ["tasks", "task_events", "task_changes"]
+            .iter()
+            .map(|table| format!("ALTER TABLE {table} DROP COLUMN concurrency_key")),
+    );
+    sql.push("ALTER TABLE task_types DROP COLUMN concurrency_per_key".into());
+    sql
+}
+
+fn sqlite_down() -> Vec<String> {
+    let mut sql = vec!["DROP INDEX IF EXISTS tasks_key_running_idx".to_owned()];
+    sql.extend(
+        ["created", "updated", "deleted"]
+            .iter()
+            .map(|kind| format!("DROP TRIGGER task_events_{kind}")),
+    );
+    sql.extend(sqlite_triggers(&logged_before()));
+    sql.extend(
+        ["tasks", "task_events"]
+            .iter()
+            .map(|table| format!("ALTER TABLE {table} DROP COLUMN concurrency_key")),
+    );
+    sql.push("ALTER TABLE task_types DROP COLUMN concurrency_per_key".into());
+    sql
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let sql = match manager.get_database_backend() {
+            DatabaseBackend::Postgres => postgres_up(),
+            _ => sqlite_up(),
+        };
+        run(manager, sql).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let sql = match manager.get_database_backend() {
+            DatabaseBackend::Postgres => postgres_down(),
+            _ => sqlite_down(),
+        };
+        run(manager, sql).await
+    }
+}
