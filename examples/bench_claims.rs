@@ -530,6 +530,7 @@ async fn explain_claim(db: &DatabaseConnection) -> Result<(), sea_orm::DbErr> {
         let statement = taskql::service::queue::claim(
             &types,
             taskql::service::queue::Caps::Counted,
+            &taskql::service::rates::Empty::default(),
             at,
             "explain",
             until,

@@ -21,6 +21,11 @@ pub struct Model {
     /// Most tasks of the type PROCESSING at once with one concurrency key;
     /// no limit when null.
     pub concurrency_per_key: Option<i32>,
+    /// Claims allowed per `rate_period_seconds`; no rate limit when null.
+    pub rate_count: Option<i32>,
+    pub rate_period_seconds: Option<i32>,
+    /// The rate limit holds for each concurrency key, not the type as a whole.
+    pub rate_per_key: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -14,6 +14,7 @@ mod m20261206_000010_lean_writes;
 mod m20261206_000011_results;
 mod m20261206_000012_dependencies;
 mod m20261206_000013_concurrency_keys;
+mod m20261206_000014_rate_limits;
 
 pub struct Migrator;
 
@@ -34,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000011_results::Migration),
             Box::new(m20261206_000012_dependencies::Migration),
             Box::new(m20261206_000013_concurrency_keys::Migration),
+            Box::new(m20261206_000014_rate_limits::Migration),
         ]
     }
 }

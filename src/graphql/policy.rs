@@ -27,8 +27,48 @@ pub struct TaskTypePolicy {
     /// (a customer, an account); the others of that key wait while other
     /// keys' tasks run. Null for no cap per key.
     pub concurrency_per_key: Option<i32>,
+    /// At most `count` claims of the type per `periodSeconds` (of each
+    /// concurrencyKey with `perKey`); null for no rate limit.
+    pub rate_limit: Option<RateLimit>,
     /// Claims skip the type; cancel and delete still work.
     pub paused: bool,
+}
+
+/// A rate limit: a token bucket of `count` tokens that refills evenly over
+/// `periodSeconds`; each claim takes one, and the type's tasks (of that key,
+/// with `perKey`) are not runnable while it is empty. Claims of other types
+/// and keys are not slowed.
+#[derive(SimpleObject, InputObject, Clone, Copy, Debug)]
+#[graphql(input_name = "RateLimitInput")]
+pub struct RateLimit {
+    /// 1 to 1000000 claims…
+    pub count: i32,
+    /// …per 1 to 86400 seconds.
+    pub period_seconds: i32,
+    /// One bucket per concurrencyKey (tasks without a key share one)
+    /// instead of one for the type.
+    #[graphql(default)]
+    pub per_key: bool,
+}
+
+impl From<service::queue::RateLimit> for RateLimit {
+    fn from(limit: service::queue::RateLimit) -> Self {
+        Self {
+            count: limit.count,
+            period_seconds: limit.period_seconds,
+            per_key: limit.per_key,
+        }
+    }
+}
+
+impl From<RateLimit> for service::queue::RateLimit {
+    fn from(limit: RateLimit) -> Self {
+        Self {
+            count: limit.count,
+            period_seconds: limit.period_seconds,
+            per_key: limit.per_key,
+        }
+    }
 }
 
 /// A task type: its policy (the defaults where none was set) and its queue.
@@ -58,6 +98,7 @@ impl From<service::TaskType> for TaskType {
                 },
                 concurrency: t.policy.concurrency,
                 concurrency_per_key: t.policy.concurrency_per_key,
+                rate_limit: t.policy.rate_limit.map(RateLimit::from),
                 paused: t.policy.paused,
             },
             pending: count(t.pending),
@@ -89,6 +130,8 @@ pub struct TaskTypePolicyInput {
     pub concurrency: MaybeUndefined<i32>,
     /// 1 to 100000; null removes the cap per concurrency key.
     pub concurrency_per_key: MaybeUndefined<i32>,
+    /// Null removes the rate limit.
+    pub rate_limit: MaybeUndefined<RateLimit>,
     pub paused: Option<bool>,
 }
 
@@ -111,6 +154,7 @@ impl From<TaskTypePolicyInput> for PolicyChange {
             jitter: backoff.jitter,
             concurrency: change(input.concurrency),
             concurrency_per_key: change(input.concurrency_per_key),
+            rate_limit: change(input.rate_limit).map(|limit| limit.map(Into::into)),
             paused: input.paused,
         }
     }

@@ -160,7 +160,7 @@ fn claim_many(
     let mut ctes = vec![format!(
         "free AS {materialized}({runnable}{of_types} AND type NOT IN \
          (SELECT task_type FROM task_types WHERE paused = {yes} OR concurrency IS NOT NULL \
-          OR concurrency_per_key IS NOT NULL) \
+          OR concurrency_per_key IS NOT NULL OR rate_count IS NOT NULL) \
          ORDER BY {CLAIM_ORDER} LIMIT {limit}{lock})"
     )];
     for (i, task_type) in capped.iter().enumerate() {
@@ -404,29 +404,26 @@ impl SeaTaskService {
         let terms = (terms.0.as_str(), terms.1, terms.2);
         let backend = self.db().get_database_backend();
         let postgres = self.db().backend() == Backend::Postgres;
-        let (in_reach, keyed) = self.queue.capped_in_reach(&request.types).await?;
-        let claimed = if keyed {
-            // A cap per key counts the tasks of each key claimed before:
-            // one claim after the other, in one transaction.
-            let (worker_id, at, until) = terms;
-            self.claim_locked(&in_reach, limit, |locked| {
-                let caps = if postgres {
-                    Caps::Locked(locked)
-                } else {
-                    Caps::Counted
-                };
-                let mut stmt = queue::claim(&request.types, caps, at, worker_id, until);
+        let reach = self.queue.capped_in_reach(&request.types).await?;
+        let (worker_id, at, until) = terms;
+        let claimed = if reach.one_by_one {
+            // A cap per key counts the tasks of each key claimed before, a
+            // rate limit the tokens they took: one claim after the other,
+            // in one transaction.
+            self.claim_locked(&reach, limit, at, |locked, empty| {
+                let caps = Caps::of(postgres, locked);
+                let mut stmt = queue::claim(&request.types, caps, empty, at, worker_id, until);
                 stmt.returning_all();
                 self.writer.statement(&stmt)
             })
             .await?
-        } else if postgres && !in_reach.is_empty() {
-            self.claim_locked(&in_reach, 1, |locked| {
+        } else if postgres && !reach.capped.is_empty() {
+            self.claim_locked(&reach, 1, at, |locked, _| {
                 claim_many(backend, &request.types, locked, limit, terms)
             })
             .await?
         } else {
-            let stmt = claim_many(backend, &request.types, &in_reach, limit, terms);
+            let stmt = claim_many(backend, &request.types, &reach.capped, limit, terms);
             self.writer.commit_raw(stmt).await?
         };
         for task in &claimed {

@@ -26,7 +26,8 @@ use sea_orm::{ConnectionTrait, Statement, Value};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::queue::Queue;
+use super::queue::{Queue, RateLimit};
+use super::rates;
 use crate::auth::CurrentUser;
 use crate::db::Db;
 use crate::error::TaskResult;
@@ -46,11 +47,26 @@ pub struct Place {
     pub estimated_start_at: Option<DateTime<Utc>>,
 }
 
-/// When the `position`th task of a line claimed at `rate` per second
-/// starts.
-fn estimate(at: DateTime<Utc>, position: i64, rate: Option<f64>) -> Option<DateTime<Utc>> {
-    let rate = rate.filter(|rate| *rate > 0.0)?;
-    let wait = chrono::TimeDelta::milliseconds((position as f64 / rate * 1000.0) as i64);
+/// How fast a line moves: the rate its tasks were claimed at lately, and
+/// its type's rate limit with the tokens its bucket holds now.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pace {
+    rate: Option<f64>,
+    limit: Option<(RateLimit, f64)>,
+}
+
+/// When the `position`th task of a line moving at `pace` starts: at the
+/// rate claims went lately, and no sooner than its type's rate limit lets
+/// that many claims through.
+fn estimate(at: DateTime<Utc>, position: i64, pace: Pace) -> Option<DateTime<Utc>> {
+    let rate = pace.rate.filter(|rate| *rate > 0.0)?;
+    let mut seconds = position as f64 / rate;
+    if let Some((limit, tokens)) = pace.limit
+        && let Some(wait) = rates::wait_for_tokens(&limit, tokens, position)
+    {
+        seconds = seconds.max(wait);
+    }
+    let wait = chrono::TimeDelta::milliseconds((seconds * 1000.0) as i64);
     at.checked_add_signed(wait)
 }
 
@@ -81,18 +97,30 @@ async fn claim_rate(db: &Db, task_type: &str, at: DateTime<Utc>) -> TaskResult<O
     }))
 }
 
-/// The rate `task_type`'s line moves at, for an estimated start: none while
-/// the type is paused.
-async fn start_rate(
+/// The pace `task_type`'s line moves at, for an estimated start: none
+/// while the type is paused.
+async fn start_pace(
     db: &Db,
     queue: &Queue,
     task_type: &str,
     at: DateTime<Utc>,
-) -> TaskResult<Option<f64>> {
-    if queue.policy(task_type).await?.paused {
-        return Ok(None);
+) -> TaskResult<Pace> {
+    let policy = queue.policy(task_type).await?;
+    if policy.paused {
+        return Ok(Pace::default());
     }
-    claim_rate(db, task_type, at).await
+    let limit = match policy.rate_limit {
+        // A limit per key paces each key's tasks, not the line.
+        Some(limit) if !limit.per_key => Some((
+            limit,
+            rates::tokens_now(&db.reads(), task_type, &limit, at).await?,
+        )),
+        _ => None,
+    };
+    Ok(Pace {
+        rate: claim_rate(db, task_type, at).await?,
+        limit,
+    })
 }
 
 /// The status of the tasks in a line, bound as a parameter.
@@ -138,7 +166,7 @@ async fn place_of(
     let Some(row) = row else { return Ok(None) };
     let task_type: String = row.try_get("", "type")?;
     let position: i64 = row.try_get("", "position")?;
-    let rate = start_rate(db, queue, &task_type, at).await?;
+    let rate = start_pace(db, queue, &task_type, at).await?;
     Ok(Some(Place {
         position,
         estimated_start_at: estimate(at, position, rate),
@@ -166,7 +194,7 @@ async fn rank(
             values,
         ))
         .await?;
-    let rate = start_rate(db, queue, task_type, at).await?;
+    let rate = start_pace(db, queue, task_type, at).await?;
     let wanted: std::collections::HashSet<&Uuid> = ids.iter().collect();
     let mut places = HashMap::with_capacity(ids.len());
     for (i, row) in rows.iter().enumerate() {

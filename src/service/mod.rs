@@ -16,6 +16,7 @@ mod dependencies;
 pub mod line;
 mod pages;
 pub mod queue;
+pub mod rates;
 mod sea;
 pub mod stats;
 mod transitions;

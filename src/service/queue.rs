@@ -26,6 +26,7 @@
 //! Which types are capped is re-read at most once a second per instance
 //! (and at once after this instance sets a policy); until then a type
 //! capped on another instance is skipped, never over-claimed.
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,8 +39,8 @@ use sea_orm::sea_query::{
     QueryStatementBuilder, SelectStatement, UpdateStatement,
 };
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, EntityTrait, FromQueryResult, QueryOrder, QueryTrait,
-    Statement,
+    ActiveValue::Set, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QueryTrait, Statement,
 };
 
 use super::transitions::Move;
@@ -106,7 +107,32 @@ pub struct Policy {
     pub concurrency: Option<i32>,
     /// Most tasks PROCESSING at once with one concurrency key.
     pub concurrency_per_key: Option<i32>,
+    pub rate_limit: Option<RateLimit>,
     pub paused: bool,
+}
+
+/// At most `count` claims per `period_seconds`, of the type as a whole or,
+/// with `per_key`, of each concurrency key (a token bucket: see `rates`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: i32,
+    pub period_seconds: i32,
+    pub per_key: bool,
+}
+
+/// What a rate limit's `count` may be.
+pub const RATE_COUNT: std::ops::RangeInclusive<i32> = 1..=1_000_000;
+/// What a rate limit's `period_seconds` may be: up to a day.
+pub const RATE_PERIOD_SECONDS: std::ops::RangeInclusive<i32> = 1..=86_400;
+
+impl RateLimit {
+    fn of(row: &TaskTypePolicy) -> Option<Self> {
+        Some(Self {
+            count: row.rate_count?,
+            period_seconds: row.rate_period_seconds?,
+            per_key: row.rate_per_key,
+        })
+    }
 }
 
 impl Policy {
@@ -117,6 +143,7 @@ impl Policy {
                 backoff: Backoff::default(),
                 concurrency: None,
                 concurrency_per_key: None,
+                rate_limit: None,
                 paused: false,
             },
             Some(row) => Self {
@@ -129,6 +156,7 @@ impl Policy {
                 },
                 concurrency: row.concurrency,
                 concurrency_per_key: row.concurrency_per_key,
+                rate_limit: RateLimit::of(row),
                 paused: row.paused,
             },
         }
@@ -146,6 +174,7 @@ pub struct PolicyChange {
     pub jitter: Option<bool>,
     pub concurrency: Option<Option<i32>>,
     pub concurrency_per_key: Option<Option<i32>>,
+    pub rate_limit: Option<Option<RateLimit>>,
     pub paused: Option<bool>,
 }
 
@@ -235,11 +264,31 @@ fn apply(current: &Policy, stored_max: Option<i32>, change: &PolicyChange) -> Ta
             )));
         }
     }
+    let rate_limit = change.rate_limit.unwrap_or(current.rate_limit);
+    if let Some(limit) = rate_limit {
+        if !RATE_COUNT.contains(&limit.count) {
+            return Err(TaskError::invalid(format!(
+                "rateLimit.count must be between {} and {}, got {}",
+                RATE_COUNT.start(),
+                RATE_COUNT.end(),
+                limit.count
+            )));
+        }
+        if !RATE_PERIOD_SECONDS.contains(&limit.period_seconds) {
+            return Err(TaskError::invalid(format!(
+                "rateLimit.periodSeconds must be between {} and {}, got {}",
+                RATE_PERIOD_SECONDS.start(),
+                RATE_PERIOD_SECONDS.end(),
+                limit.period_seconds
+            )));
+        }
+    }
     Ok(Row {
         max_attempts,
         backoff,
         concurrency,
         concurrency_per_key,
+        rate_limit,
         paused: change.paused.unwrap_or(current.paused),
     })
 }
@@ -250,6 +299,7 @@ struct Row {
     backoff: Backoff,
     concurrency: Option<i32>,
     concurrency_per_key: Option<i32>,
+    rate_limit: Option<RateLimit>,
     paused: bool,
 }
 
@@ -261,13 +311,27 @@ pub struct Queue {
     capped: std::sync::Mutex<Option<(Instant, Arc<Capped>)>>,
 }
 
-/// The types with a cap, overall or per key, as one instance last read them.
+/// The types with a cap (overall or per key) or a rate limit, as one
+/// instance last read them.
 #[derive(Debug, Default)]
 pub struct Capped {
-    /// Every capped type, by name.
+    /// Every such type, by name.
     pub types: Vec<String>,
     /// Those with a cap per concurrency key.
     pub keyed: Vec<String>,
+    /// Those with a rate limit, and their limits.
+    pub rated: HashMap<String, RateLimit>,
+}
+
+/// The capped types a claim may reach.
+#[derive(Debug, Default)]
+pub struct Reach {
+    pub capped: Vec<String>,
+    /// One of them has a cap per key or a rate limit: a batch claims one
+    /// task after the other.
+    pub one_by_one: bool,
+    /// The rate limits among them.
+    pub rated: HashMap<String, RateLimit>,
 }
 
 impl Queue {
@@ -320,6 +384,9 @@ impl Queue {
             backoff_jitter: Set(row.backoff.jitter),
             concurrency: Set(row.concurrency),
             concurrency_per_key: Set(row.concurrency_per_key),
+            rate_count: Set(row.rate_limit.map(|limit| limit.count)),
+            rate_period_seconds: Set(row.rate_limit.map(|limit| limit.period_seconds)),
+            rate_per_key: Set(row.rate_limit.is_some_and(|limit| limit.per_key)),
             paused: Set(row.paused),
             updated_at: Set(super::sea::now()),
         };
@@ -335,6 +402,9 @@ impl Queue {
                         PolicyColumn::BackoffJitter,
                         PolicyColumn::Concurrency,
                         PolicyColumn::ConcurrencyPerKey,
+                        PolicyColumn::RateCount,
+                        PolicyColumn::RatePeriodSeconds,
+                        PolicyColumn::RatePerKey,
                         PolicyColumn::Paused,
                         PolicyColumn::UpdatedAt,
                     ])
@@ -390,14 +460,26 @@ impl Queue {
     }
 
     /// The capped types a claim of `types` (any when empty) may reach, as
-    /// read at most a second ago, and whether one of them has a cap per key.
-    pub async fn capped_in_reach(&self, types: &[String]) -> TaskResult<(Vec<String>, bool)> {
+    /// read at most a second ago.
+    pub async fn capped_in_reach(&self, types: &[String]) -> TaskResult<Reach> {
         let capped = self.capped().await?;
-        let reached = |t: &&String| types.is_empty() || types.contains(t);
-        Ok((
-            capped.types.iter().filter(reached).cloned().collect(),
-            capped.keyed.iter().any(|t| reached(&t)),
-        ))
+        let reached = |t: &String| types.is_empty() || types.contains(t);
+        let rated: HashMap<String, RateLimit> = capped
+            .rated
+            .iter()
+            .filter(|(t, _)| reached(t))
+            .map(|(t, limit)| (t.clone(), *limit))
+            .collect();
+        Ok(Reach {
+            capped: capped
+                .types
+                .iter()
+                .filter(|t| reached(t))
+                .cloned()
+                .collect(),
+            one_by_one: !rated.is_empty() || capped.keyed.iter().any(reached),
+            rated,
+        })
     }
 
     /// The capped types, as read at most a second ago.
@@ -407,12 +489,10 @@ impl Queue {
         {
             return Ok(capped.clone());
         }
-        let mut select = Query::select();
-        select
-            .column(PolicyColumn::TaskType)
-            .expr(Expr::col(PolicyColumn::ConcurrencyPerKey).is_not_null())
-            .from(TaskTypes)
-            .cond_where(is_capped());
+        let select = TaskTypes::find()
+            .filter(is_capped())
+            .order_by_asc(PolicyColumn::TaskType)
+            .into_query();
         let mut capped = Capped::default();
         for row in self
             .db
@@ -420,11 +500,14 @@ impl Queue {
             .query_all_raw(self.db.get_database_backend().build(&select))
             .await?
         {
-            let task_type: String = row.try_get_by_index(0)?;
-            if row.try_get_by_index::<bool>(1)? {
-                capped.keyed.push(task_type.clone());
+            let policy = TaskTypePolicy::from_query_result(&row, "")?;
+            if policy.concurrency_per_key.is_some() {
+                capped.keyed.push(policy.task_type.clone());
             }
-            capped.types.push(task_type);
+            if let Some(limit) = RateLimit::of(&policy) {
+                capped.rated.insert(policy.task_type.clone(), limit);
+            }
+            capped.types.push(policy.task_type);
         }
         let capped = Arc::new(capped);
         *self.capped.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -439,6 +522,7 @@ fn is_capped() -> Condition {
     Condition::any()
         .add(Expr::col(PolicyColumn::Concurrency).is_not_null())
         .add(Expr::col(PolicyColumn::ConcurrencyPerKey).is_not_null())
+        .add(Expr::col(PolicyColumn::RateCount).is_not_null())
 }
 
 /// Locks the policy rows of `types` that have a cap, in name order, until
@@ -464,6 +548,18 @@ pub enum Caps<'a> {
     Locked(&'a [String]),
 }
 
+impl<'a> Caps<'a> {
+    /// What a claim that `locked` these types counts: on PostgreSQL those;
+    /// on SQLite every capped type.
+    pub fn of(postgres: bool, locked: &'a [String]) -> Self {
+        if postgres {
+            Self::Locked(locked)
+        } else {
+            Self::Counted
+        }
+    }
+}
+
 /// The claim: the first runnable task in claim order (of `types`, or any
 /// when empty) becomes PROCESSING under `worker_id`'s lease until `until`
 /// ([`Move::Claim`]).
@@ -474,6 +570,7 @@ pub enum Caps<'a> {
 pub fn claim(
     types: &[String],
     caps: Caps<'_>,
+    empty: &super::rates::Empty,
     at: DateTime<Utc>,
     worker_id: &str,
     until: DateTime<Utc>,
@@ -523,6 +620,7 @@ pub fn claim(
         .and_where(Expr::col(Column::RunAt).lte(at))
         .and_where(Expr::col(Column::TaskType).not_in_subquery(blocked))
         .and_where(key_has_room())
+        .cond_where(super::rates::not_empty(empty).unwrap_or_else(Condition::all))
         .order_by(Column::Priority, Order::Desc)
         .order_by(Column::FairRank, Order::Asc)
         .order_by(Column::RunAt, Order::Asc)

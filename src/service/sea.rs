@@ -26,6 +26,7 @@ use super::batch::{Beat, Completion, claim_terms, rows_of_names};
 use super::line::{Lines, Place};
 use super::pages::{self, visible_to};
 use super::queue::{self, Caps, PolicyChange, Queue, TaskType};
+use super::rates;
 use super::transitions::{self, Move, attempt_ended_by_retry, lease_deadline};
 use super::watch::Watch;
 use super::watch::bus::{EventBus, TaskEvent};
@@ -210,25 +211,37 @@ impl SeaTaskService {
     /// tasks: claims one after the other, each counting the ones before.
     pub(super) async fn claim_locked(
         &self,
-        in_reach: &[String],
+        reach: &queue::Reach,
         times: usize,
-        claim: impl Fn(&[String]) -> sea_orm::Statement,
+        at: DateTime<Utc>,
+        claim: impl Fn(&[String], &rates::Empty) -> sea_orm::Statement,
     ) -> TaskResult<Vec<Task>> {
         let txn = self.db().begin_write().await?;
         let locked = match self.db().backend() {
             Backend::Postgres => {
-                rows_of_names(&txn, self.writer.statement(&queue::lock_capped(in_reach))).await?
+                let lock = queue::lock_capped(&reach.capped);
+                rows_of_names(&txn, self.writer.statement(&lock)).await?
             }
-            Backend::Sqlite => in_reach.to_vec(),
+            Backend::Sqlite => reach.capped.clone(),
         };
+        // The rate-limited types locked: their buckets, as of now.
+        let rated = reach
+            .rated
+            .iter()
+            .filter(|(task_type, _)| locked.contains(task_type))
+            .map(|(task_type, limit)| (task_type.clone(), *limit))
+            .collect();
+        let mut buckets = rates::Buckets::read(&txn, rated, at).await?;
         let mut claimed = Vec::new();
         for _ in 0..times {
-            let taken = rows_of(&txn, claim(&locked)).await?;
+            let taken = rows_of(&txn, claim(&locked, &buckets.empty())).await?;
             if taken.is_empty() {
                 break;
             }
+            buckets.take(&taken);
             claimed.extend(taken);
         }
+        buckets.write(&txn).await?;
         txn.commit().await?;
         if !claimed.is_empty() {
             self.writer.wrote();
@@ -454,23 +467,38 @@ impl TaskService for SeaTaskService {
     async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>> {
         let (worker_id, at, until) = claim_terms(worker, &request)?;
         let worker_id = worker_id.as_str();
-        // SQLite's one writer makes the claim's count of a capped type hold;
+        // SQLite's one writer makes the claim's count of a capped type hold
+        // (a rate-limited type's bucket needs a transaction all the same);
         // PostgreSQL locks the capped types in reach first (see `queue`).
-        let (caps, in_reach) = match self.db().backend() {
-            Backend::Sqlite => (Caps::Counted, Vec::new()),
-            Backend::Postgres => (
-                Caps::Locked(&[]),
-                self.queue.capped_in_reach(&request.types).await?.0,
-            ),
+        let reach = self.queue.capped_in_reach(&request.types).await?;
+        let postgres = self.db().backend() == Backend::Postgres;
+        let alone = if postgres {
+            reach.capped.is_empty()
+        } else {
+            reach.rated.is_empty()
         };
-        if in_reach.is_empty() {
-            let stmt = queue::claim(&request.types, caps, at, worker_id, until);
+        if alone {
+            let no_buckets = rates::Empty::default();
+            let stmt = queue::claim(
+                &request.types,
+                Caps::of(postgres, &[]),
+                &no_buckets,
+                at,
+                worker_id,
+                until,
+            );
             return self.make(Move::Claim, stmt).await;
         }
         let claimed = self
-            .claim_locked(&in_reach, 1, |locked| {
-                let mut stmt =
-                    queue::claim(&request.types, Caps::Locked(locked), at, worker_id, until);
+            .claim_locked(&reach, 1, at, |locked, empty| {
+                let mut stmt = queue::claim(
+                    &request.types,
+                    Caps::of(postgres, locked),
+                    empty,
+                    at,
+                    worker_id,
+                    until,
+                );
                 stmt.returning_all();
                 self.writer.statement(&stmt)
             })

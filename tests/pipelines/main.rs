@@ -1,6 +1,6 @@
 //! Pipelines and fair limits through the real router: a task's `result`
 //! left by its completion, tasks that wait for others (`dependsOn`), and
-//! caps per concurrency key. On SQLite by default, on PostgreSQL when
+//! caps per concurrency key and rate limits. On SQLite by default, on PostgreSQL when
 //! `TASKQL_TEST_DATABASE_URL` is set.
 #[path = "../common/mod.rs"]
 mod common;
@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 mod dependencies;
 mod keys;
 mod racing;
+mod rates;
 mod results;
 
 /// Claims the next task of `task_type` as the test worker: its id and attempt.
