@@ -210,6 +210,29 @@ async fn the_dashboard_follows_the_server_live_in_a_browser() {
             .contains("does not answer")
     );
     assert!(result["afterRestart"].is_string());
+    assert_eq!(
+        result["chainWaiting"], "0 of 1 before it completed; waits for 1",
+        "{result:#}"
+    );
+    assert!(
+        result["chainBefore"].as_str().unwrap().contains("PENDING"),
+        "{result:#}"
+    );
+    assert!(
+        result["chainResult"]
+            .as_str()
+            .unwrap()
+            .contains("\"frames\": 240"),
+        "{result:#}"
+    );
+    assert!(
+        result["chainAfter"]
+            .as_str()
+            .unwrap()
+            .contains("video.encode"),
+        "{result:#}"
+    );
+    assert_eq!(result["chainDone"], "1 of 1 before it completed");
     assert!(
         result["firstSubscribeAfter"].is_null(),
         "the first subscription starts from now: {result:#}"

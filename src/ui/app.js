@@ -12,6 +12,8 @@ const STATS_EVERY_MS = 1000; // refetch taskStats after events at most this ofte
 const STATS_REFRESH_MS = 15000; // and anyway, so ages and minutes move on
 const STATUSES = ['PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED'];
 const TASK_FIELDS = 'id type status progress attempts resultId errorMessage userId workerId leaseExpiresAt createdAt updatedAt startedAt completedAt';
+// A task's place in its chain: what it waits for, and what waits for it.
+const CHAIN_FIELDS = 'waitingOn { id } dependencies { id type status } dependents { id type status }';
 // A pending task's place in its type's line: one statement per task, so the
 // detail panel asks for it, not the list.
 const PLACE_FIELDS = 'queuePosition estimatedStartAt';
@@ -522,7 +524,7 @@ function setFilters(filters) {
 async function openDetail(id) {
   $('d-error').hidden = true;
   try {
-    const data = await gql(`query Task($id: ID!) { task(id: $id) { ${TASK_FIELDS} ${PLACE_FIELDS} metadata } }`, { id });
+    const data = await gql(`query Task($id: ID!) { task(id: $id) { ${TASK_FIELDS} ${PLACE_FIELDS} metadata result ${CHAIN_FIELDS} } }`, { id });
     showDetail(data.task);
   } catch (error) {
     showDetail(state.rows.find((t) => t.id === id) || null, `${error.code}: ${error.message}`);
@@ -558,7 +560,28 @@ function showDetail(task, message) {
     ...field('updated', stamp(task.updatedAt)),
   );
   $('d-metadata').textContent = task.metadata === undefined ? '…' : JSON.stringify(task.metadata, null, 2);
+  $('d-result').textContent = task.result === undefined ? '…' : (task.result === null ? '–' : JSON.stringify(task.result, null, 2));
+  renderChain(task);
   if (message) { $('d-error').hidden = false; $('d-error').textContent = message; }
+}
+
+// The tasks before and after this one in its chain, each with its status,
+// at a glance; a click opens one. Hidden for a task in no chain.
+function renderChain(task) {
+  const before = task.dependencies || [];
+  const after = task.dependents || [];
+  $('d-chain-box').hidden = before.length === 0 && after.length === 0;
+  const waiting = new Set((task.waitingOn || []).map((t) => t.id));
+  const link = (t) => el('li', { 'data-id': t.id, 'data-status': t.status },
+    el('button', { type: 'button', class: 'link', title: t.id, onclick: () => openDetail(t.id) },
+      el('span', { class: 'status', text: t.status }), ` ${t.type} `, el('span', { class: 'mono', text: shortId(t.id) })),
+    waiting.has(t.id) ? el('span', { class: 'muted', text: ' waited for' }) : null);
+  const done = before.filter((t) => t.status === 'COMPLETED').length;
+  $('d-chain-summary').textContent = before.length === 0
+    ? `${after.length} task(s) wait for this one`
+    : `${done} of ${before.length} before it completed${waiting.size ? `; waits for ${waiting.size}` : ''}`;
+  $('d-before').replaceChildren(...before.map(link));
+  $('d-after').replaceChildren(...after.map(link));
 }
 
 // "#3 of its type, starts in about 40 s" for a pending task; '–' otherwise.

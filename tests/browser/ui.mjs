@@ -227,6 +227,33 @@ try {
   result.resumedAfter = subscribes[subscribes.length - 1].after;
   result.listReadsOnResume = listReads - listReadsBefore;
   step('restart');
+
+  // 8. A chain: the waiting step shows what it waits for; once the step
+  // before completed, its result, and the chain done before it.
+  const render = await create('carol', 'video.render', { scene: 'intro' });
+  const encode = (await api(tokens.carol,
+    'mutation($on: [ID!]) { createTask(input: {type: "video.encode", dependsOn: $on}) { id } }',
+    { on: [render] })).createTask.id;
+  await page.click(`#tasks tr[data-id="${encode}"]`);
+  await page.waitForFunction((id) => document.querySelector('#d-id').textContent === id
+    && !document.querySelector('#d-chain-box').hidden, encode, { timeout: TIMEOUT });
+  result.chainWaiting = (await page.textContent('#d-chain-summary')).trim();
+  result.chainBefore = (await page.textContent('#d-before')).trim();
+  await page.click('#d-close');
+  const renderClaim = await claim('gpu-2', ['video.render']);
+  await setStatus({ id: renderClaim.id, status: 'COMPLETED', result: { frames: 240, url: 'intro.mp4' }, expectedAttempt: renderClaim.attempts });
+  await rowStatus(page, render, 'COMPLETED');
+  await page.click(`#tasks tr[data-id="${render}"]`);
+  await page.waitForFunction(() => document.querySelector('#d-result').textContent.includes('intro.mp4'), null, { timeout: TIMEOUT });
+  result.chainResult = (await page.textContent('#d-result')).trim();
+  result.chainAfter = (await page.textContent('#d-after')).trim();
+  // From the step before, the link opens the one after: ready to run.
+  await page.click(`#d-after li[data-id="${encode}"] button`);
+  await page.waitForFunction((id) => document.querySelector('#d-id').textContent === id, encode, { timeout: TIMEOUT });
+  await page.waitForFunction(() => document.querySelector('#d-chain-summary').textContent.startsWith('1 of 1'), null, { timeout: TIMEOUT });
+  result.chainDone = (await page.textContent('#d-chain-summary')).trim();
+  await page.click('#d-close');
+  step('chain');
 } catch (err) {
   result.error = String((err && err.stack) || err);
   try { result.noticeAtError = await page.textContent('#notice'); } catch (_) { /* gone */ }
