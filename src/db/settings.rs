@@ -85,10 +85,18 @@ impl DbSettings {
     pub(super) fn pool(&self, settings: &PoolSettings) -> (Connector, u32) {
         match &self.url {
             Connector::Postgres(options) => {
-                let options = Self::postgres(options, "taskql").options([(
-                    "statement_timeout",
-                    settings.statement_timeout.as_millis().to_string(),
-                )]);
+                let options = Self::postgres(options, "taskql").options([
+                    (
+                        "statement_timeout",
+                        settings.statement_timeout.as_millis().to_string(),
+                    ),
+                    // Every statement of the service is short. A plan whose
+                    // estimate passes `jit_above_cost` (a claim with keys
+                    // over a deep queue does) would be compiled first, which
+                    // costs hundreds of milliseconds for a statement that
+                    // runs in a few.
+                    ("jit", "off".to_owned()),
+                ]);
                 (Connector::Postgres(options), settings.max_connections)
             }
             Connector::Sqlite(options) => (
