@@ -189,7 +189,7 @@ async fn chains(
         if parent.as_ref().map(|t| t.id) != Some(made[0].id) {
             return Err(format!("chain {i}: the first step was not claimed").into());
         }
-        for step in 1..3 {
+        for (step, want) in made.iter().enumerate().skip(1) {
             let task = parent.take().ok_or("no parent")?;
             let started = Instant::now();
             let mut done = StatusUpdate::new(task.id, TaskStatus::Completed);
@@ -201,7 +201,7 @@ async fn chains(
                 }
             };
             links.push(started.elapsed().as_secs_f64() * 1000.0);
-            if child.id != made[step].id {
+            if child.id != want.id {
                 return Err(format!("chain {i}: step {step} claimed another task").into());
             }
             parent = Some(child);
