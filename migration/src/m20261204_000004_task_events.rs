@@ -205,6 +205,17 @@ fn postgres_sql() -> Vec<String> {
     sql
 }
 
+/// SQLite's triggers that log `columns`, made anew: the old ones dropped,
+/// then created (a migration that adds a logged column).
+pub(crate) fn sqlite_triggers_replaced(columns: &str) -> Vec<String> {
+    let mut sql: Vec<String> = KINDS
+        .iter()
+        .map(|(kind, ..)| format!("DROP TRIGGER IF EXISTS task_events_{kind}"))
+        .collect();
+    sql.extend(sqlite_triggers(columns));
+    sql
+}
+
 /// SQLite's triggers that log `columns` (the task's columns, in order).
 pub(crate) fn sqlite_triggers(columns: &str) -> Vec<String> {
     let now_ms = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";

@@ -224,6 +224,19 @@ impl MigrationTrait for Migration {
     }
 }
 
+/// Runs the statements `postgres` or `sqlite` makes, as the database is.
+pub(crate) async fn run_on(
+    manager: &SchemaManager<'_>,
+    postgres: impl FnOnce() -> Vec<String>,
+    sqlite: impl FnOnce() -> Vec<String>,
+) -> Result<(), DbErr> {
+    let sql = match manager.get_database_backend() {
+        DatabaseBackend::Postgres => postgres(),
+        _ => sqlite(),
+    };
+    run(manager, sql).await
+}
+
 /// Runs `sql` in order. On SQLite as one batch, so on one connection: a
 /// trigger dropped on one pooled connection can still be in the schema
 /// another connection has cached when it creates the trigger again.

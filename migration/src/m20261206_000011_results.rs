@@ -1,8 +1,9 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DatabaseBackend;
 
-use crate::m20261204_000004_task_events::{TASK_COLUMNS, postgres_functions, sqlite_triggers};
-use crate::m20261204_000005_queue::{NEW_COLUMNS, run};
+use crate::m20261204_000004_task_events::{
+    TASK_COLUMNS, postgres_functions, sqlite_triggers_replaced,
+};
+use crate::m20261204_000005_queue::{NEW_COLUMNS, run_on};
 
 /// `result`: the JSON a worker's completion leaves on its task, for the
 /// task's owner and for the tasks that depend on it. Appended last, after
@@ -31,16 +32,11 @@ fn postgres_up() -> Vec<String> {
 }
 
 fn sqlite_up() -> Vec<String> {
-    let mut sql: Vec<String> = ["created", "updated", "deleted"]
+    let mut sql: Vec<String> = ["tasks", "task_events"]
         .iter()
-        .map(|kind| format!("DROP TRIGGER task_events_{kind}"))
+        .map(|table| format!("ALTER TABLE {table} ADD COLUMN result jsonb_text"))
         .collect();
-    sql.extend(
-        ["tasks", "task_events"]
-            .iter()
-            .map(|table| format!("ALTER TABLE {table} ADD COLUMN result jsonb_text")),
-    );
-    sql.extend(sqlite_triggers(&logged()));
+    sql.extend(sqlite_triggers_replaced(&logged()));
     sql
 }
 
@@ -55,11 +51,7 @@ fn postgres_down() -> Vec<String> {
 }
 
 fn sqlite_down() -> Vec<String> {
-    let mut sql: Vec<String> = ["created", "updated", "deleted"]
-        .iter()
-        .map(|kind| format!("DROP TRIGGER task_events_{kind}"))
-        .collect();
-    sql.extend(sqlite_triggers(&logged_before()));
+    let mut sql = sqlite_triggers_replaced(&logged_before());
     sql.extend(
         ["tasks", "task_events"]
             .iter()
@@ -71,18 +63,10 @@ fn sqlite_down() -> Vec<String> {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DatabaseBackend::Postgres => postgres_up(),
-            _ => sqlite_up(),
-        };
-        run(manager, sql).await
+        run_on(manager, postgres_up, sqlite_up).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DatabaseBackend::Postgres => postgres_down(),
-            _ => sqlite_down(),
-        };
-        run(manager, sql).await
+        run_on(manager, postgres_down, sqlite_down).await
     }
 }

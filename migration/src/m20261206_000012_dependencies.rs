@@ -1,8 +1,9 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DatabaseBackend;
 
-use crate::m20261204_000004_task_events::{TASK_COLUMNS, postgres_functions, sqlite_triggers};
-use crate::m20261204_000005_queue::{NEW_COLUMNS, run};
+use crate::m20261204_000004_task_events::{
+    TASK_COLUMNS, postgres_functions, sqlite_triggers_replaced,
+};
+use crate::m20261204_000005_queue::{NEW_COLUMNS, run_on};
 
 /// Dependencies between tasks: `task_dependencies` holds one row per edge
 /// (a task, and a task it waits for), and two columns of `tasks` say where
@@ -195,17 +196,13 @@ fn sqlite_up() -> Vec<String> {
         "strftime('%Y-%m-%dT%H:%M:%f000+00:00', 'now')",
         sqlite_id_text,
     );
-    let mut sql: Vec<String> = ["created", "updated", "deleted"]
-        .iter()
-        .map(|kind| format!("DROP TRIGGER task_events_{kind}"))
-        .collect();
-    sql.extend([
+    let mut sql: Vec<String> = vec![
         "ALTER TABLE tasks ADD COLUMN waiting_on integer NOT NULL DEFAULT 0".to_owned(),
         "ALTER TABLE tasks ADD COLUMN cancelled_by uuid_text".into(),
         "ALTER TABLE task_events ADD COLUMN waiting_on integer".into(),
         "ALTER TABLE task_events ADD COLUMN cancelled_by uuid_text".into(),
-    ]);
-    sql.extend(sqlite_triggers(&logged()));
+    ];
+    sql.extend(sqlite_triggers_replaced(&logged()));
     sql.push(
         "CREATE TABLE task_dependencies (
              task_id uuid_text NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
@@ -267,15 +264,12 @@ fn sqlite_down() -> Vec<String> {
         "task_dependents_cancelled",
         "task_dependents_restored",
         "task_dependents_orphaned",
-        "task_events_created",
-        "task_events_updated",
-        "task_events_deleted",
     ]
     .iter()
     .map(|trigger| format!("DROP TRIGGER IF EXISTS {trigger}"))
     .collect();
     sql.push("DROP TABLE IF EXISTS task_dependencies".into());
-    sql.extend(sqlite_triggers(&logged_before()));
+    sql.extend(sqlite_triggers_replaced(&logged_before()));
     for table in ["tasks", "task_events"] {
         for column in ["waiting_on", "cancelled_by"] {
             sql.push(format!("ALTER TABLE {table} DROP COLUMN {column}"));
@@ -287,18 +281,10 @@ fn sqlite_down() -> Vec<String> {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DatabaseBackend::Postgres => postgres_up(),
-            _ => sqlite_up(),
-        };
-        run(manager, sql).await
+        run_on(manager, postgres_up, sqlite_up).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DatabaseBackend::Postgres => postgres_down(),
-            _ => sqlite_down(),
-        };
-        run(manager, sql).await
+        run_on(manager, postgres_down, sqlite_down).await
     }
 }

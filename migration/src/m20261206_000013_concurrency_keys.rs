@@ -1,8 +1,9 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DatabaseBackend;
 
-use crate::m20261204_000004_task_events::{TASK_COLUMNS, postgres_functions, sqlite_triggers};
-use crate::m20261204_000005_queue::{NEW_COLUMNS, run};
+use crate::m20261204_000004_task_events::{
+    TASK_COLUMNS, postgres_functions, sqlite_triggers_replaced,
+};
+use crate::m20261204_000005_queue::{NEW_COLUMNS, run_on};
 
 /// Concurrency keys: `tasks.concurrency_key` (a customer, an account, any
 /// name the creator chooses) and `task_types.concurrency_per_key`, the most
@@ -35,17 +36,12 @@ fn postgres_up() -> Vec<String> {
 }
 
 fn sqlite_up() -> Vec<String> {
-    let mut sql: Vec<String> = ["created", "updated", "deleted"]
+    let mut sql: Vec<String> = ["tasks", "task_events"]
         .iter()
-        .map(|kind| format!("DROP TRIGGER task_events_{kind}"))
+        .map(|table| format!("ALTER TABLE {table} ADD COLUMN concurrency_key text"))
         .collect();
-    sql.extend(
-        ["tasks", "task_events"]
-            .iter()
-            .map(|table| format!("ALTER TABLE {table} ADD COLUMN concurrency_key text")),
-    );
     sql.push("ALTER TABLE task_types ADD COLUMN concurrency_per_key integer".into());
-    sql.extend(sqlite_triggers(&logged()));
+    sql.extend(sqlite_triggers_replaced(&logged()));
     sql.push(RUNNING_BY_KEY.into());
     sql
 }
@@ -64,12 +60,7 @@ fn postgres_down() -> Vec<String> {
 
 fn sqlite_down() -> Vec<String> {
     let mut sql = vec!["DROP INDEX IF EXISTS tasks_key_running_idx".to_owned()];
-    sql.extend(
-        ["created", "updated", "deleted"]
-            .iter()
-            .map(|kind| format!("DROP TRIGGER task_events_{kind}")),
-    );
-    sql.extend(sqlite_triggers(&logged_before()));
+    sql.extend(sqlite_triggers_replaced(&logged_before()));
     sql.extend(
         ["tasks", "task_events"]
             .iter()
@@ -82,18 +73,10 @@ fn sqlite_down() -> Vec<String> {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DatabaseBackend::Postgres => postgres_up(),
-            _ => sqlite_up(),
-        };
-        run(manager, sql).await
+        run_on(manager, postgres_up, sqlite_up).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let sql = match manager.get_database_backend() {
-            DatabaseBackend::Postgres => postgres_down(),
-            _ => sqlite_down(),
-        };
-        run(manager, sql).await
+        run_on(manager, postgres_down, sqlite_down).await
     }
 }

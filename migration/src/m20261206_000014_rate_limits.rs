@@ -1,7 +1,6 @@
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DatabaseBackend;
 
-use crate::m20261204_000005_queue::run;
+use crate::m20261204_000005_queue::run_on;
 
 /// Rate limits: a type's policy may allow `rate_count` claims per
 /// `rate_period_seconds`, for the type as a whole or, with
@@ -50,11 +49,10 @@ fn down() -> Vec<String> {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let postgres = manager.get_database_backend() == DatabaseBackend::Postgres;
-        run(manager, up(postgres)).await
+        run_on(manager, || up(true), || up(false)).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        run(manager, down()).await
+        run_on(manager, down, down).await
     }
 }
