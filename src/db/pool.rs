@@ -248,7 +248,10 @@ impl Pooled {
         };
         let outcome = match tokio::time::timeout_at(deadline, call(&mut conn)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(timed_out(what)),
+            // Cut by its deadline: this connection may be mid-answer, so it
+            // goes; the others may be fine (a slow statement, not a cut
+            // network), so they stay.
+            Err(_) => return Err(timed_out(what)),
         };
         match &outcome {
             Err(err) if breaks_connection(err) => {

@@ -410,7 +410,7 @@ impl SeaTaskService {
             // A cap per key counts the tasks of each key claimed before, a
             // rate limit the tokens they took: one claim after the other,
             // in one transaction.
-            self.claim_locked(&reach, limit, at, |locked, empty| {
+            self.claim_locked(&reach, limit, |locked, empty| {
                 let caps = Caps::of(postgres, locked);
                 let mut stmt = queue::claim(&request.types, caps, empty, at, worker_id, until);
                 stmt.returning_all();
@@ -418,7 +418,7 @@ impl SeaTaskService {
             })
             .await?
         } else if postgres && !reach.capped.is_empty() {
-            self.claim_locked(&reach, 1, at, |locked, _| {
+            self.claim_locked(&reach, 1, |locked, _| {
                 claim_many(backend, &request.types, locked, limit, terms)
             })
             .await?

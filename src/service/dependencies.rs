@@ -27,7 +27,7 @@ use super::sea::{now, same_create};
 use super::writer::{NewRow, ids_of, insert_rows, rows_of};
 use super::{Dependency, NewTask, SeaTaskService};
 use crate::auth::CurrentUser;
-use crate::db::{Backend, DbTransaction};
+use crate::db::Backend;
 use crate::error::{TaskError, TaskResult};
 
 /// Most tasks `Task.dependents` lists.
@@ -71,24 +71,13 @@ impl SeaTaskService {
                 .filter(|(_, repeat)| repeat.is_none())
                 .map(|(new, _)| new)
         };
-        // The tasks that already hold the inputs' keys: those inputs are them.
+        // The tasks that already hold the inputs' keys (those inputs are
+        // them) and the dependencies outside the batch, locked until the
+        // commit, in one statement and in id order, so that two creates
+        // lock what they share in the same order.
         let keys: Vec<&str> = firsts()
             .filter_map(|new| new.idempotency_key.as_deref())
             .collect();
-        let mut held: HashMap<String, Task> = HashMap::new();
-        if !keys.is_empty() {
-            let mut select = Tasks::find()
-                .filter(Column::UserId.eq(&user.id))
-                .filter(Column::IdempotencyKey.is_in(keys))
-                .into_query();
-            locked(&mut select, share);
-            for task in rows_of(&txn, self.db().get_database_backend().build(&select)).await? {
-                if let Some(key) = task.idempotency_key.clone() {
-                    held.insert(key, task);
-                }
-            }
-        }
-        // The dependencies outside the batch, locked until the commit.
         let outside: BTreeSet<Uuid> = firsts()
             .flat_map(|new| &new.depends_on)
             .filter_map(|dependency| match dependency {
@@ -96,7 +85,35 @@ impl SeaTaskService {
                 Dependency::Input(_) => None,
             })
             .collect();
-        let found = self.lock_tasks(&txn, &outside, share).await?;
+        let mut held: HashMap<String, Task> = HashMap::new();
+        let mut found: HashMap<Uuid, Task> = HashMap::new();
+        if !keys.is_empty() || !outside.is_empty() {
+            let mut wanted =
+                sea_orm::Condition::any().add(Column::Id.is_in(outside.iter().copied()));
+            if !keys.is_empty() {
+                wanted = wanted.add(
+                    sea_orm::Condition::all()
+                        .add(Column::UserId.eq(&user.id))
+                        .add(Column::IdempotencyKey.is_in(keys.iter().copied())),
+                );
+            }
+            let mut select = Tasks::find()
+                .filter(wanted)
+                .order_by_asc(Column::Id)
+                .into_query();
+            locked(&mut select, share);
+            for task in rows_of(&txn, self.db().get_database_backend().build(&select)).await? {
+                if task.user_id == user.id
+                    && let Some(key) = task.idempotency_key.as_deref()
+                    && keys.contains(&key)
+                {
+                    held.insert(key.to_owned(), task.clone());
+                }
+                if outside.contains(&task.id) {
+                    found.insert(task.id, task);
+                }
+            }
+        }
 
         let at = now();
         // Each input's task id and status, as the inputs after it see them.
@@ -121,10 +138,11 @@ impl SeaTaskService {
             }
             let mut row = NewRow::of(&user.id, new, traceparent.clone(), at);
             let id = *row.model.id.as_ref();
-            let mut waiting = 0;
-            let mut blocked_by = None;
+            // Each dependency once: an input's index and the id of the
+            // task it turned out to be are one dependency.
+            let mut on_tasks: Vec<(Uuid, TaskStatus)> = Vec::with_capacity(new.depends_on.len());
             for dependency in &new.depends_on {
-                let (on, status) = match *dependency {
+                let on = match *dependency {
                     Dependency::Task(on) => found
                         .get(&on)
                         .filter(|task| user.is_service || task.user_id == user.id)
@@ -132,6 +150,13 @@ impl SeaTaskService {
                         .ok_or_else(|| TaskError::NotFound.at_input(i))?,
                     Dependency::Input(j) => stand[j],
                 };
+                if !on_tasks.iter().any(|(id, _)| *id == on.0) {
+                    on_tasks.push(on);
+                }
+            }
+            let mut waiting = 0;
+            let mut blocked_by = None;
+            for (on, status) in on_tasks {
                 if status != TaskStatus::Completed {
                     waiting += 1;
                 }
@@ -198,31 +223,6 @@ impl SeaTaskService {
             tasks.push(task);
         }
         Ok(Some(tasks))
-    }
-
-    /// The tasks `ids`, by id, locked `FOR SHARE` with `share` until the
-    /// transaction ends.
-    async fn lock_tasks(
-        &self,
-        txn: &DbTransaction,
-        ids: &BTreeSet<Uuid>,
-        share: bool,
-    ) -> TaskResult<HashMap<Uuid, Task>> {
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let mut select = Tasks::find()
-            .filter(Column::Id.is_in(ids.iter().copied()))
-            .order_by_asc(Column::Id)
-            .into_query();
-        locked(&mut select, share);
-        Ok(
-            rows_of(txn, self.db().get_database_backend().build(&select))
-                .await?
-                .into_iter()
-                .map(|task| (task.id, task))
-                .collect(),
-        )
     }
 
     /// The tasks related to `task_id` as `related` says, that `user` may

@@ -647,14 +647,18 @@ pub fn claim(
 /// per key, or fewer than that cap of the type's tasks with the key run
 /// (counted in `tasks_key_running_idx`). Read from the claim's candidate
 /// row, `tasks`.
+///
+/// The status is written into the text (a constant, not input): sea-query
+/// renumbers no placeholder of a custom expression for SQLite, so a bound
+/// value here would take another's place.
 pub(super) fn key_has_room() -> Expr {
-    Expr::cust_with_values(
+    Expr::cust(format!(
         "NOT EXISTS (SELECT 1 FROM task_types k WHERE k.task_type = tasks.type \
          AND k.concurrency_per_key IS NOT NULL AND tasks.concurrency_key IS NOT NULL \
          AND k.concurrency_per_key <= (SELECT COUNT(*) FROM tasks r WHERE r.type = tasks.type \
-         AND r.concurrency_key = tasks.concurrency_key AND r.status = $1))",
-        [TaskStatus::Processing.as_str()],
-    )
+         AND r.concurrency_key = tasks.concurrency_key AND r.status = '{}'))",
+        TaskStatus::Processing.as_str()
+    ))
 }
 
 /// Reads, in one statement, what a batch of creates needs: each owner's
@@ -776,5 +780,31 @@ impl Queue {
             create.model.max_attempts = Set(max_attempts);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::sea_query::{PostgresQueryBuilder, SqliteQueryBuilder};
+
+    /// Every value the claim binds has its placeholder, in both dialects.
+    #[test]
+    fn the_claim_binds_every_value_it_names() {
+        let at = Utc::now();
+        let empty = super::super::rates::Empty {
+            types: vec!["paid".into()],
+            keys: vec![("api".into(), "customer-1".into())],
+        };
+        let locked = ["api".to_owned()];
+        let stmt = claim(&["api".into()], Caps::Locked(&locked), &empty, at, "w", at);
+        let (sql, values) = stmt.build(SqliteQueryBuilder);
+        assert_eq!(sql.matches('?').count(), values.0.len(), "{sql}");
+        assert!(!sql.contains('$'), "{sql}");
+        let (sql, values) = stmt.build(PostgresQueryBuilder);
+        let n = values.0.len();
+        assert!(sql.contains(&format!("${n}")), "{sql}");
+        assert!(!sql.contains(&format!("${}", n + 1)), "{sql}");
+        assert!(!sql.contains('?'), "{sql}");
     }
 }

@@ -42,8 +42,9 @@ fn refilled(limit: &RateLimit, tokens: f64, then: DateTime<Utc>, at: DateTime<Ut
 pub(super) struct Buckets {
     at: DateTime<Utc>,
     limits: HashMap<String, RateLimit>,
-    /// The buckets read or taken from, by (type, key).
-    tokens: HashMap<(String, String), f64>,
+    /// The buckets read or taken from, by (type, key): their tokens, and
+    /// as of when (`at`, or a later time another instance's clock wrote).
+    tokens: HashMap<(String, String), (f64, DateTime<Utc>)>,
     taken: HashSet<(String, String)>,
 }
 
@@ -73,6 +74,14 @@ impl Buckets {
         if buckets.limits.is_empty() {
             return Ok(buckets);
         }
+        // A bucket not taken from for a whole period is full again: only
+        // the others are read, however many keys a type has had.
+        let longest = buckets
+            .limits
+            .values()
+            .map(|limit| limit.period_seconds)
+            .max()
+            .unwrap_or(0);
         let mut select = Query::select();
         select
             .columns([
@@ -82,24 +91,36 @@ impl Buckets {
                 Alias::new("refilled_at"),
             ])
             .from(table())
-            .and_where(Expr::col(Alias::new("task_type")).is_in(buckets.limits.keys().cloned()));
+            .and_where(Expr::col(Alias::new("task_type")).is_in(buckets.limits.keys().cloned()))
+            .and_where(
+                Expr::col(Alias::new("refilled_at"))
+                    .gt(at - chrono::Duration::seconds(i64::from(longest))),
+            );
         let statement = conn.get_database_backend().build(&select);
         for row in conn.query_all_raw(statement).await? {
             let task_type: String = row.try_get_by_index(0)?;
             let key: String = row.try_get_by_index(1)?;
             let tokens: f64 = row.try_get_by_index(2)?;
             let then: DateTime<Utc> = row.try_get_by_index(3)?;
-            if let Some(limit) = buckets.limits.get(&task_type) {
-                let now = refilled(limit, tokens, then, at);
-                buckets.tokens.insert((task_type, key), now);
+            let Some(limit) = buckets.limits.get(&task_type) else {
+                continue;
+            };
+            // A limit for the whole type reads only its own bucket: rows of
+            // keys are left from when it was per key.
+            if !limit.per_key && !key.is_empty() {
+                continue;
             }
+            let now = refilled(limit, tokens, then, at);
+            buckets
+                .tokens
+                .insert((task_type, key), (now, Ord::max(then, at)));
         }
         Ok(buckets)
     }
 
     fn tokens(&self, bucket: &(String, String)) -> f64 {
         match self.tokens.get(bucket) {
-            Some(tokens) => *tokens,
+            Some((tokens, _)) => *tokens,
             // A bucket never taken from is full.
             None => self
                 .limits
@@ -111,7 +132,7 @@ impl Buckets {
     /// The buckets with less than a token now.
     pub(super) fn empty(&self) -> Empty {
         let mut empty = Empty::default();
-        for (bucket, tokens) in &self.tokens {
+        for (bucket, (tokens, _)) in &self.tokens {
             if *tokens >= 1.0 {
                 continue;
             }
@@ -134,7 +155,11 @@ impl Buckets {
             };
             let bucket = bucket_of(&task.task_type, task.concurrency_key.as_deref(), limit);
             let left = self.tokens(&bucket) - 1.0;
-            self.tokens.insert(bucket.clone(), left);
+            let as_of = self
+                .tokens
+                .get(&bucket)
+                .map_or(self.at, |(_, as_of)| *as_of);
+            self.tokens.insert(bucket.clone(), (left, as_of));
             self.taken.insert(bucket);
         }
     }
@@ -159,11 +184,13 @@ impl Buckets {
                     .to_owned(),
             );
         for bucket in &self.taken {
+            let (tokens, as_of) = self.tokens.get(bucket).copied().unwrap_or((0.0, self.at));
             insert.values_panic([
                 bucket.0.clone().into(),
                 bucket.1.clone().into(),
-                self.tokens(bucket).into(),
-                self.at.into(),
+                tokens.into(),
+                // Never back in time: another instance's clock may be ahead.
+                as_of.into(),
             ]);
         }
         conn.execute_raw(conn.get_database_backend().build(&insert))

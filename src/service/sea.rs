@@ -213,7 +213,6 @@ impl SeaTaskService {
         &self,
         reach: &queue::Reach,
         times: usize,
-        at: DateTime<Utc>,
         claim: impl Fn(&[String], &rates::Empty) -> sea_orm::Statement,
     ) -> TaskResult<Vec<Task>> {
         let txn = self.db().begin_write().await?;
@@ -231,7 +230,9 @@ impl SeaTaskService {
             .filter(|(task_type, _)| locked.contains(task_type))
             .map(|(task_type, limit)| (task_type.clone(), *limit))
             .collect();
-        let mut buckets = rates::Buckets::read(&txn, rated, at).await?;
+        // The buckets' time is read once the lock is held: a claim that
+        // waited for it must not refill what the one before it took.
+        let mut buckets = rates::Buckets::read(&txn, rated, now()).await?;
         let mut claimed = Vec::new();
         for _ in 0..times {
             let taken = rows_of(&txn, claim(&locked, &buckets.empty())).await?;
@@ -490,7 +491,7 @@ impl TaskService for SeaTaskService {
             return self.make(Move::Claim, stmt).await;
         }
         let claimed = self
-            .claim_locked(&reach, 1, at, |locked, empty| {
+            .claim_locked(&reach, 1, |locked, empty| {
                 let mut stmt = queue::claim(
                     &request.types,
                     Caps::of(postgres, locked),

@@ -288,7 +288,12 @@ pub fn cancel(task_id: Uuid, visible: Condition, at: DateTime<Utc>) -> UpdateSta
 /// fresh budget (`retry_base = attempts`).
 pub fn retry(task_id: Uuid, visible: Condition, at: DateTime<Utc>) -> UpdateStatement {
     let mut stmt = Move::Retry.update_of(task_id, visible, at);
-    stmt.value(Column::RetryBase, Expr::col(Column::Attempts))
+    // Its dependencies are counted anew (some may have completed while it
+    // was finished); one that failed or was cancelled refuses the retry.
+    stmt.and_where(Expr::cust(format!("NOT EXISTS ({DEAD_DEPENDENCY})")))
+        .value(Column::WaitingOn, Expr::cust(UNFINISHED_DEPENDENCIES))
+        .value(Column::CancelledBy, Option::<Uuid>::None)
+        .value(Column::RetryBase, Expr::col(Column::Attempts))
         .value(Column::RunAt, at)
         .value(Column::Progress, Option::<i32>::None)
         .value(Column::ResultId, Option::<String>::None)
@@ -493,7 +498,23 @@ pub fn refused_cancel(task: Task) -> TaskResult<Task> {
 }
 
 /// Why `retryTask` changed nothing.
+/// The dependencies of the task being updated (`tasks`) that failed or
+/// were cancelled.
+const DEAD_DEPENDENCY: &str = "SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on \
+     WHERE d.task_id = tasks.id AND p.status IN ('failed', 'cancelled')";
+
+/// How many dependencies of the task being updated (`tasks`) have not completed.
+const UNFINISHED_DEPENDENCIES: &str = "(SELECT COUNT(*) FROM task_dependencies d \
+     JOIN tasks p ON p.id = d.depends_on WHERE d.task_id = tasks.id AND p.status <> 'completed')";
+
 pub fn refused_retry(task: &Task) -> TaskError {
+    if Move::Retry.from().contains(&task.status) {
+        // The status allowed it: a dependency did not.
+        return TaskError::conflict(
+            "a task this one depends on failed or was cancelled: retry that one first, \
+             which brings this one back",
+        );
+    }
     TaskError::conflict(format!(
         "task is {}; only {} tasks can be retried",
         api_name(task.status),

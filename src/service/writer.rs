@@ -268,8 +268,8 @@ struct QueuedCreate {
     /// The create's span: its batch's insert is traced under the first
     /// create's, linked to the others'.
     span: tracing::Span,
-    /// Its request's deadline: the batch's database calls end by the
-    /// earliest of its creates'.
+    /// Its request's deadline: the batch's database calls end by the latest
+    /// of its creates' (each request is answered by its own in any case).
     deadline: Option<Deadline>,
 }
 
@@ -333,7 +333,9 @@ async fn insert_queued(
         if batch.is_empty() {
             continue;
         }
-        let deadline = batch.iter().filter_map(|create| create.deadline).min();
+        // One create near its deadline must not cut the batch for all the
+        // others: its own request answers it at its deadline anyway.
+        let deadline = batch.iter().filter_map(|create| create.deadline).max();
         let span = batch_span(&batch);
         let ahead = turns.lock().unwrap_or_else(|e| e.into_inner()).of(&batch);
         // Each row takes its owner's next turn (an owner's later rows in

@@ -364,3 +364,83 @@ async fn a_subscription_sees_the_last_step_wait_run_and_complete() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_retried_dependent_counts_its_dependencies_anew() {
+    let mut app = spawn_app().await;
+    let alice = app.user_token("alice");
+    let mutate = |query: &'static str, id: String| {
+        let (app, alice) = (&app, alice.clone());
+        async move { app.gql(Some(&alice), query, json!({ "id": id })).await }
+    };
+    // Cancelled by its owner while its dependency ran; the dependency then
+    // completed: retried, it is runnable at once.
+    let first = create(&app, "again.a").await;
+    let second = id_of(&create_after(&app, "again.b", &[&first]).await);
+    mutate(
+        "mutation($id: ID!) { cancelTask(id: $id) { status } }",
+        second.clone(),
+    )
+    .await;
+    run(&app, "again.a", json!(1)).await;
+    let retried = mutate(
+        "mutation($id: ID!) { retryTask(id: $id) { status } }",
+        second.clone(),
+    )
+    .await;
+    assert_eq!(data(retried)["retryTask"]["status"], "PENDING");
+    assert_eq!(task(&app, &second).await["waitingOn"], json!([]));
+    assert_eq!(try_claim(&app, "again.b").await, Some(second));
+
+    // Cancelled because its dependency failed: retried alone it would wait
+    // for nothing that can come, so it is refused until that one is retried.
+    let failing = create(&app, "again.c").await;
+    let after = id_of(&create_after(&app, "again.d", &[&failing]).await);
+    fail(&app, "again.c").await;
+    let refused = mutate(
+        "mutation($id: ID!) { retryTask(id: $id) { status } }",
+        after.clone(),
+    )
+    .await;
+    assert_eq!(error_code(&refused), Some("CONFLICT"), "{refused}");
+    let message = refused["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("retry that one first"), "{message}");
+    mutate(
+        "mutation($id: ID!) { retryTask(id: $id) { status } }",
+        failing,
+    )
+    .await;
+    assert_eq!(task(&app, &after).await["status"], "PENDING");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_task_named_twice_is_one_dependency() {
+    let mut app = spawn_app().await;
+    let alice = app.user_token("alice");
+    let held = id_of(
+        &app.create_task(
+            &alice,
+            json!({"type": "twice.a", "idempotencyKey": "k"}),
+            "id",
+        )
+        .await,
+    );
+    // Input 0 is the task holding key k; input 1 names it by index and by id.
+    let body = app
+        .gql(
+            Some(&alice),
+            "mutation($inputs: [CreateTaskInput!]!) { createTasks(inputs: $inputs) { id waitingOn { id } } }",
+            json!({ "inputs": [
+                {"type": "twice.a", "idempotencyKey": "k"},
+                {"type": "twice.b", "dependsOn": ["0", held]},
+            ] }),
+        )
+        .await;
+    let tasks = data(body)["createTasks"].clone();
+    assert_eq!(id_of(&tasks[0]), held);
+    assert_eq!(ids(&tasks[1]["waitingOn"]), vec![held.clone()]);
+    run(&app, "twice.a", json!(1)).await;
+    assert_eq!(try_claim(&app, "twice.b").await, Some(id_of(&tasks[1])));
+    app.stop().await;
+}
