@@ -37,28 +37,10 @@ fn ids(tasks: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Claims `task_type` as the test worker: the task's id, if any.
-async fn try_claim(app: &TestApp, task_type: &str) -> Option<String> {
-    let body = app
-        .gql(
-            Some(&app.worker_token()),
-            "mutation($types: [String!]) { claimTask(types: $types) { id } }",
-            json!({ "types": [task_type] }),
-        )
-        .await;
-    data(body)["claimTask"]["id"].as_str().map(str::to_owned)
-}
-
 /// Claims and completes the next task of `task_type`, leaving `result`.
 async fn run(app: &TestApp, task_type: &str, result: Value) -> String {
     let (id, attempt) = claim(app, task_type).await;
-    let done = app
-        .update_status(
-            json!({"id": id, "status": "COMPLETED", "expectedAttempt": attempt, "result": result}),
-            "status",
-        )
-        .await;
-    assert_eq!(data(done)["updateTaskStatus"]["status"], "COMPLETED");
+    complete(app, &id, attempt, result).await;
     id
 }
 
@@ -86,8 +68,8 @@ async fn a_chain_runs_one_step_after_the_other_and_passes_results_on() {
         assert_eq!(ids(&waiting["waitingOn"]), vec![on.clone()], "{waiting}");
         assert!(waiting["queuePosition"].is_null(), "{waiting}");
     }
-    assert_eq!(try_claim(&app, "chain.upscale").await, None);
-    assert_eq!(try_claim(&app, "chain.thumbs").await, None);
+    assert_eq!(claimed_id(&app, "chain.upscale").await, None);
+    assert_eq!(claimed_id(&app, "chain.thumbs").await, None);
 
     run(&app, "chain.image", json!({"url": "a.png"})).await;
     let upscale = task(&app, &id_of(&upscale)).await;
@@ -100,7 +82,7 @@ async fn a_chain_runs_one_step_after_the_other_and_passes_results_on() {
     );
     let image_task = task(&app, &image).await;
     assert_eq!(ids(&image_task["dependents"]), vec![id_of(&upscale)]);
-    assert_eq!(try_claim(&app, "chain.thumbs").await, None, "still waits");
+    assert_eq!(claimed_id(&app, "chain.thumbs").await, None, "still waits");
 
     run(&app, "chain.upscale", json!({"url": "a@2x.png"})).await;
     let last = run(&app, "chain.thumbs", json!(["t1.png", "t2.png"])).await;
@@ -123,9 +105,9 @@ async fn a_task_waits_for_all_of_fifty() {
     }
     let waiting = task(&app, &id_of(&joined)).await;
     assert_eq!(ids(&waiting["waitingOn"]).len(), 1, "{waiting}");
-    assert_eq!(try_claim(&app, "fan.join").await, None);
+    assert_eq!(claimed_id(&app, "fan.join").await, None);
     run(&app, "fan.part", json!(1)).await;
-    assert_eq!(try_claim(&app, "fan.join").await, Some(id_of(&joined)));
+    assert_eq!(claimed_id(&app, "fan.join").await, Some(id_of(&joined)));
     app.stop().await;
 }
 
@@ -158,7 +140,7 @@ async fn a_failure_cancels_the_chain_after_it_and_a_retry_brings_it_back() {
         assert_eq!(ids(&task["waitingOn"]), vec![on.clone()], "{task}");
     }
     run(&app, "cascade.a", json!("ok")).await;
-    assert_eq!(try_claim(&app, "cascade.b").await, Some(second));
+    assert_eq!(claimed_id(&app, "cascade.b").await, Some(second));
     app.stop().await;
 }
 
@@ -200,7 +182,7 @@ async fn a_cancel_or_a_delete_cancels_what_waits_on_it() {
     let done = run(&app, "gone.f", json!(0)).await;
     let ready = create_after(&app, "gone.g", &[&done]).await;
     assert_eq!(ready["waitingOn"], json!([]), "{ready}");
-    assert_eq!(try_claim(&app, "gone.g").await, Some(id_of(&ready)));
+    assert_eq!(claimed_id(&app, "gone.g").await, Some(id_of(&ready)));
     app.stop().await;
 }
 
@@ -390,7 +372,7 @@ async fn a_retried_dependent_counts_its_dependencies_anew() {
     .await;
     assert_eq!(data(retried)["retryTask"]["status"], "PENDING");
     assert_eq!(task(&app, &second).await["waitingOn"], json!([]));
-    assert_eq!(try_claim(&app, "again.b").await, Some(second));
+    assert_eq!(claimed_id(&app, "again.b").await, Some(second));
 
     // Cancelled because its dependency failed: retried alone it would wait
     // for nothing that can come, so it is refused until that one is retried.
@@ -441,6 +423,6 @@ async fn one_task_named_twice_is_one_dependency() {
     assert_eq!(id_of(&tasks[0]), held);
     assert_eq!(ids(&tasks[1]["waitingOn"]), vec![held.clone()]);
     run(&app, "twice.a", json!(1)).await;
-    assert_eq!(try_claim(&app, "twice.b").await, Some(id_of(&tasks[1])));
+    assert_eq!(claimed_id(&app, "twice.b").await, Some(id_of(&tasks[1])));
     app.stop().await;
 }

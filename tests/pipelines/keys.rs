@@ -32,41 +32,19 @@ async fn create_keyed(app: &TestApp, task_type: &str, key: Option<&str>) -> Stri
     id_of(&task)
 }
 
-/// Claims one task of `task_type`: its id, attempt and key.
+/// Claims one task of `task_type` as worker `w`: its id, attempt and key.
 async fn claim_keyed(
     app: &TestApp,
     task_type: &str,
     w: &str,
 ) -> Option<(String, i64, Option<String>)> {
-    let body = app
-        .gql(
-            Some(&app.worker_token()),
-            "mutation($types: [String!], $w: String) { claimTask(types: $types, workerId: $w) { id attempts concurrencyKey } }",
-            json!({ "types": [task_type], "w": w }),
-        )
-        .await;
-    let task = data(body)["claimTask"].clone();
-    task["id"].as_str().map(|id| {
+    claim_as(app, task_type, w).await.map(|task| {
         (
-            id.to_owned(),
+            id_of(&task),
             task["attempts"].as_i64().unwrap_or_default(),
             task["concurrencyKey"].as_str().map(str::to_owned),
         )
     })
-}
-
-async fn complete(app: &TestApp, id: &str, attempt: i64) {
-    let done = app
-        .update_status(
-            json!({"id": id, "status": "COMPLETED", "expectedAttempt": attempt}),
-            "status",
-        )
-        .await;
-    assert_eq!(
-        data(done)["updateTaskStatus"]["status"],
-        "COMPLETED",
-        "{id}"
-    );
 }
 
 #[tokio::test]
@@ -105,7 +83,7 @@ async fn a_full_key_waits_while_other_keys_run() {
 
     // One of key a finishes: the third of key a may run, still not b's.
     let (first, attempt, _) = &claimed[0];
-    complete(&app, first, *attempt).await;
+    complete(&app, first, *attempt, Value::Null).await;
     let next = claim_keyed(&app, "api.call", "w").await.expect("a's third");
     assert_eq!(next.0, made["a"][2]);
     assert_eq!(claim_keyed(&app, "api.call", "w").await, None);
@@ -222,7 +200,7 @@ async fn race(apps: &[Arc<TestApp>], n: usize) {
                 seen.claims.lock().unwrap().push(id.clone());
                 tokio::time::sleep(Duration::from_millis(2 + w as u64 % 3)).await;
                 *seen.holding.lock().unwrap().get_mut(&key).expect("held") -= 1;
-                complete(&app, &id, attempt).await;
+                complete(&app, &id, attempt, Value::Null).await;
             }
         }));
     }

@@ -14,17 +14,46 @@ mod racing;
 mod rates;
 mod results;
 
-/// Claims the next task of `task_type` as the test worker: its id and attempt.
-async fn claim(app: &TestApp, task_type: &str) -> (String, i64) {
+/// Claims the next task of `task_type` as worker `worker_id`: the task
+/// (`id attempts type concurrencyKey`), or `None` when none is runnable.
+async fn claim_as(app: &TestApp, task_type: &str, worker_id: &str) -> Option<Value> {
     let body = app
         .gql(
             Some(&app.worker_token()),
-            "mutation($types: [String!]) { claimTask(types: $types) { id attempts } }",
-            json!({ "types": [task_type] }),
+            "mutation($types: [String!], $w: String) { claimTask(types: $types, workerId: $w) { id attempts type concurrencyKey } }",
+            json!({ "types": [task_type], "w": worker_id }),
         )
         .await;
-    let task = &data(body)["claimTask"];
-    (id_of(task), task["attempts"].as_i64().expect("attempts"))
+    let task = data(body)["claimTask"].clone();
+    (!task.is_null()).then_some(task)
+}
+
+/// The id of the task a claim of `task_type` takes, if any.
+async fn claimed_id(app: &TestApp, task_type: &str) -> Option<String> {
+    claim_as(app, task_type, "w").await.map(|task| id_of(&task))
+}
+
+/// Claims the next task of `task_type` as the test worker: its id and attempt.
+async fn claim(app: &TestApp, task_type: &str) -> (String, i64) {
+    let task = claim_as(app, task_type, "w")
+        .await
+        .expect("a task to claim");
+    (id_of(&task), task["attempts"].as_i64().expect("attempts"))
+}
+
+/// Completes attempt `attempt` of task `id` as the test worker, leaving
+/// `result` (none when null).
+async fn complete(app: &TestApp, id: &str, attempt: i64, result: Value) {
+    let mut input = json!({"id": id, "status": "COMPLETED", "expectedAttempt": attempt});
+    if !result.is_null() {
+        input["result"] = result;
+    }
+    let done = app.update_status(input, "status").await;
+    assert_eq!(
+        data(done)["updateTaskStatus"]["status"],
+        "COMPLETED",
+        "{id}"
+    );
 }
 
 /// Alice's new task of `task_type`: its id.

@@ -15,33 +15,11 @@ const CREATORS: usize = 4;
 const CHILDREN_EACH: usize = 30;
 const WORKERS: usize = 6;
 
-/// Claims one task of `types` as worker `w`: its id, attempt and type.
-async fn claim_one(app: &TestApp, types: &[&str], w: usize) -> Option<(String, i64, String)> {
-    let body = app
-        .gql(
-            Some(&app.worker_token()),
-            "mutation($types: [String!], $w: String) { claimTask(types: $types, workerId: $w) { id attempts type } }",
-            json!({ "types": types, "w": format!("w{w}") }),
-        )
-        .await;
-    let task = data(body)["claimTask"].clone();
-    task["id"].as_str().map(|id| {
-        (
-            id.to_owned(),
-            task["attempts"].as_i64().unwrap_or_default(),
-            task["type"].as_str().unwrap_or_default().to_owned(),
-        )
-    })
-}
-
-async fn complete(app: &TestApp, id: &str, attempt: i64) {
-    let done = app
-        .update_status(
-            json!({"id": id, "status": "COMPLETED", "expectedAttempt": attempt}),
-            "status",
-        )
-        .await;
-    assert_eq!(data(done)["updateTaskStatus"]["status"], "COMPLETED");
+/// Claims one task of `task_type` as worker `w`: its id and attempt.
+async fn claim_one(app: &TestApp, task_type: &str, w: usize) -> Option<(String, i64)> {
+    claim_as(app, task_type, &format!("w{w}"))
+        .await
+        .map(|task| (id_of(&task), task["attempts"].as_i64().unwrap_or_default()))
 }
 
 /// One round on `apps`: parents completed by workers while creators add
@@ -87,8 +65,8 @@ async fn round(apps: &[Arc<TestApp>], n: usize) {
         let app = apps[w % apps.len()].clone();
         let (completed_at, parent_type) = (completed_at.clone(), parent_type.clone());
         workers.push(tokio::spawn(async move {
-            while let Some((id, attempt, _)) = claim_one(&app, &[&parent_type], w).await {
-                complete(&app, &id, attempt).await;
+            while let Some((id, attempt)) = claim_one(&app, &parent_type, w).await {
+                complete(&app, &id, attempt, Value::Null).await;
                 completed_at.lock().unwrap().insert(id, Instant::now());
             }
         }));
@@ -106,9 +84,9 @@ async fn round(apps: &[Arc<TestApp>], n: usize) {
         let app = apps[w % apps.len()].clone();
         let (claimed, child_type) = (claimed.clone(), child_type.clone());
         workers.push(tokio::spawn(async move {
-            while let Some((id, attempt, _)) = claim_one(&app, &[&child_type], w).await {
+            while let Some((id, attempt)) = claim_one(&app, &child_type, w).await {
                 claimed.lock().unwrap().push(id.clone());
-                complete(&app, &id, attempt).await;
+                complete(&app, &id, attempt, Value::Null).await;
             }
         }));
     }
@@ -137,9 +115,7 @@ async fn round(apps: &[Arc<TestApp>], n: usize) {
 /// A child is not claimable while its parent runs, and is once it completed.
 async fn a_child_waits_for_its_parent(app: &TestApp) {
     create(app, "early.parent").await;
-    let parent = claim_one(app, &["early.parent"], 0)
-        .await
-        .expect("the parent");
+    let parent = claim_one(app, "early.parent", 0).await.expect("the parent");
     let body = app
         .gql(
             Some(&app.user_token("alice")),
@@ -148,11 +124,9 @@ async fn a_child_waits_for_its_parent(app: &TestApp) {
         )
         .await;
     let child = id_of(&data(body)["createTask"]);
-    assert_eq!(claim_one(app, &["early.child"], 0).await, None);
-    complete(app, &parent.0, parent.1).await;
-    let claimed = claim_one(app, &["early.child"], 0)
-        .await
-        .expect("the child");
+    assert_eq!(claim_one(app, "early.child", 0).await, None);
+    complete(app, &parent.0, parent.1, Value::Null).await;
+    let claimed = claim_one(app, "early.child", 0).await.expect("the child");
     assert_eq!(claimed.0, child);
 }
 

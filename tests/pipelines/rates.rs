@@ -17,18 +17,6 @@ async fn limit_rate(app: &TestApp, task_type: &str, limit: Value) -> Value {
     .await
 }
 
-/// Claims one task of `task_type`: its id.
-async fn claim_id(app: &TestApp, task_type: &str) -> Option<String> {
-    let body = app
-        .gql(
-            Some(&app.worker_token()),
-            "mutation($types: [String!]) { claimTask(types: $types) { id } }",
-            json!({ "types": [task_type] }),
-        )
-        .await;
-    data(body)["claimTask"]["id"].as_str().map(str::to_owned)
-}
-
 async fn create_many(app: &TestApp, task_type: &str, key: Option<&str>, n: usize) {
     let inputs: Vec<Value> = (0..n)
         .map(|_| json!({ "type": task_type, "concurrencyKey": key }))
@@ -62,7 +50,7 @@ async fn five_a_second_hold_over_ten_seconds_and_other_types_run_freely() {
         let (app, claims) = (app.clone(), claims.clone());
         workers.push(tokio::spawn(async move {
             while started.elapsed() < window + Duration::from_millis(500) {
-                match claim_id(&app, "api.paid").await {
+                match claimed_id(&app, "api.paid").await {
                     Some(_) => claims.lock().unwrap().push(started.elapsed()),
                     None => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
@@ -73,7 +61,7 @@ async fn five_a_second_hold_over_ten_seconds_and_other_types_run_freely() {
     let free_started = Instant::now();
     for _ in 0..100 {
         assert!(
-            claim_id(&app, "api.free").await.is_some(),
+            claimed_id(&app, "api.free").await.is_some(),
             "api.free ran dry"
         );
     }
@@ -111,7 +99,7 @@ async fn a_rate_limit_per_key_holds_each_key_apart() {
     create_many(&app, "api.keyed", Some("b"), 3).await;
     create_many(&app, "api.keyed", None, 3).await;
     let mut claimed = 0;
-    while claim_id(&app, "api.keyed").await.is_some() {
+    while claimed_id(&app, "api.keyed").await.is_some() {
         claimed += 1;
         assert!(claimed <= 6, "more than two per key");
     }
@@ -143,7 +131,7 @@ async fn a_rate_limit_per_key_holds_each_key_apart() {
 
     // Lifting the limit lets the rest run.
     limit_rate(&app, "api.keyed", Value::Null).await;
-    assert!(claim_id(&app, "api.keyed").await.is_some());
+    assert!(claimed_id(&app, "api.keyed").await.is_some());
     app.stop().await;
 }
 
@@ -152,9 +140,9 @@ async fn an_empty_bucket_pushes_the_estimated_start_back() {
     let mut app = spawn_app().await;
     limit_rate(&app, "api.slow", json!({"count": 1, "periodSeconds": 30})).await;
     create_many(&app, "api.slow", None, 3).await;
-    assert!(claim_id(&app, "api.slow").await.is_some());
+    assert!(claimed_id(&app, "api.slow").await.is_some());
     assert_eq!(
-        claim_id(&app, "api.slow").await,
+        claimed_id(&app, "api.slow").await,
         None,
         "the bucket is empty"
     );
