@@ -223,3 +223,54 @@ fn assert_dashboard_plots_exported_series(text: &str) {
     }
     assert!(plotted >= 10, "the dashboard plots {plotted} series");
 }
+
+/// One operation, sent over each transport, is answered, counted and
+/// introspected alike: HTTP, Server-Sent Events, and both websocket
+/// protocols.
+#[tokio::test]
+async fn every_transport_counts_and_answers_an_operation_alike() {
+    let app = spawn_app().await;
+    let alice = app.user_token("alice");
+    let query = "{ __schema { description queryType { name } } }";
+    let series =
+        "taskql_graphql_request_duration_seconds_count{operation_type=\"query\",outcome=\"ok\"}";
+    let count = || async {
+        let text = app
+            .get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("metrics text");
+        value(&text, series).unwrap_or(0.0)
+    };
+
+    let mut answers = Vec::new();
+    let before = count().await;
+    answers.push(("http", app.gql(Some(&alice), query, json!({})).await));
+    let mut events = common::sse::EventStream::new(
+        common::sse::post(&app, Some(&alice), &json!({ "query": query })).await,
+    );
+    match events.next_event().await {
+        common::sse::Message::Next(payload) => answers.push(("sse", payload)),
+        other => panic!("sse: {other:?}"),
+    }
+    for protocol in [common::ws::TRANSPORT_WS, common::ws::LEGACY_WS] {
+        let mut client = common::ws::WsClient::open_with(&app.ws_url, protocol).await;
+        client
+            .init(json!({ "Authorization": format!("Bearer {alice}") }))
+            .await;
+        let mut operation = client.subscribe(query, json!({}));
+        let data = operation.next_data().await;
+        answers.push((protocol, json!({ "data": data })));
+    }
+    let after = count().await;
+
+    for (transport, answer) in &answers {
+        assert_eq!(
+            answer["data"],
+            json!({ "__schema": { "description": null, "queryType": { "name": "Query" } } }),
+            "{transport}: {answer}"
+        );
+    }
+    assert_eq!(after - before, 4.0, "one count per transport");
+}

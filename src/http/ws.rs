@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::graphql::{WireRequest, bounded};
+use super::graphql::{Operation, WireRequest, bounded, prepare, record_operation};
 use super::{HttpState, MAX_BODY_BYTES, streams_full, verify};
 use crate::auth::{Authenticator, CurrentUser};
 use crate::graphql::{self, Caller, SubscriptionCounter, WireResponse};
@@ -52,6 +52,7 @@ enum Protocol {
 /// limit of websockets (503).
 pub async fn upgrade(
     State(state): State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
     // Refuses (400) a request that names neither protocol.
     _: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
@@ -69,7 +70,9 @@ pub async fn upgrade(
         Some(b"graphql-ws") => Protocol::Legacy,
         _ => return StatusCode::BAD_REQUEST.into_response(),
     };
-    upgrade.on_upgrade(move |socket| serve(state, socket, protocol, slot))
+    // The upgrade's request id names the socket's operations in the log.
+    let request_id = super::graphql::request_id(&headers).to_owned();
+    upgrade.on_upgrade(move |socket| serve(state, socket, protocol, slot, request_id))
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -103,6 +106,7 @@ async fn serve(
     socket: WebSocket,
     protocol: Protocol,
     _slot: OwnedSemaphorePermit,
+    request_id: String,
 ) {
     let metrics = state.metrics.clone();
     metrics.websockets.inc();
@@ -111,7 +115,14 @@ async fn serve(
     let ended = match handshake(&state, &mut sink, &mut source, protocol).await {
         Ok(user) => {
             // Boxed: a socket still waiting for its init stays small.
-            Box::pin(session(&state, &mut sink, &mut source, protocol, user)).await
+            Box::pin(session(
+                &state,
+                &mut sink,
+                &mut source,
+                protocol,
+                (user, &request_id),
+            ))
+            .await
         }
         Err(ended) => ended,
     };
@@ -293,10 +304,22 @@ type Item = (String, u64, Option<Response>);
 /// The live operations of one socket.
 struct Operations {
     /// Per id: which start of that id is live, and how to stop it.
-    live: HashMap<String, (u64, AbortHandle)>,
+    live: HashMap<String, Live>,
     /// Every live stream, merged; only the woken ones are polled.
     streams: SelectAll<BoxStream<'static, Item>>,
     starts: u64,
+}
+
+/// One operation running on a socket.
+struct Live {
+    /// Which start of its id it is.
+    start: u64,
+    running: AbortHandle,
+    /// What its log line says, and what its answers hide.
+    operation: Operation,
+    started: Instant,
+    /// Whether its first answer was logged and counted.
+    recorded: bool,
 }
 
 /// An initialised socket: runs subscriptions until the client leaves, the
@@ -306,7 +329,7 @@ async fn session(
     sink: &mut Sink,
     source: &mut Source,
     protocol: Protocol,
-    user: CurrentUser,
+    (user, request_id): (CurrentUser, &str),
 ) -> Ended {
     let expires_at = user.expires_at;
     let caller = Caller::Authenticated(user);
@@ -345,7 +368,7 @@ async fn session(
                 }
             }
             Some((id, start, response)) = operations.streams.next(), if !operations.streams.is_empty() => {
-                if let Err(ended) = deliver(sink, protocol, &mut operations, id, start, response).await {
+                if let Err(ended) = deliver((state, request_id), sink, protocol, &mut operations, id, start, response).await {
                     return ended;
                 }
             }
@@ -398,7 +421,7 @@ async fn handle(
         (_, ClientMessage::Pong {}) => Ok(()),
         (Protocol::TransportWs, ClientMessage::Subscribe { id, payload })
         | (Protocol::Legacy, ClientMessage::Start { id, payload }) => {
-            if let Some((_, running)) = operations.live.get(&id) {
+            if let Some(Live { running, .. }) = operations.live.get(&id) {
                 if protocol == Protocol::TransportWs {
                     return Err(Ended::Close(
                         4409,
@@ -422,7 +445,7 @@ async fn handle(
         }
         (Protocol::TransportWs, ClientMessage::Complete { id })
         | (Protocol::Legacy, ClientMessage::Stop { id }) => {
-            if let Some((_, running)) = operations.live.remove(&id) {
+            if let Some(Live { running, .. }) = operations.live.remove(&id) {
                 running.abort();
                 // Confirms the stop; a client that no longer tracks the id ignores it.
                 send(sink, json!({ "type": "complete", "id": id })).await?;
@@ -446,22 +469,23 @@ fn start(
 ) {
     operations.starts += 1;
     let start = operations.starts;
-    let responses = match state.persisted.resolve(caller, &mut request) {
+    let (responses, operation) = match state.persisted.resolve(caller, &mut request) {
         Ok(()) => {
-            let mut kind = None;
-            if let Some(document) = state.documents.document(&request.query) {
-                kind = graphql::operation_type(&document, request.operation_name.as_deref());
-                request.set_parsed_query(document);
-            }
+            let (request, operation) = prepare(state, request);
             let responses = state
                 .schema
                 .execute_stream_with_session_data(request, session_data.clone());
-            bounded(state, kind, responses)
+            (bounded(state, operation.kind, responses), operation)
         }
         // Refused before it ran: answered like a document that does not validate.
-        Err(refused) => {
-            futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed()
-        }
+        Err(refused) => (
+            futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed(),
+            Operation {
+                name: request.operation_name.clone(),
+                kind: None,
+                schema_description: Vec::new(),
+            },
+        ),
     };
     let (responses, handle) = futures::stream::abortable(responses);
     let ended = id.clone();
@@ -472,12 +496,22 @@ fn start(
         })
         .chain(futures::stream::once(async move { (ended, start, None) }))
         .boxed();
-    operations.live.insert(id, (start, handle));
+    operations.live.insert(
+        id,
+        Live {
+            start,
+            running: handle,
+            operation,
+            started: Instant::now(),
+            recorded: false,
+        },
+    );
     operations.streams.push(stream);
 }
 
 /// Sends an operation's response, or its end.
 async fn deliver(
+    (state, request_id): (&HttpState, &str),
     sink: &mut Sink,
     protocol: Protocol,
     operations: &mut Operations,
@@ -489,7 +523,7 @@ async fn deliver(
     if operations
         .live
         .get(&id)
-        .is_none_or(|(live, _)| *live != start)
+        .is_none_or(|live| live.start != start)
     {
         return Ok(());
     }
@@ -497,10 +531,19 @@ async fn deliver(
         operations.live.remove(&id);
         return send(sink, json!({ "type": "complete", "id": id })).await;
     };
-    graphql::finish(&mut response);
+    if let Some(live) = operations.live.get_mut(&id) {
+        // As every transport answers and logs an operation: its first
+        // answer logged and counted, the schema's description hidden.
+        graphql::hide_schema_description(&mut response, &live.operation.schema_description);
+        graphql::finish(&mut response);
+        if !live.recorded {
+            live.recorded = true;
+            record_operation(state, request_id, &live.operation, &response, live.started);
+        }
+    }
     let message = if protocol == Protocol::TransportWs && graphql::is_request_error(&response) {
         // The operation never ran: `error` ends it; no `complete` follows.
-        if let Some((_, running)) = operations.live.remove(&id) {
+        if let Some(Live { running, .. }) = operations.live.remove(&id) {
             running.abort();
         }
         json!({ "type": "error", "id": id, "payload": response.errors })
