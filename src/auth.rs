@@ -31,12 +31,27 @@ pub struct CurrentUser {
     pub expires_at: Option<u64>,
 }
 
+/// Seconds since the epoch.
+fn now_secs() -> u64 {
+    chrono::Utc::now().timestamp().max(0) as u64
+}
+
+/// Resolves once a token expiring at `exp` has expired (with the leeway);
+/// never for a token without `exp`. Long-lived transports (a websocket, an
+/// event stream) end on it, so a client reconnects with a fresh token.
+pub async fn expiry(exp: Option<u64>) {
+    let Some(exp) = exp else {
+        return std::future::pending().await;
+    };
+    let left = exp.saturating_add(LEEWAY_SECS).saturating_sub(now_secs()) + 1;
+    tokio::time::sleep(std::time::Duration::from_secs(left)).await;
+}
+
 impl CurrentUser {
     /// Whether the token behind this caller has expired (with the leeway).
     pub fn has_expired(&self) -> bool {
-        let now = chrono::Utc::now().timestamp().max(0) as u64;
         self.expires_at
-            .is_some_and(|exp| now > exp.saturating_add(LEEWAY_SECS))
+            .is_some_and(|exp| now_secs() > exp.saturating_add(LEEWAY_SECS))
     }
 
     pub fn user(id: impl Into<String>) -> Self {

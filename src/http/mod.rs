@@ -278,3 +278,9 @@ async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Res
     };
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
+
+/// Resolves once the server begins to shut down: long-lived transports (a
+/// websocket, an event stream) end on it.
+pub(super) async fn shut_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|down| *down).await;
+}

@@ -13,7 +13,7 @@
 //! does after a 4403 close.
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_graphql::Response;
 use axum::body::{Body, Bytes};
@@ -27,8 +27,8 @@ use super::graphql::{
     Operation, bounded, is_mutation, mutation_over_get, parse_body, prepare, record_operation,
     request_id,
 };
-use super::{HttpState, caller_from_headers, request_error, streams_full};
-use crate::auth::{CurrentUser, LEEWAY_SECS};
+use super::{HttpState, caller_from_headers, request_error, shut_down, streams_full};
+use crate::auth::{CurrentUser, expiry};
 use crate::graphql::{self, Caller, WireResponse};
 
 const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
@@ -226,20 +226,4 @@ impl Events {
             }
         }
     }
-}
-
-/// Resolves once the server begins to shut down.
-async fn shut_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|down| *down).await;
-}
-
-/// Resolves once a token expiring at `exp` (with the leeway) has expired;
-/// never for a token without `exp`.
-async fn expiry(exp: Option<u64>) {
-    let Some(exp) = exp else {
-        return std::future::pending().await;
-    };
-    let now = chrono::Utc::now().timestamp().max(0) as u64;
-    let left = exp.saturating_add(LEEWAY_SECS).saturating_sub(now) + 1;
-    tokio::time::sleep(Duration::from_secs(left)).await;
 }

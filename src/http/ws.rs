@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::graphql::{Operation, WireRequest, bounded, prepare, record_operation};
-use super::{HttpState, MAX_BODY_BYTES, streams_full, verify};
+use super::{HttpState, MAX_BODY_BYTES, shut_down, streams_full, verify};
 use crate::auth::{Authenticator, CurrentUser};
 use crate::graphql::{self, Caller, SubscriptionCounter, WireResponse};
 
@@ -251,11 +251,6 @@ async fn refuse(sink: &mut Sink, protocol: Protocol, code: u16, reason: &str) ->
     Ended::Close(code, reason.into())
 }
 
-/// Resolves once the server begins to shut down.
-async fn shut_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|down| *down).await;
-}
-
 async fn send(sink: &mut Sink, message: serde_json::Value) -> Result<(), Ended> {
     sink.send(text(message)).await.map_err(|_| Ended::Closed)
 }
@@ -331,7 +326,8 @@ async fn session(
     protocol: Protocol,
     (user, request_id): (CurrentUser, &str),
 ) -> Ended {
-    let expires_at = user.expires_at;
+    let expiry = crate::auth::expiry(user.expires_at);
+    tokio::pin!(expiry);
     let caller = Caller::Authenticated(user);
     let mut session_data = Data::default();
     session_data.insert(caller.clone());
@@ -375,11 +371,10 @@ async fn session(
             _ = shut_down(&mut shutdown) => {
                 return Ended::Close(1001, "server shutting down".into());
             }
+            _ = &mut expiry => {
+                return Ended::Close(4403, "Forbidden: the token has expired".into());
+            }
             _ = ticker.tick() => {
-                let now = chrono::Utc::now().timestamp().max(0) as u64;
-                if expires_at.is_some_and(|exp| now > exp.saturating_add(crate::auth::LEEWAY_SECS)) {
-                    return Ended::Close(4403, "Forbidden: the token has expired".into());
-                }
                 if last_seen.elapsed() > keepalive * 3 {
                     return Ended::Close(1001, "no answer to pings".into());
                 }
