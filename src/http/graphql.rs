@@ -165,6 +165,39 @@ pub(super) struct Operation {
     pub(super) kind: Option<OperationType>,
     /// Introspection of the schema's description (see `hide_schema_description`).
     pub(super) schema_description: Vec<(String, String)>,
+    started: Instant,
+    /// Whether its first answer was logged and counted.
+    recorded: bool,
+}
+
+impl Operation {
+    fn named(name: Option<String>) -> Self {
+        Self {
+            name,
+            kind: None,
+            schema_description: Vec::new(),
+            started: Instant::now(),
+            recorded: false,
+        }
+    }
+
+    /// An operation refused before it ran (its persisted document unknown,
+    /// say): logged as such.
+    pub(super) fn refused(name: Option<String>) -> Self {
+        Self::named(name)
+    }
+
+    /// Readies one of the operation's answers for the wire, as every
+    /// transport does: the schema's description hidden, the errors coded.
+    /// The first answer also logs and counts the operation.
+    pub(super) fn answer(&mut self, state: &HttpState, request_id: &str, response: &mut Response) {
+        graphql::hide_schema_description(response, &self.schema_description);
+        graphql::finish(response);
+        if !self.recorded {
+            self.recorded = true;
+            record_operation(state, request_id, self, response);
+        }
+    }
 }
 
 /// Hands the engine the cached parse of the request's document.
@@ -172,11 +205,7 @@ pub(super) fn prepare(
     state: &HttpState,
     mut request: async_graphql::Request,
 ) -> (async_graphql::Request, Operation) {
-    let mut operation = Operation {
-        name: request.operation_name.clone(),
-        kind: None,
-        schema_description: Vec::new(),
-    };
+    let mut operation = Operation::named(request.operation_name.clone());
     if let Some(document) = state.documents.document(&request.query) {
         // The log names the operation run, even when the request did not.
         if let Some((name, kind)) = graphql::chosen_operation(&document, operation.name.as_deref())
@@ -254,14 +283,13 @@ fn kind_name(kind: Option<OperationType>) -> &'static str {
 
 /// Logs one line per operation (who asked what, how long it took, how it
 /// ended) and counts it in the metrics.
-pub(super) fn record_operation(
+fn record_operation(
     state: &HttpState,
     request_id: &str,
     operation: &Operation,
     response: &Response,
-    started: Instant,
 ) {
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = operation.started.elapsed().as_secs_f64();
     let outcome = response
         .errors
         .first()
@@ -362,32 +390,23 @@ async fn run(
     let deadline = Deadline::now() + state.db.settings().request_timeout;
     let mut responses = Vec::with_capacity(requests.len());
     for request in requests {
-        let started = Instant::now();
         let request = match request {
             Ok(request) => request,
             Err(refused) => {
                 let mut response = Response::from_errors(vec![refused]);
-                graphql::finish(&mut response);
-                let operation = Operation {
-                    name: None,
-                    kind: None,
-                    schema_description: Vec::new(),
-                };
-                record_operation(state, request_id, &operation, &response, started);
+                Operation::refused(None).answer(state, request_id, &mut response);
                 responses.push(response);
                 continue;
             }
         };
-        let (request, operation) = prepare(state, request);
+        let (request, mut operation) = prepare(state, request);
         let span = crate::telemetry::graphql_span(
             operation.kind.map(|kind| kind_name(Some(kind))),
             operation.name.as_deref(),
         );
         let execute = state.schema.execute(request.data(caller.clone()));
         let mut response = by_deadline(deadline, operation.kind, execute.instrument(span)).await;
-        graphql::hide_schema_description(&mut response, &operation.schema_description);
-        graphql::finish(&mut response);
-        record_operation(state, request_id, &operation, &response, started);
+        operation.answer(state, request_id, &mut response);
         responses.push(response);
     }
     answer(responses, media, batch)

@@ -13,7 +13,6 @@
 //! does after a 4403 close.
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_graphql::Response;
 use axum::body::{Body, Bytes};
@@ -24,12 +23,11 @@ use futures::stream::BoxStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::graphql::{
-    Operation, bounded, is_mutation, mutation_over_get, parse_body, prepare, record_operation,
-    request_id,
+    Operation, bounded, is_mutation, mutation_over_get, parse_body, prepare, request_id,
 };
 use super::{HttpState, caller_from_headers, request_error, shut_down, streams_full};
 use crate::auth::{CurrentUser, expiry};
-use crate::graphql::{self, Caller, WireResponse};
+use crate::graphql::{Caller, WireResponse};
 
 const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
 const COMPLETE: &[u8] = b"event: complete\ndata:\n\n";
@@ -103,7 +101,6 @@ fn respond(
     slot: OwnedSemaphorePermit,
     over_get: bool,
 ) -> HttpResponse {
-    let started = Instant::now();
     let request_id = request_id(headers).to_owned();
     let expires_at = user.expires_at;
     let caller = Caller::Authenticated(user);
@@ -120,18 +117,13 @@ fn respond(
         // Refused before it ran: reported in a `next`, as the protocol asks.
         Err(refused) => (
             futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed(),
-            Operation {
-                name: request.operation_name.clone(),
-                kind: None,
-                schema_description: Vec::new(),
-            },
+            Operation::refused(request.operation_name.clone()),
         ),
     };
     let events = Events {
         state,
         operation,
         request_id,
-        started,
         expires_at,
         _slot: slot,
     };
@@ -155,7 +147,6 @@ struct Events {
     state: Arc<HttpState>,
     operation: Operation,
     request_id: String,
-    started: Instant,
     expires_at: Option<u64>,
     /// The stream's place among `TASKQL_MAX_WEBSOCKETS`, given back when it ends.
     _slot: OwnedSemaphorePermit,
@@ -183,7 +174,7 @@ impl Events {
             let mut shutdown = self.state.shutdown.clone();
             let expiry = expiry(self.expires_at);
             tokio::pin!(expiry);
-            let mut first = true;
+            let mut operation = self.operation;
             loop {
                 let step = tokio::select! {
                     biased;
@@ -194,12 +185,7 @@ impl Events {
                 };
                 match step {
                     Step::Next(Some(mut response)) => {
-                        graphql::hide_schema_description(&mut response, &self.operation.schema_description);
-                        graphql::finish(&mut response);
-                        if first {
-                            first = false;
-                            record_operation(&self.state, &self.request_id, &self.operation, &response, self.started);
-                        }
+                        operation.answer(&self.state, &self.request_id, &mut response);
                         match serde_json::to_string(&WireResponse::from(&*response)) {
                             Ok(json) => yield Ok(Bytes::from(format!("event: next\ndata: {json}\n\n"))),
                             Err(err) => {

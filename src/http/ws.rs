@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::graphql::{Operation, WireRequest, bounded, prepare, record_operation};
+use super::graphql::{Operation, WireRequest, bounded, prepare};
 use super::{HttpState, MAX_BODY_BYTES, shut_down, streams_full, verify};
 use crate::auth::{Authenticator, CurrentUser};
 use crate::graphql::{self, Caller, SubscriptionCounter, WireResponse};
@@ -312,9 +312,6 @@ struct Live {
     running: AbortHandle,
     /// What its log line says, and what its answers hide.
     operation: Operation,
-    started: Instant,
-    /// Whether its first answer was logged and counted.
-    recorded: bool,
 }
 
 /// An initialised socket: runs subscriptions until the client leaves, the
@@ -475,11 +472,7 @@ fn start(
         // Refused before it ran: answered like a document that does not validate.
         Err(refused) => (
             futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed(),
-            Operation {
-                name: request.operation_name.clone(),
-                kind: None,
-                schema_description: Vec::new(),
-            },
+            Operation::refused(request.operation_name.clone()),
         ),
     };
     let (responses, handle) = futures::stream::abortable(responses);
@@ -497,8 +490,6 @@ fn start(
             start,
             running: handle,
             operation,
-            started: Instant::now(),
-            recorded: false,
         },
     );
     operations.streams.push(stream);
@@ -527,14 +518,7 @@ async fn deliver(
         return send(sink, json!({ "type": "complete", "id": id })).await;
     };
     if let Some(live) = operations.live.get_mut(&id) {
-        // As every transport answers and logs an operation: its first
-        // answer logged and counted, the schema's description hidden.
-        graphql::hide_schema_description(&mut response, &live.operation.schema_description);
-        graphql::finish(&mut response);
-        if !live.recorded {
-            live.recorded = true;
-            record_operation(state, request_id, &live.operation, &response, live.started);
-        }
+        live.operation.answer(state, request_id, &mut response);
     }
     let message = if protocol == Protocol::TransportWs && graphql::is_request_error(&response) {
         // The operation never ran: `error` ends it; no `complete` follows.
