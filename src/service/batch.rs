@@ -23,7 +23,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::line::CLAIM_ORDER;
-use super::queue::{self, Caps};
+use super::queue::{self, CAPPED, Caps};
 use super::sea::{SeaTaskService, now, same_create};
 use super::transitions::{self, Move, lease_deadline};
 use super::writer::{NewRow, ids_of, insert_rows, rows_of};
@@ -61,7 +61,6 @@ pub struct Beat {
     pub progress: Option<i32>,
 }
 
-/// Refuses a batch of `n` inputs when `n` is over `max`.
 /// Why a batch of creates gave up: its keys kept changing hands.
 fn key_churn() -> TaskError {
     TaskError::conflict(
@@ -69,6 +68,7 @@ fn key_churn() -> TaskError {
     )
 }
 
+/// Refuses a batch of `n` inputs when `n` is over `max`.
 fn check_size(field: &str, n: usize, max: usize) -> TaskResult<()> {
     if n > max {
         return Err(TaskError::invalid(format!(
@@ -159,8 +159,7 @@ fn claim_many(
     };
     let mut ctes = vec![format!(
         "free AS {materialized}({runnable}{of_types} AND type NOT IN \
-         (SELECT task_type FROM task_types WHERE paused = {yes} OR concurrency IS NOT NULL \
-          OR concurrency_per_key IS NOT NULL OR rate_count IS NOT NULL) \
+         (SELECT task_type FROM task_types WHERE paused = {yes} OR {CAPPED}) \
          ORDER BY {CLAIM_ORDER} LIMIT {limit}{lock})"
     )];
     for (i, task_type) in capped.iter().enumerate() {

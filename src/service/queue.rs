@@ -266,21 +266,21 @@ fn apply(current: &Policy, stored_max: Option<i32>, change: &PolicyChange) -> Ta
     }
     let rate_limit = change.rate_limit.unwrap_or(current.rate_limit);
     if let Some(limit) = rate_limit {
-        if !RATE_COUNT.contains(&limit.count) {
-            return Err(TaskError::invalid(format!(
-                "rateLimit.count must be between {} and {}, got {}",
-                RATE_COUNT.start(),
-                RATE_COUNT.end(),
-                limit.count
-            )));
-        }
-        if !RATE_PERIOD_SECONDS.contains(&limit.period_seconds) {
-            return Err(TaskError::invalid(format!(
-                "rateLimit.periodSeconds must be between {} and {}, got {}",
-                RATE_PERIOD_SECONDS.start(),
-                RATE_PERIOD_SECONDS.end(),
-                limit.period_seconds
-            )));
+        for (field, value, range) in [
+            ("rateLimit.count", limit.count, RATE_COUNT),
+            (
+                "rateLimit.periodSeconds",
+                limit.period_seconds,
+                RATE_PERIOD_SECONDS,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(TaskError::invalid(format!(
+                    "{field} must be between {} and {}, got {value}",
+                    range.start(),
+                    range.end()
+                )));
+            }
         }
     }
     Ok(Row {
@@ -516,13 +516,15 @@ impl Queue {
     }
 }
 
-/// A type with a cap: on how many of its tasks run, or on how many run
-/// with one concurrency key.
+/// A type with a cap (on how many of its tasks run, overall or with one
+/// concurrency key) or a rate limit, over `task_types`' columns: the claim
+/// built here and `claimTasks`' statement (`batch`) say it alike.
+pub(super) const CAPPED: &str =
+    "(concurrency IS NOT NULL OR concurrency_per_key IS NOT NULL OR rate_count IS NOT NULL)";
+
+/// [`CAPPED`], for a statement built with sea-query.
 fn is_capped() -> Condition {
-    Condition::any()
-        .add(Expr::col(PolicyColumn::Concurrency).is_not_null())
-        .add(Expr::col(PolicyColumn::ConcurrencyPerKey).is_not_null())
-        .add(Expr::col(PolicyColumn::RateCount).is_not_null())
+    Condition::all().add(Expr::cust(CAPPED))
 }
 
 /// Locks the policy rows of `types` that have a cap, in name order, until
@@ -565,8 +567,9 @@ impl<'a> Caps<'a> {
 /// ([`Move::Claim`]).
 ///
 /// Runnable: PENDING, waiting on no dependency, `run_at` passed, its type
-/// not paused and under its cap. Order: priority (highest first), then turn (`fair_rank`), then
-/// `run_at`, then id.
+/// not paused and under its cap, its key under its cap per key, and not of
+/// an `empty` rate bucket. Order: priority (highest first), then turn
+/// (`fair_rank`), then `run_at`, then id.
 pub fn claim(
     types: &[String],
     caps: Caps<'_>,

@@ -232,22 +232,9 @@ pub(super) async fn tokens_now(
     limit: &RateLimit,
     at: DateTime<Utc>,
 ) -> TaskResult<f64> {
-    let mut select = Query::select();
-    select
-        .columns([Alias::new("tokens"), Alias::new("refilled_at")])
-        .from(table())
-        .and_where(Expr::col(Alias::new("task_type")).eq(task_type))
-        .and_where(Expr::col(Alias::new("bucket_key")).eq(""));
-    let statement = conn.get_database_backend().build(&select);
-    Ok(match conn.query_one_raw(statement).await? {
-        Some(row) => refilled(
-            limit,
-            row.try_get_by_index(0)?,
-            row.try_get_by_index(1)?,
-            at,
-        ),
-        None => f64::from(limit.count),
-    })
+    let limits = HashMap::from([(task_type.to_owned(), *limit)]);
+    let buckets = Buckets::read(conn, limits, at).await?;
+    Ok(buckets.tokens(&(task_type.to_owned(), String::new())))
 }
 
 /// When `position` more claims of a type limited by `limit`, whose bucket

@@ -497,7 +497,6 @@ pub fn refused_cancel(task: Task) -> TaskResult<Task> {
     }
 }
 
-/// Why `retryTask` changed nothing.
 /// The dependencies of the task being updated (`tasks`) that failed or
 /// were cancelled.
 const DEAD_DEPENDENCY: &str = "SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on \
@@ -507,6 +506,7 @@ const DEAD_DEPENDENCY: &str = "SELECT 1 FROM task_dependencies d JOIN tasks p ON
 const UNFINISHED_DEPENDENCIES: &str = "(SELECT COUNT(*) FROM task_dependencies d \
      JOIN tasks p ON p.id = d.depends_on WHERE d.task_id = tasks.id AND p.status <> 'completed')";
 
+/// Why `retryTask` changed nothing.
 pub fn refused_retry(task: &Task) -> TaskError {
     if Move::Retry.from().contains(&task.status) {
         // The status allowed it: a dependency did not.
