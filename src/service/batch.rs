@@ -61,6 +61,18 @@ pub struct Beat {
     pub progress: Option<i32>,
 }
 
+/// The inputs of a batch of creates that are not repeats of an earlier
+/// input's key (`repeat_of`, as [`SeaTaskService::create_many`] finds them).
+pub(super) fn firsts<'a>(
+    news: &'a [NewTask],
+    repeat_of: &'a [Option<usize>],
+) -> impl Iterator<Item = &'a NewTask> {
+    news.iter()
+        .zip(repeat_of)
+        .filter(|(_, repeat)| repeat.is_none())
+        .map(|(new, _)| new)
+}
+
 /// Why a batch of creates gave up: its keys kept changing hands.
 fn key_churn() -> TaskError {
     TaskError::conflict(
@@ -285,11 +297,8 @@ impl SeaTaskService {
         traceparent: Option<String>,
     ) -> TaskResult<Option<Vec<Task>>> {
         let at = now();
-        let mut rows: Vec<NewRow> = news
-            .iter()
-            .zip(repeat_of)
-            .filter(|(_, repeat)| repeat.is_none())
-            .map(|(new, _)| NewRow::of(&user.id, new, traceparent.clone(), at))
+        let mut rows: Vec<NewRow> = firsts(news, repeat_of)
+            .map(|new| NewRow::of(&user.id, new, traceparent.clone(), at))
             .collect();
         self.queue.assign(rows.iter_mut(), &HashMap::new()).await?;
         // Every column is set here, so the tasks are what was inserted: the
@@ -316,9 +325,8 @@ impl SeaTaskService {
         } else {
             let txn = self.db().begin().await?;
             let inserted = ids_of(txn.query_all_raw(insert).await?)?;
-            let firsts = news.iter().zip(repeat_of).filter(|(_, r)| r.is_none());
             let Some(answer) = self
-                .with_taken_keys(&txn, user, made, &inserted, firsts.map(|(new, _)| new))
+                .with_taken_keys(&txn, user, made, &inserted, firsts(news, repeat_of))
                 .await?
             else {
                 return Ok(None);

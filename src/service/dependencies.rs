@@ -22,6 +22,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::batch::firsts;
 use super::pages::visible_to;
 use super::sea::{now, same_create};
 use super::writer::{NewRow, ids_of, insert_rows, rows_of};
@@ -65,20 +66,14 @@ impl SeaTaskService {
     ) -> TaskResult<Option<Vec<Task>>> {
         let share = self.db().backend() == Backend::Postgres;
         let txn = self.db().begin_write().await?;
-        let firsts = || {
-            news.iter()
-                .zip(repeat_of)
-                .filter(|(_, repeat)| repeat.is_none())
-                .map(|(new, _)| new)
-        };
         // The tasks that already hold the inputs' keys (those inputs are
         // them) and the dependencies outside the batch, locked until the
         // commit, in one statement and in id order, so that two creates
         // lock what they share in the same order.
-        let keys: Vec<&str> = firsts()
+        let keys: Vec<&str> = firsts(news, repeat_of)
             .filter_map(|new| new.idempotency_key.as_deref())
             .collect();
-        let outside: BTreeSet<Uuid> = firsts()
+        let outside: BTreeSet<Uuid> = firsts(news, repeat_of)
             .flat_map(|new| &new.depends_on)
             .filter_map(|dependency| match dependency {
                 Dependency::Task(id) => Some(*id),

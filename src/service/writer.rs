@@ -334,8 +334,13 @@ async fn insert_queued(
             continue;
         }
         // One create near its deadline must not cut the batch for all the
-        // others: its own request answers it at its deadline anyway.
-        let deadline = batch.iter().filter_map(|create| create.deadline).max();
+        // others: its own request answers it at its deadline anyway. A
+        // create without a deadline (no request) has no end either.
+        let deadline = batch
+            .iter()
+            .map(|create| create.deadline)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|deadlines| deadlines.into_iter().max());
         let span = batch_span(&batch);
         let ahead = turns.lock().unwrap_or_else(|e| e.into_inner()).of(&batch);
         // Each row takes its owner's next turn (an owner's later rows in
