@@ -13,7 +13,7 @@ use crate::m20261204_000005_queue::{NEW_COLUMNS, run_on};
 pub struct Migration;
 
 /// The columns the change log copies once this migration ran.
-fn logged() -> String {
+pub(crate) fn logged() -> String {
     format!("{TASK_COLUMNS}, {NEW_COLUMNS}, result")
 }
 

@@ -1,9 +1,7 @@
 use sea_orm_migration::prelude::*;
 
-use crate::m20261204_000004_task_events::{
-    TASK_COLUMNS, postgres_functions, sqlite_triggers_replaced,
-};
-use crate::m20261204_000005_queue::{NEW_COLUMNS, run_on};
+use crate::m20261204_000004_task_events::{postgres_functions, sqlite_triggers_replaced};
+use crate::m20261204_000005_queue::run_on;
 
 /// Dependencies between tasks: `task_dependencies` holds one row per edge
 /// (a task, and a task it waits for), and two columns of `tasks` say where
@@ -35,12 +33,14 @@ use crate::m20261204_000005_queue::{NEW_COLUMNS, run_on};
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-fn logged() -> String {
-    format!("{TASK_COLUMNS}, {NEW_COLUMNS}, result, waiting_on, cancelled_by")
+/// The columns the change log copies once this migration ran.
+pub(crate) fn logged() -> String {
+    format!("{}, waiting_on, cancelled_by", logged_before())
 }
 
+/// The columns it copied before: the results migration's.
 fn logged_before() -> String {
-    format!("{TASK_COLUMNS}, {NEW_COLUMNS}, result")
+    crate::m20261206_000011_results::logged()
 }
 
 /// Dependents of the task `row` (`NEW` or `OLD`) still waiting.

@@ -1,9 +1,7 @@
 use sea_orm_migration::prelude::*;
 
-use crate::m20261204_000004_task_events::{
-    TASK_COLUMNS, postgres_functions, sqlite_triggers_replaced,
-};
-use crate::m20261204_000005_queue::{NEW_COLUMNS, run_on};
+use crate::m20261204_000004_task_events::{postgres_functions, sqlite_triggers_replaced};
+use crate::m20261204_000005_queue::run_on;
 
 /// Concurrency keys: `tasks.concurrency_key` (a customer, an account, any
 /// name the creator chooses) and `task_types.concurrency_per_key`, the most
@@ -13,12 +11,14 @@ use crate::m20261204_000005_queue::{NEW_COLUMNS, run_on};
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
+/// The columns the change log copies once this migration ran.
 fn logged() -> String {
-    format!("{TASK_COLUMNS}, {NEW_COLUMNS}, result, waiting_on, cancelled_by, concurrency_key")
+    format!("{}, concurrency_key", logged_before())
 }
 
+/// The columns it copied before: the dependencies migration's.
 fn logged_before() -> String {
-    format!("{TASK_COLUMNS}, {NEW_COLUMNS}, result, waiting_on, cancelled_by")
+    crate::m20261206_000012_dependencies::logged()
 }
 
 const RUNNING_BY_KEY: &str = "CREATE INDEX tasks_key_running_idx ON tasks (type, concurrency_key) \
