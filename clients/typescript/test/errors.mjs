@@ -1,0 +1,41 @@
+// Errors as a user of the client meets them: each a TaskqlError with the
+// server's extensions.code, over HTTP and on both subscription transports.
+//
+// Env: TASKQL_URL, TASKQL_USER_TOKEN.
+import { randomUUID } from 'node:crypto';
+import WebSocket from 'ws';
+import { TaskqlError, createClient } from '../dist/index.js';
+import { described, env, report, within } from './shared.mjs';
+
+const url = env('TASKQL_URL');
+const token = env('TASKQL_USER_TOKEN');
+const sse = createClient({ url, token });
+const ws = createClient({ url, token, transport: 'ws', webSocketImpl: WebSocket });
+const anonymous = createClient({ url });
+
+async function caught(what) {
+  try {
+    await what();
+    return { thrown: false };
+  } catch (error) {
+    return { thrown: true, ...described(error), instanceOf: error instanceof TaskqlError };
+  }
+}
+
+const out = {};
+out.missingTask = await caught(() => sse.task(randomUUID()));
+out.notAnId = await caught(() => sse.task('not-a-uuid'));
+out.badType = await caught(() => sse.createTask({ type: 'Not A Type!' }));
+out.cancelMissing = await caught(() => sse.cancelTask(randomUUID()));
+out.anonymous = await caught(() => anonymous.task(randomUUID()));
+out.watchMissingSse = await caught(() => within(sse.watchTask(randomUUID()), 'watch over sse'));
+out.watchMissingWs = await caught(() => within(ws.watchTask(randomUUID()), 'watch over ws'));
+out.badCursor = await caught(() => within(sse.followEvents('not-a-cursor', () => {}).done, 'a refused cursor'));
+// A task that exists, read back, then a cancelled one's watch ends CANCELLED.
+const task = await sse.createTask({ type: 'image.generate' });
+await sse.cancelTask(task.id);
+const cancelled = await within(ws.watchTask(task.id), 'a cancelled task');
+out.cancelled = { status: cancelled.status, id: cancelled.id === task.id };
+await sse.close();
+await ws.close();
+report(out);
