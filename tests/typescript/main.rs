@@ -1,0 +1,51 @@
+//! The TypeScript client (`clients/typescript`, `@taskql/client`) against the
+//! real server: built once per run (`npm ci` when its node_modules lack a
+//! dependency, then `npm run build`: codegen from schema.graphql and tsc),
+//! then driven by Node scripts of clients/typescript/test and in headless
+//! Chromium. A watch outlives a killed server, events resume after a
+//! dropped connection with nothing missed and nothing twice, the token
+//! function is asked again on reconnect, errors carry their codes, and a
+//! schema that breaks the client's documents fails its build.
+//!
+//! On SQLite by default; on PostgreSQL with `TASKQL_TEST_DATABASE_URL`.
+//! Without Node.js (or Chromium, for the browser test) a test is skipped
+//! with a printed reason, unless `CI` is set.
+#[path = "../common/mod.rs"]
+mod common;
+
+mod browser;
+mod codegen;
+mod errors;
+mod events;
+mod package;
+mod watch;
+
+use std::time::Duration;
+
+use common::edge::server::Server;
+
+/// Longest a script may run.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Kills the server at once (SIGKILL: no goodbye to its clients) and waits
+/// until it is gone.
+async fn kill(server: &mut Server) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &server.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -KILL failed");
+    assert!(
+        server.exit_within(Duration::from_secs(10)).await.is_some(),
+        "the server did not die"
+    );
+}
+
+/// A server again on `database_url`, at the address the killed one had, so
+/// clients keep their URL.
+async fn restart_at(database_url: &str, old: &Server) -> Server {
+    let address = old.addr.to_string();
+    let server = Server::start(database_url, &[("TASKQL_LISTEN", address.as_str())]).await;
+    assert_eq!(server.addr, old.addr, "the same address again");
+    server
+}

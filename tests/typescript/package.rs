@@ -1,0 +1,182 @@
+//! The client package, built once per run, and its Node scripts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, ChildStdin};
+
+/// The package, relative to the crate root.
+pub const PACKAGE: &str = "clients/typescript";
+
+/// Node.js, or `None` after printing why `test` is skipped (a failure with
+/// `CI` set).
+pub fn node_or_skip(test: &str) -> Option<PathBuf> {
+    crate::common::tool_or_skip(test, "NODE", "/usr/bin/node", "apt-get install nodejs npm")
+}
+
+/// clients/typescript, installed (`npm ci` when a dependency is missing from
+/// node_modules) and built (`npm run build`), once for all the tests of the
+/// run: the first caller builds, the others wait. Panics with npm's output
+/// when either fails.
+pub fn built_package() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(PACKAGE);
+            let missing = missing_dependencies(&dir);
+            if !missing.is_empty() {
+                eprintln!("{}: npm ci (missing {})", dir.display(), missing.join(", "));
+                npm(&dir, &["ci", "--no-audit", "--no-fund"]);
+                let still = missing_dependencies(&dir);
+                assert!(still.is_empty(), "npm ci did not install {still:?}");
+            }
+            npm(&dir, &["run", "build"]);
+            dir
+        })
+        .clone()
+}
+
+/// The dependencies and devDependencies in package.json that node_modules lacks.
+fn missing_dependencies(dir: &Path) -> Vec<String> {
+    let manifest = std::fs::read_to_string(dir.join("package.json")).expect("package.json");
+    let manifest: Value = serde_json::from_str(&manifest).expect("package.json is JSON");
+    ["dependencies", "devDependencies"]
+        .iter()
+        .filter_map(|key| manifest[key].as_object())
+        .flat_map(|deps| deps.keys())
+        .filter(|name| {
+            !dir.join("node_modules")
+                .join(name.as_str())
+                .join("package.json")
+                .is_file()
+        })
+        .cloned()
+        .collect()
+}
+
+/// Runs npm in `dir`; panics with its output when it fails.
+pub fn npm(dir: &Path, args: &[&str]) {
+    let output = Command::new("npm")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("npm does not run (Node.js 20 and npm must be installed): {e}"));
+    assert!(
+        output.status.success(),
+        "npm {} in {} failed ({}):\n{}\n{}",
+        args.join(" "),
+        dir.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A script of clients/typescript/test under node: its report is the last
+/// line on stdout; `ready <json>` on stderr says it holds what the test
+/// waits for; it reads lines the test sends on stdin.
+pub struct Script {
+    child: Child,
+    stdin: ChildStdin,
+    stderr: Lines<BufReader<ChildStderr>>,
+    diagnostics: String,
+}
+
+impl Script {
+    /// Starts `clients/typescript/test/<name>` with `env` (the package built first).
+    pub fn start(name: &str, env: &[(&str, &str)]) -> Self {
+        let package = built_package();
+        let mut child = tokio::process::Command::new("node")
+            .arg(package.join("test").join(name))
+            .current_dir(&package)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs (Node.js 20 must be installed)");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stderr = child.stderr.take().expect("piped stderr");
+        Self {
+            child,
+            stdin,
+            stderr: BufReader::new(stderr).lines(),
+            diagnostics: String::new(),
+        }
+    }
+
+    /// What the script said when ready; panics with what it wrote if it
+    /// ended or took longer than `within`.
+    pub async fn ready(&mut self, within: Duration) -> Value {
+        let (stderr, diagnostics) = (&mut self.stderr, &mut self.diagnostics);
+        let said = tokio::time::timeout(within, async {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                if let Some(info) = line.strip_prefix("ready ") {
+                    return Some(info.to_owned());
+                }
+                diagnostics.push_str(&line);
+                diagnostics.push('\n');
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        match said {
+            Some(info) => serde_json::from_str(&info).expect("ready carries JSON"),
+            None => panic!("the script was never ready:\n{}", self.diagnostics),
+        }
+    }
+
+    /// Sends the script a line.
+    pub async fn say(&mut self, line: &str) {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write to the script");
+        self.stdin.flush().await.expect("flush");
+    }
+
+    /// Waits up to `within` for the script to end; its report. Panics with
+    /// all it wrote when it failed or wrote no JSON report.
+    pub async fn report(self, within: Duration) -> Value {
+        let Self {
+            child,
+            stdin,
+            mut stderr,
+            mut diagnostics,
+        } = self;
+        drop(stdin);
+        let rest = tokio::spawn(async move {
+            let mut rest = String::new();
+            while let Ok(Some(line)) = stderr.next_line().await {
+                rest.push_str(&line);
+                rest.push('\n');
+            }
+            rest
+        });
+        let output = tokio::time::timeout(within, child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("the script did not end within {within:?}"))
+            .expect("node ran");
+        diagnostics.push_str(&rest.await.unwrap_or_default());
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let report = stdout
+            .lines()
+            .last()
+            .and_then(|line| serde_json::from_str::<Value>(line).ok());
+        match report {
+            Some(report) if output.status.success() => report,
+            _ => panic!(
+                "the script failed ({}):\n{stdout}\n{diagnostics}",
+                output.status
+            ),
+        }
+    }
+}
