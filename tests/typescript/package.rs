@@ -12,10 +12,26 @@ use tokio::process::{Child, ChildStderr, ChildStdin};
 /// The package, relative to the crate root.
 pub const PACKAGE: &str = "clients/typescript";
 
-/// Node.js, or `None` after printing why `test` is skipped (a failure with
-/// `CI` set).
+/// Node.js (env `NODE`, else `node` on the PATH), or `None` after printing
+/// why `test` is skipped (a failure with `CI` set).
 pub fn node_or_skip(test: &str) -> Option<PathBuf> {
-    crate::common::tool_or_skip(test, "NODE", "/usr/bin/node", "apt-get install nodejs npm")
+    let on_path = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("node"))
+        .find(|node| node.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/node"));
+    crate::common::tool_or_skip(
+        test,
+        "NODE",
+        &on_path.to_string_lossy(),
+        "apt-get install nodejs npm",
+    )
+}
+
+/// The node to run: env `NODE`, else `node` on the PATH.
+fn node() -> std::ffi::OsString {
+    std::env::var_os("NODE").unwrap_or_else(|| "node".into())
 }
 
 /// clients/typescript, installed (`npm ci` when a dependency is missing from
@@ -91,7 +107,7 @@ impl Script {
     /// Starts `clients/typescript/test/<name>` with `env` (the package built first).
     pub fn start(name: &str, env: &[(&str, &str)]) -> Self {
         let package = built_package();
-        let mut child = tokio::process::Command::new("node")
+        let mut child = tokio::process::Command::new(node())
             .arg(package.join("test").join(name))
             .current_dir(&package)
             .envs(env.iter().copied())
