@@ -4,7 +4,8 @@
 //! then driven by Node scripts of clients/typescript/test and in headless
 //! Chromium. A watch outlives a killed server, events resume after a
 //! dropped connection with nothing missed and nothing twice, the token
-//! function is asked again on reconnect, errors carry their codes, and a
+//! function is asked again on reconnect, pages read every task once, errors
+//! carry their codes, and a
 //! schema that breaks the client's documents fails its build.
 //!
 //! On SQLite by default; on PostgreSQL with `TASKQL_TEST_DATABASE_URL`.
@@ -18,6 +19,7 @@ mod codegen;
 mod errors;
 mod events;
 mod package;
+mod pages;
 mod watch;
 
 use std::time::Duration;
