@@ -5,8 +5,8 @@
 //! Chromium. A watch outlives a killed server, events resume after a
 //! dropped connection with nothing missed and nothing twice, the token
 //! function is asked again on reconnect, pages read every task once, errors
-//! carry their codes, and a
-//! schema that breaks the client's documents fails its build.
+//! carry their codes, and a schema that breaks the client's documents fails
+//! its build.
 //!
 //! On SQLite by default; on PostgreSQL with `TASKQL_TEST_DATABASE_URL`.
 //! Without Node.js (or Chromium, for the browser test) a test is skipped
