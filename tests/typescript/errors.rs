@@ -1,6 +1,6 @@
 //! Errors reach the client's user as `TaskqlError`s carrying the server's
 //! `extensions.code`, and a pruned cursor is `CURSOR_EXPIRED`, said to the
-//! caller rather than skipped.
+//! caller rather than skipped; `stop()` ends a watch with an AbortError.
 
 use std::time::Duration;
 
@@ -49,6 +49,10 @@ async fn server_errors_are_typed_errors_with_their_code() {
         report["cancelled"],
         json!({ "status": "CANCELLED", "id": true })
     );
+    let stopped = &report["stopped"];
+    assert_eq!(stopped["thrown"], true, "{report}");
+    assert_eq!(stopped["name"], "AbortError", "{report}");
+    assert_eq!(stopped["states"], json!(["PENDING"]), "{report}");
 }
 
 #[tokio::test]

@@ -36,6 +36,14 @@ const task = await sse.createTask({ type: 'image.generate' });
 await sse.cancelTask(task.id);
 const cancelled = await within(ws.watchTask(task.id), 'a cancelled task');
 out.cancelled = { status: cancelled.status, id: cancelled.id === task.id };
+// stop() ends a watch of a task that is still PENDING.
+const pending = await sse.createTask({ type: 'image.generate' });
+const states = [];
+const watch = sse.watchTask(pending.id, (task) => {
+  states.push(task.status);
+  watch.stop();
+});
+out.stopped = { ...(await caught(() => within(watch, 'a stopped watch'))), states };
 await sse.close();
 await ws.close();
 report(out);
