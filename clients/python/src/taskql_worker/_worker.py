@@ -181,6 +181,9 @@ class _Held:
     task: asyncio.Task[None] | None = None
     lost: bool = False
     abandoned: bool = False
+    # The handler is done and its report is on its way: no more heartbeats;
+    # the report's answer says whether the task was still ours.
+    reporting: bool = False
 
     @property
     def attempt(self) -> int:
@@ -499,13 +502,16 @@ class Worker:
                         return
                     raise
                 except Retry as err:
+                    held.reporting = True
                     if not (held.lost or held.abandoned):
                         await self._report_failure(held, _reason(err), retryable=True)
                     return
                 except Exception as err:
+                    held.reporting = True
                     if not (held.lost or held.abandoned):
                         await self._report_failure(held, _reason(err), retryable=False)
                     return
+                held.reporting = True
                 if held.lost or held.abandoned:
                     return
                 await self._report_success(held, outcome)
@@ -714,7 +720,7 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
-            held = [h for h in self._held.values() if not h.lost]
+            held = [h for h in self._held.values() if not (h.lost or h.reporting)]
             for start in range(0, len(held), _BATCH_LIMIT):
                 await self._heartbeat(held[start : start + _BATCH_LIMIT])
 
@@ -745,7 +751,7 @@ class Worker:
 
     def _lose(self, held: _Held, reason: str) -> None:
         """The task is no longer ours: stop its handler, never report it."""
-        if held.lost:
+        if held.lost or held.reporting:
             return
         held.lost = True
         self.summary.lost += 1
