@@ -461,6 +461,7 @@ fn the_python_package_passes_mypy_strict() {
         .arg(root.join("clients/python/src/taskql_worker"))
         .arg(root.join("clients/python/bench/bench.py"))
         .arg(script("worker.py"))
+        .arg(script("trace.py"))
         .current_dir(root.join("clients/python"))
         .output()
         .expect("mypy runs");
@@ -471,4 +472,102 @@ fn the_python_package_passes_mypy_strict() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("Success: no issues found"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_worker_sends_the_current_spans_traceparent_and_nothing_without_one() {
+    const TEST: &str =
+        "the_python_worker_sends_the_current_spans_traceparent_and_nothing_without_one";
+    let Some(python) = venv::python_or_skip(TEST) else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let server = Server::start(&db.url, &[]).await;
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .arg(script("trace.py"))
+            .env("TASKQL_URL", format!("{}/graphql", server.base))
+            .env("TASKQL_TOKEN", token_for("py-worker", Some("service_role")))
+            .env("TASKQL_OWNER_TOKEN", token_for("alice", None))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("trace.py finishes within 60 s")
+    .expect("trace.py runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("a JSON report");
+    let operations = |run: &Value| -> Vec<(String, Option<String>)> {
+        run["requests"]
+            .as_array()
+            .expect("requests")
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap().to_owned(),
+                    r[1].as_str().map(str::to_owned),
+                )
+            })
+            .collect()
+    };
+
+    // No recording span: no request carries a traceparent.
+    let plain = operations(&report["plain"]);
+    assert!(
+        plain.iter().any(|(op, _)| op == "TaskqlClaim")
+            && plain.iter().any(|(op, _)| op == "TaskqlComplete"),
+        "{plain:?}"
+    );
+    assert!(plain.iter().all(|(_, tp)| tp.is_none()), "{plain:?}");
+
+    // Inside a span: the claims carry it, and the handler's own span (a
+    // child in the same trace) carries the report of its result.
+    let traced = &report["traced"];
+    let outer = &traced["outer"];
+    let (trace_id, outer_span) = (
+        outer["trace_id"].as_str().unwrap(),
+        outer["span_id"].as_str().unwrap(),
+    );
+    let handler_span = traced["handler"]["span_id"].as_str().unwrap();
+    assert_eq!(traced["handler"]["trace_id"], trace_id);
+    assert_ne!(handler_span, outer_span);
+    // The flags may also carry the random-trace-id bit: the ids are the point.
+    let ids = |traceparent: &Option<String>| -> Option<String> {
+        traceparent
+            .as_deref()
+            .map(|t| t.rsplit_once('-').map_or(t, |(ids, _)| ids).to_owned())
+    };
+    let requests = operations(traced);
+    let claims: Vec<_> = requests
+        .iter()
+        .filter(|(op, _)| op == "TaskqlClaim")
+        .collect();
+    assert!(!claims.is_empty(), "{requests:?}");
+    for (_, traceparent) in &claims {
+        assert_eq!(
+            ids(traceparent),
+            Some(format!("00-{trace_id}-{outer_span}"))
+        );
+    }
+    let reports: Vec<_> = requests
+        .iter()
+        .filter(|(op, _)| op == "TaskqlReport" || op == "TaskqlComplete")
+        .map(|(op, traceparent)| (op.as_str(), ids(traceparent)))
+        .collect();
+    assert_eq!(
+        reports,
+        [(
+            "TaskqlReport",
+            Some(format!("00-{trace_id}-{handler_span}"))
+        )],
+        "the completion goes alone, in the handler's span"
+    );
 }
