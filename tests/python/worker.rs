@@ -1,7 +1,7 @@
 //! The Python worker end to end: each task completed exactly once across a
 //! kill -9 of the server, cancelled handlers stopped, nothing reported for
 //! an attempt the worker lost; failures and retries; a graceful SIGTERM;
-//! and `mypy --strict` on the package.
+//! the trace context it sends; and `mypy --strict` on the package.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

@@ -3,14 +3,14 @@
 Both work no-op tasks at the same concurrency and batch setting against one
 release `taskql` server on a fresh SQLite database, in alternating rounds,
 each round timing one worker process from its start until it exits when
-nothing is left (`exit_when_idle`). From the repository root, after
+nothing is left (`exit_when_idle`). Which goes first alternates by round. From the repository root, after
 `cargo build --release --bin taskql --example worker`:
 
     clients/python/.venv/bin/python clients/python/bench/bench.py \
         --tasks 4000 --rounds 3 --concurrency 8 --batch 1
 
-It prints each round and, last, one JSON line with the medians and the
-ratio python / rust.
+It prints each round and, last, one JSON line with the median tasks/s of
+each, their ratio python / rust, and the ratio of each round.
 """
 
 from __future__ import annotations
@@ -158,7 +158,10 @@ def main() -> None:
             ]
             rates: dict[str, list[float]] = {"rust": [], "python": []}
             for round_ in range(1, args.rounds + 1):
-                for name in ("rust", "python"):
+                # Alternate which goes first: the database grows, and the
+                # machine's load changes, round by round.
+                order = ("rust", "python") if round_ % 2 else ("python", "rust")
+                for name in order:
                     task_type = f"bench.{name}.{round_}"
                     create(url, owner, task_type, args.tasks)
                     if name == "rust":
@@ -174,6 +177,7 @@ def main() -> None:
                     print(f"round {round_}: {name:6} {args.tasks} tasks in {seconds:.2f} s = {rate:.0f} tasks/s", flush=True)
             rust = statistics.median(rates["rust"])
             python = statistics.median(rates["python"])
+            ratios = [p / r for p, r in zip(rates["python"], rates["rust"])]
             print(
                 json.dumps(
                     {
@@ -184,6 +188,8 @@ def main() -> None:
                         "rust_tasks_per_s": round(rust),
                         "python_tasks_per_s": round(python),
                         "ratio": round(python / rust, 3),
+                        "ratio_per_round": [round(r, 3) for r in ratios],
+                        "median_ratio_per_round": round(statistics.median(ratios), 3),
                     }
                 )
             )
