@@ -471,7 +471,7 @@ fn the_python_package_passes_mypy_strict() {
         "mypy --strict:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("Success: no issues found"), "{stdout}");
+    assert!(stdout.starts_with("Success:"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
