@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::auth::CurrentUser;
-use crate::error::TaskError;
+use crate::error::{ErrorCode, TaskError};
 use crate::service::{TaskService, Worker};
 
 mod mutation;
@@ -283,7 +283,7 @@ pub fn finish(response: &mut Response) {
     for error in &mut response.errors {
         let extensions = error.extensions.get_or_insert_with(Default::default);
         if extensions.get("code").is_none() {
-            extensions.set("code", Value::from("BAD_USER_INPUT"));
+            extensions.set("code", Value::from(ErrorCode::BadUserInput.as_str()));
         }
         if error.message.len() > crate::error::MAX_ECHO_CHARS {
             error.message = shorten_message(&error.message);
@@ -326,7 +326,7 @@ pub fn is_request_error(response: &Response) -> bool {
 pub fn error_code(error: &ServerError) -> &str {
     match error.extensions.as_ref().and_then(|e| e.get("code")) {
         Some(Value::String(code)) => code,
-        _ => "BAD_USER_INPUT",
+        _ => ErrorCode::BadUserInput.as_str(),
     }
 }
 

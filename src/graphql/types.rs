@@ -366,7 +366,7 @@ impl TaskReport {
                 id,
                 task: None,
                 error: Some(ReportError {
-                    code: err.code().to_owned(),
+                    code: err.code().as_str().to_owned(),
                     message: err.to_string(),
                 }),
             },

@@ -28,7 +28,7 @@ use tracing::Instrument as _;
 
 use super::{HttpState, MAX_BATCH, caller_from_headers, request_error};
 use crate::db::deadline::{self, Deadline};
-use crate::error::TaskError;
+use crate::error::{ErrorCode, TaskError};
 use crate::graphql::{self, Caller, WireResponse};
 
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json; charset=utf-8";
@@ -125,7 +125,7 @@ pub(crate) struct Malformed(String);
 
 impl IntoResponse for Malformed {
     fn into_response(self) -> HttpResponse {
-        request_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", self.0)
+        request_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, self.0)
     }
 }
 
@@ -325,7 +325,7 @@ fn status_of(responses: &[Response], media: MediaType, batch: bool) -> StatusCod
         && response
             .errors
             .iter()
-            .all(|e| graphql::error_code(e) == "SERVICE_UNAVAILABLE");
+            .all(|e| graphql::error_code(e) == ErrorCode::ServiceUnavailable.as_str());
     if unavailable {
         StatusCode::SERVICE_UNAVAILABLE
     } else if media == MediaType::GraphqlResponse && graphql::is_request_error(response) {
@@ -349,7 +349,7 @@ fn answer(responses: Vec<Response>, media: MediaType, batch: bool) -> HttpRespon
             tracing::error!(error = %err, "cannot serialize a GraphQL response");
             return request_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "INTERNAL_SERVER_ERROR",
+                ErrorCode::InternalServerError,
                 "internal server error".into(),
             );
         }
@@ -415,7 +415,7 @@ async fn run(
 fn not_acceptable() -> HttpResponse {
     request_error(
         StatusCode::NOT_ACCEPTABLE,
-        "NOT_ACCEPTABLE",
+        ErrorCode::NotAcceptable,
         "accept application/graphql-response+json or application/json".into(),
     )
 }
@@ -451,7 +451,7 @@ pub async fn post(
     if !is_json(&headers) {
         return request_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::UnsupportedMediaType,
             "send the request as JSON with Content-Type: application/json".into(),
         );
     }
@@ -564,7 +564,7 @@ pub(super) fn is_mutation(state: &HttpState, request: &async_graphql::Request) -
 pub(super) fn mutation_over_get() -> HttpResponse {
     let mut response = request_error(
         StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
+        ErrorCode::MethodNotAllowed,
         "mutations must be sent with POST".into(),
     );
     response

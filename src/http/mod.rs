@@ -19,6 +19,7 @@ use tower_http::request_id::{
 };
 
 use crate::auth::Authenticator;
+use crate::error::ErrorCode;
 use crate::graphql::{Caller, DocumentCache, LiveSubscriptions, TaskSchema};
 use crate::metrics::Metrics;
 
@@ -121,9 +122,9 @@ pub(crate) fn caller_from_headers(auth: &Authenticator, headers: &HeaderMap) -> 
 }
 
 /// A transport-level error in the GraphQL response shape.
-pub(crate) fn request_error(status: StatusCode, code: &str, message: String) -> Response {
+pub(crate) fn request_error(status: StatusCode, code: ErrorCode, message: String) -> Response {
     let body = serde_json::json!({
-        "errors": [{ "message": message, "extensions": { "code": code } }]
+        "errors": [{ "message": message, "extensions": { "code": code.as_str() } }]
     });
     (status, axum::Json(body)).into_response()
 }
@@ -133,7 +134,7 @@ pub(crate) fn request_error(status: StatusCode, code: &str, message: String) -> 
 pub(crate) fn streams_full() -> Response {
     request_error(
         StatusCode::SERVICE_UNAVAILABLE,
-        "SERVICE_UNAVAILABLE",
+        ErrorCode::ServiceUnavailable,
         "the server holds as many websockets and event streams as it allows; try again later"
             .into(),
     )
@@ -141,7 +142,7 @@ pub(crate) fn streams_full() -> Response {
 
 /// An error after which the connection closes: the rest of the request
 /// was not read, so it cannot carry another one.
-fn closing_error(status: StatusCode, code: &str, message: String) -> Response {
+fn closing_error(status: StatusCode, code: ErrorCode, message: String) -> Response {
     let mut response = request_error(status, code, message);
     response
         .headers_mut()
@@ -152,7 +153,7 @@ fn closing_error(status: StatusCode, code: &str, message: String) -> Response {
 fn too_large() -> Response {
     closing_error(
         StatusCode::PAYLOAD_TOO_LARGE,
-        "PAYLOAD_TOO_LARGE",
+        ErrorCode::PayloadTooLarge,
         format!("the request body is over {MAX_BODY_BYTES} bytes"),
     )
 }
@@ -182,7 +183,7 @@ pub(crate) async fn read_body(
             Err(_) => {
                 return Err(closing_error(
                     StatusCode::REQUEST_TIMEOUT,
-                    "REQUEST_TIMEOUT",
+                    ErrorCode::RequestTimeout,
                     format!(
                         "the request body did not arrive within {} s",
                         state.body_timeout.as_secs_f64()
@@ -193,7 +194,7 @@ pub(crate) async fn read_body(
             Ok(Some(Err(_))) => {
                 return Err(closing_error(
                     StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
+                    ErrorCode::BadRequest,
                     "the request body could not be read".into(),
                 ));
             }

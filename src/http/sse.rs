@@ -27,6 +27,7 @@ use super::graphql::{
 };
 use super::{HttpState, caller_from_headers, request_error, shut_down, streams_full};
 use crate::auth::{CurrentUser, expiry};
+use crate::error::ErrorCode;
 use crate::graphql::{Caller, WireResponse};
 
 const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
@@ -53,7 +54,7 @@ pub(super) async fn post(state: Arc<HttpState>, headers: HeaderMap, body: Body) 
     if batch {
         return request_error(
             StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
+            ErrorCode::BadRequest,
             "an event stream carries one operation: send it alone, not in a list".into(),
         );
     }
@@ -85,7 +86,7 @@ fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<CurrentUser, B
         Caller::Rejected(why) => why,
         Caller::Anonymous => "sign in: send 'Authorization: Bearer <token>'".to_owned(),
     };
-    let mut response = request_error(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", why);
+    let mut response = request_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated, why);
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -20,6 +20,7 @@ pub mod rates;
 mod sea;
 pub mod stats;
 mod transitions;
+mod upkeep;
 pub mod validate;
 pub mod watch;
 mod writer;
@@ -260,10 +261,6 @@ pub trait TaskService: Send + Sync {
         lease: Option<Duration>,
     ) -> TaskResult<Vec<TaskResult<Task>>>;
 
-    /// Returns expired leases to pending, or fails the tasks whose budget of
-    /// attempts is spent.
-    async fn reap_expired_leases(&self) -> TaskResult<ReapOutcome>;
-
     /// Changes a task type's policy (a worker's right); returns it as it
     /// applies now.
     async fn set_task_type_policy(
@@ -275,9 +272,6 @@ pub trait TaskService: Send + Sync {
 
     /// Every type with a policy or with tasks, by name (a worker's right).
     async fn task_types(&self, worker: &Worker) -> TaskResult<Vec<TaskType>>;
-
-    /// Deletes terminal tasks finished before `older_than` ago, in batches.
-    async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize>;
 
     /// The task's current state, then every change in order; ends after a
     /// terminal state or a deletion (`taskUpdated`). With `placed`, each
@@ -302,7 +296,4 @@ pub trait TaskService: Send + Sync {
         user: &CurrentUser,
         after: Option<&str>,
     ) -> TaskResult<BoxStream<'static, TaskResult<TaskEvent>>>;
-
-    /// Deletes change-log entries older than `older_than`, in batches.
-    async fn prune_events(&self, older_than: Duration) -> TaskResult<u64>;
 }

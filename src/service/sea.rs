@@ -14,10 +14,9 @@ use entity::tasks::Column;
 use entity::{Task, TaskStatus, Tasks};
 use futures::stream::BoxStream;
 use rand::Rng;
-use sea_orm::sea_query::{ExprTrait, Order, Query};
+use sea_orm::sea_query::Order;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    prelude::Expr,
 };
 use tracing::instrument;
 use uuid::Uuid;
@@ -33,18 +32,14 @@ use super::watch::bus::{EventBus, TaskEvent};
 use super::watch::changelog::Changelog;
 use super::writer::{Inserters, NewRow, Writer, rows_of};
 use super::{
-    ClaimRequest, Heartbeat, NewTask, ReapOutcome, StatsRequest, StatusUpdate, TaskFilter,
-    TaskPage, TaskService, TaskStats, Watched, Worker, stats, validate,
+    ClaimRequest, Heartbeat, NewTask, StatsRequest, StatusUpdate, TaskFilter, TaskPage,
+    TaskService, TaskStats, Watched, Worker, stats, validate,
 };
 use crate::auth::CurrentUser;
 use crate::db::{Backend, Db};
 use crate::error::{TaskError, TaskResult};
 use crate::metrics::Metrics;
 
-/// Rows a single retention pass deletes before it lets others write.
-const PRUNE_BATCH: u64 = 500;
-/// PostgreSQL advisory lock key ("taskql" + 1) held by the instance reaping leases.
-const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
 /// How many times a create with an idempotency key tries to insert while
 /// the task holding its key keeps being deleted between conflict and read.
 const MAX_CREATE_ATTEMPTS: usize = 3;
@@ -127,17 +122,6 @@ impl SeaTaskService {
     /// The change log and this instance's reader of it.
     pub fn changelog(&self) -> &Changelog {
         self.writer.log()
-    }
-
-    /// Folds the count and per-minute deltas that PostgreSQL's triggers
-    /// append into the counters (see `stats::fold_deltas`).
-    pub async fn fold_count_deltas(&self) -> TaskResult<u64> {
-        stats::fold_deltas(self.db()).await
-    }
-
-    /// Prunes the per-minute `taskStats` counters (see `stats::prune_minutes`).
-    pub async fn prune_stats_minutes(&self) -> TaskResult<u64> {
-        stats::prune_minutes(self.db(), now()).await
     }
 
     pub(super) fn db(&self) -> &Db {
@@ -559,68 +543,6 @@ impl TaskService for SeaTaskService {
         Err(transitions::refused_heartbeat(&task))
     }
 
-    #[instrument(level = "debug", skip_all)]
-    async fn reap_expired_leases(&self) -> TaskResult<ReapOutcome> {
-        let [mut requeue, mut fail] = transitions::reap(now());
-        // One instance reaps at a time: two passes updating the same expired
-        // rows lock them in different orders and deadlock on PostgreSQL. If
-        // another instance holds the lock, it is doing this very pass.
-        let txn = self.db().begin().await?;
-        if !txn.try_lock(REAPER_LOCK).await? {
-            txn.rollback().await?;
-            return Ok(ReapOutcome::default());
-        }
-        requeue.returning_all();
-        fail.returning_all();
-        let requeued_tasks = self.writer.rows_in(&txn, &requeue).await?;
-        let failed_tasks = self.writer.rows_in(&txn, &fail).await?;
-        txn.commit().await?;
-        let (requeued, failed) = (requeued_tasks.len(), failed_tasks.len());
-        if requeued + failed > 0 {
-            self.writer.wrote();
-            tracing::info!(requeued, failed, "reaped expired leases");
-        }
-        for task in &requeued_tasks {
-            self.moved(Move::Requeue, task);
-        }
-        for task in &failed_tasks {
-            self.moved(Move::Expire, task);
-        }
-        Ok(ReapOutcome { requeued, failed })
-    }
-
-    #[instrument(level = "debug", skip_all)]
-    async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize> {
-        let cutoff = chrono::Duration::from_std(older_than)
-            .ok()
-            .and_then(|age| now().checked_sub_signed(age))
-            .ok_or_else(|| TaskError::invalid("retention is too long"))?;
-        let terminal = TaskStatus::ALL
-            .into_iter()
-            .filter(|s| s.is_terminal())
-            .map(|s| s.as_str());
-        let mut total = 0;
-        loop {
-            let mut batch = Query::select();
-            batch
-                .column(Column::Id)
-                .from(Tasks)
-                .and_where(Expr::col(Column::Status).is_in(terminal.clone()))
-                .and_where(Expr::col(Column::CompletedAt).lt(cutoff))
-                .limit(PRUNE_BATCH);
-            let mut delete = Tasks::delete_many()
-                .filter(Expr::col(Column::Id).in_subquery(batch))
-                .into_query();
-            delete.returning_all();
-            let count = self.writer.commit(&delete).await?.len();
-            total += count;
-            if (count as u64) < PRUNE_BATCH {
-                break;
-            }
-        }
-        Ok(total)
-    }
-
     async fn watch_task(
         &self,
         user: &CurrentUser,
@@ -640,11 +562,6 @@ impl TaskService for SeaTaskService {
         after: Option<&str>,
     ) -> TaskResult<BoxStream<'static, TaskResult<TaskEvent>>> {
         self.watch.events(user.clone(), after).await
-    }
-
-    #[instrument(level = "debug", skip_all)]
-    async fn prune_events(&self, older_than: Duration) -> TaskResult<u64> {
-        self.writer.log().prune(older_than).await
     }
 
     #[instrument(level = "debug", skip_all, fields(%task_type))]

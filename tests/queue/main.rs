@@ -18,7 +18,6 @@ use entity::{TaskStatus, Tasks};
 use sea_orm::prelude::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
-use taskql::service::TaskService;
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
