@@ -26,10 +26,11 @@ use std::future::Future;
 use std::sync::Arc;
 use tracing::Instrument as _;
 
-use super::{HttpState, MAX_BATCH, caller_from_headers, request_error};
+use super::{HttpState, MAX_BATCH, request_error};
+use crate::auth::{Caller, Presented};
 use crate::db::deadline::{self, Deadline};
 use crate::error::{ErrorCode, TaskError};
-use crate::graphql::{self, Caller, WireResponse};
+use crate::graphql::{self, WireResponse};
 
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json; charset=utf-8";
 const JSON: &str = "application/json; charset=utf-8";
@@ -466,7 +467,7 @@ pub async fn post(
         Ok(parsed) => parsed,
         Err(malformed) => return malformed.into_response(),
     };
-    let caller = caller_from_headers(&state.auth, &headers);
+    let caller = state.auth.caller(Presented::Headers(&headers));
     let requests = requests
         .into_iter()
         .map(|mut request| {
@@ -540,7 +541,7 @@ pub async fn get(
         return super::sse::get(state, headers, request).await;
     }
     // The document a hash names, to know whether it is a mutation.
-    let caller = caller_from_headers(&state.auth, &headers);
+    let caller = state.auth.caller(Presented::Headers(&headers));
     let resolved = state.persisted.resolve(&caller, &mut request);
     if resolved.is_ok() && is_mutation(&state, &request) {
         return mutation_over_get();

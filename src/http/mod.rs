@@ -20,7 +20,7 @@ use tower_http::request_id::{
 
 use crate::auth::Authenticator;
 use crate::error::ErrorCode;
-use crate::graphql::{Caller, DocumentCache, LiveSubscriptions, TaskSchema};
+use crate::graphql::{DocumentCache, LiveSubscriptions, TaskSchema};
 use crate::metrics::Metrics;
 
 pub mod graphql;
@@ -101,24 +101,6 @@ pub fn router(state: Arc<HttpState>) -> Router {
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(UuidRequestId))
-}
-
-/// The caller an `Authorization` value makes: a bad token is rejected, never anonymous.
-pub(crate) fn verify(auth: &Authenticator, header: &str) -> Caller {
-    match auth.authenticate_header(header) {
-        Ok(user) => Caller::Authenticated(user),
-        Err(err) => Caller::Rejected(err.to_string()),
-    }
-}
-
-pub(crate) fn caller_from_headers(auth: &Authenticator, headers: &HeaderMap) -> Caller {
-    match headers.get(header::AUTHORIZATION) {
-        None => Caller::Anonymous,
-        Some(value) => match value.to_str() {
-            Ok(value) => verify(auth, value),
-            Err(_) => Caller::Rejected("the Authorization header is not text".into()),
-        },
-    }
 }
 
 /// A transport-level error in the GraphQL response shape.

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use async_graphql::{ErrorExtensionValues, ServerError, Value};
 use sha2::{Digest, Sha256};
 
+use crate::auth::Caller;
 use crate::error::ErrorCode;
-use crate::graphql::Caller;
 
 /// Registered documents the server keeps, at most; the oldest go first.
 const REGISTERED_DOCUMENTS: usize = 1024;
@@ -199,7 +199,7 @@ impl PersistedDocuments {
                 Some(persisted.sha256_hash)
             }
         };
-        let trusted_only = self.trusted.is_some() && !is_service(caller);
+        let trusted_only = self.trusted.is_some() && !caller.is_service();
         if trusted_only && let Caller::Rejected(why) = caller {
             // A caller whose token failed learns that first.
             return Err(refusal(ErrorCode::Unauthenticated, why.clone()));
@@ -263,10 +263,6 @@ impl PersistedDocuments {
             .as_ref()
             .is_some_and(|trusted| trusted.hashes.contains(sha256))
     }
-}
-
-fn is_service(caller: &Caller) -> bool {
-    matches!(caller, Caller::Authenticated(user) if user.is_service && !user.has_expired())
 }
 
 fn not_trusted() -> ServerError {

@@ -25,10 +25,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::graphql::{
     Operation, bounded, is_mutation, mutation_over_get, parse_body, prepare, request_id,
 };
-use super::{HttpState, caller_from_headers, request_error, shut_down, streams_full};
-use crate::auth::{CurrentUser, expiry};
+use super::{HttpState, request_error, shut_down, streams_full};
+use crate::auth::{Caller, CurrentUser, Presented, expiry};
 use crate::error::ErrorCode;
-use crate::graphql::{Caller, WireResponse};
+use crate::graphql::WireResponse;
 
 const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
 const COMPLETE: &[u8] = b"event: complete\ndata:\n\n";
@@ -80,13 +80,15 @@ pub(super) async fn get(
 /// The caller, who must hold a valid token: a stream outlives the request,
 /// so nothing is streamed to a caller who could not run anything.
 fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<CurrentUser, Box<HttpResponse>> {
-    let why = match caller_from_headers(&state.auth, headers) {
-        Caller::Authenticated(user) if !user.has_expired() => return Ok(user),
-        Caller::Authenticated(_) => "the token has expired; sign in again".to_owned(),
-        Caller::Rejected(why) => why,
-        Caller::Anonymous => "sign in: send 'Authorization: Bearer <token>'".to_owned(),
+    let refusal = match state.auth.caller(Presented::Headers(headers)).signed_in() {
+        Ok(user) => return Ok(user.clone()),
+        Err(refusal) => refusal,
     };
-    let mut response = request_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated, why);
+    let mut response = request_error(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthenticated,
+        refusal.to_string(),
+    );
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

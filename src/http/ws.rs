@@ -30,9 +30,9 @@ use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::graphql::{Operation, WireRequest, bounded, prepare};
-use super::{HttpState, MAX_BODY_BYTES, shut_down, streams_full, verify};
-use crate::auth::{Authenticator, CurrentUser};
-use crate::graphql::{self, Caller, SubscriptionCounter, WireResponse};
+use super::{HttpState, MAX_BODY_BYTES, shut_down, streams_full};
+use crate::auth::{Caller, CurrentUser, Presented, Refusal};
+use crate::graphql::{self, SubscriptionCounter, WireResponse};
 
 /// How long a websocket may stay open without `connection_init`.
 pub const CONNECTION_INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -209,24 +209,23 @@ async fn handshake(
         match parse(message)? {
             None => {}
             Some(ClientMessage::ConnectionInit { payload }) => {
-                return match caller_from_init(&state.auth, &payload.unwrap_or_default()) {
-                    Caller::Authenticated(user) if !user.has_expired() => {
+                let payload = payload.unwrap_or_default();
+                let caller = state.auth.caller(Presented::InitPayload(&payload));
+                return match caller.signed_in() {
+                    Ok(user) => {
                         send(sink, json!({ "type": "connection_ack" })).await?;
-                        Ok(user)
+                        Ok(user.clone())
                     }
-                    Caller::Authenticated(_) => {
-                        Err(refuse(sink, protocol, 4403, "Forbidden: the token has expired").await)
-                    }
-                    Caller::Rejected(why) => {
-                        Err(refuse(sink, protocol, 4403, &format!("Forbidden: {why}")).await)
-                    }
-                    Caller::Anonymous => Err(refuse(
+                    Err(Refusal::Anonymous) => Err(refuse(
                         sink,
                         protocol,
                         4403,
                         "Forbidden: send the token in connection_init's payload",
                     )
                     .await),
+                    Err(refusal) => {
+                        Err(refuse(sink, protocol, 4403, &format!("Forbidden: {refusal}")).await)
+                    }
                 };
             }
             Some(ClientMessage::Ping { payload }) => pong(sink, payload).await?,
@@ -261,35 +260,6 @@ async fn pong(sink: &mut Sink, payload: Option<serde_json::Value>) -> Result<(),
         None => json!({ "type": "pong" }),
     };
     send(sink, message).await
-}
-
-/// The token in a `connection_init` payload: `{"Authorization": "Bearer …"}`,
-/// `{"authorization": …}`, `{"token": "…"}`, or the same under `headers`.
-fn caller_from_init(auth: &Authenticator, payload: &serde_json::Value) -> Caller {
-    let lookup = |object: &serde_json::Value| -> Option<Result<String, String>> {
-        for key in ["Authorization", "authorization"] {
-            if let Some(value) = object.get(key) {
-                return Some(
-                    value
-                        .as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| key.to_owned()),
-                );
-            }
-        }
-        object.get("token").map(|value| {
-            value
-                .as_str()
-                .map(|t| format!("Bearer {t}"))
-                .ok_or_else(|| "token".to_owned())
-        })
-    };
-    let found = lookup(payload).or_else(|| payload.get("headers").and_then(lookup));
-    match found {
-        None => Caller::Anonymous,
-        Some(Err(key)) => Caller::Rejected(format!("connection_init {key} must be a string")),
-        Some(Ok(header)) => verify(auth, &header),
-    }
 }
 
 /// One item of the merged subscription streams: an operation's next
