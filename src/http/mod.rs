@@ -24,6 +24,7 @@ use crate::graphql::{DocumentCache, LiveSubscriptions, TaskSchema};
 use crate::metrics::Metrics;
 
 pub mod graphql;
+mod operation;
 pub mod persisted;
 pub mod serve;
 pub mod sse;
@@ -109,6 +110,19 @@ pub(crate) fn request_error(status: StatusCode, code: ErrorCode, message: String
         "errors": [{ "message": message, "extensions": { "code": code.as_str() } }]
     });
     (status, axum::Json(body)).into_response()
+}
+
+/// Only queries over GET: a GET must not change anything.
+pub(crate) fn mutation_over_get() -> Response {
+    let mut response = request_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        "mutations must be sent with POST".into(),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
 }
 
 /// The answer when the server holds as many websockets and event streams

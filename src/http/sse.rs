@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use async_graphql::Response;
+use async_graphql::parser::types::OperationType;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
@@ -22,10 +23,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::graphql::{
-    Operation, bounded, is_mutation, mutation_over_get, parse_body, prepare, request_id,
-};
-use super::{HttpState, request_error, shut_down, streams_full};
+use super::operation::{self, Operation};
+use super::{HttpState, mutation_over_get, request_error, shut_down, streams_full};
 use crate::auth::{Caller, CurrentUser, Presented, expiry};
 use crate::error::ErrorCode;
 use crate::graphql::WireResponse;
@@ -47,7 +46,7 @@ pub(super) async fn post(state: Arc<HttpState>, headers: HeaderMap, body: Body) 
         Ok(bytes) => bytes,
         Err(response) => return response,
     };
-    let (mut requests, batch) = match parse_body(&bytes) {
+    let (mut requests, batch) = match operation::parse_body(&bytes) {
         Ok(parsed) => parsed,
         Err(malformed) => return malformed.into_response(),
     };
@@ -100,29 +99,21 @@ fn respond(
     state: Arc<HttpState>,
     headers: &HeaderMap,
     user: CurrentUser,
-    mut request: async_graphql::Request,
+    request: async_graphql::Request,
     slot: OwnedSemaphorePermit,
     over_get: bool,
 ) -> HttpResponse {
-    let request_id = request_id(headers).to_owned();
+    let request_id = operation::request_id(headers).to_owned();
     let expires_at = user.expires_at;
     let caller = Caller::Authenticated(user);
-    let resolved = state.persisted.resolve(&caller, &mut request);
-    if over_get && resolved.is_ok() && is_mutation(&state, &request) {
+    let (operation, started) = operation::start(&state, &caller, request);
+    if over_get && started.is_ok() && operation.kind == Some(OperationType::Mutation) {
         return mutation_over_get();
     }
-    let (responses, operation): (BoxStream<'static, Response>, Operation) = match resolved {
-        Ok(()) => {
-            let (request, operation) = prepare(&state, request);
-            let responses = state.schema.execute_stream(request.data(caller));
-            (bounded(&state, operation.kind, responses), operation)
-        }
-        // Refused before it ran: reported in a `next`, as the protocol asks.
-        Err(refused) => (
-            futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed(),
-            Operation::refused(request.operation_name.clone()),
-        ),
-    };
+    // A request refused before it ran is reported in a `next`, as the protocol asks.
+    let responses = operation::responses(&state, &operation, started, |request| {
+        state.schema.execute_stream(request.data(caller))
+    });
     let events = Events {
         state,
         operation,

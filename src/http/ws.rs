@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::graphql::{Operation, WireRequest, bounded, prepare};
+use super::operation::{self, Operation, WireRequest};
 use super::{HttpState, MAX_BODY_BYTES, shut_down, streams_full};
 use crate::auth::{Caller, CurrentUser, Presented, Refusal};
 use crate::graphql::{self, SubscriptionCounter, WireResponse};
@@ -71,7 +71,7 @@ pub async fn upgrade(
         _ => return StatusCode::BAD_REQUEST.into_response(),
     };
     // The upgrade's request id names the socket's operations in the log.
-    let request_id = super::graphql::request_id(&headers).to_owned();
+    let request_id = operation::request_id(&headers).to_owned();
     upgrade.on_upgrade(move |socket| serve(state, socket, protocol, slot, request_id))
 }
 
@@ -427,24 +427,17 @@ fn start(
     (caller, session_data): (&Caller, &Arc<Data>),
     operations: &mut Operations,
     id: String,
-    mut request: async_graphql::Request,
+    request: async_graphql::Request,
 ) {
     operations.starts += 1;
     let start = operations.starts;
-    let (responses, operation) = match state.persisted.resolve(caller, &mut request) {
-        Ok(()) => {
-            let (request, operation) = prepare(state, request);
-            let responses = state
-                .schema
-                .execute_stream_with_session_data(request, session_data.clone());
-            (bounded(state, operation.kind, responses), operation)
-        }
-        // Refused before it ran: answered like a document that does not validate.
-        Err(refused) => (
-            futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed(),
-            Operation::refused(request.operation_name.clone()),
-        ),
-    };
+    let (operation, started) = operation::start(state, caller, request);
+    // A request refused before it ran is answered like a document that does not validate.
+    let responses = operation::responses(state, &operation, started, |request| {
+        state
+            .schema
+            .execute_stream_with_session_data(request, session_data.clone())
+    });
     let (responses, handle) = futures::stream::abortable(responses);
     let ended = id.clone();
     let stream = responses
