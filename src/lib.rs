@@ -27,8 +27,8 @@ use crate::db::Db;
 use crate::graphql::LiveSubscriptions;
 use crate::http::HttpState;
 use crate::metrics::Metrics;
-use crate::service::watch::listener;
-use crate::service::{SeaTaskService, TaskService};
+use crate::service::live::listener;
+use crate::service::{TaskService, TaskStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -43,7 +43,7 @@ pub enum StartError {
 /// A running taskql: its router, its service and its background work.
 pub struct App {
     pub router: Router,
-    pub service: Arc<SeaTaskService>,
+    pub service: Arc<TaskStore>,
     pub db: Db,
     limits: http::serve::ServeLimits,
     /// Permits of the websockets the server may hold, and how many.
@@ -79,12 +79,8 @@ impl App {
             .map_err(|e| StartError::Database(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let service = Arc::new(
-            SeaTaskService::with_max_attempts(
-                db.clone(),
-                metrics.clone(),
-                config.tasks.max_attempts,
-            )
-            .with_max_result_bytes(config.tasks.max_result_bytes),
+            TaskStore::with_max_attempts(db.clone(), metrics.clone(), config.tasks.max_attempts)
+                .with_max_result_bytes(config.tasks.max_result_bytes),
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
 

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::db::Backend;
 use crate::error::TaskResult;
 use crate::metrics::{self, Metrics};
-use crate::service::{SeaTaskService, StatsRequest, TaskService};
+use crate::service::{StatsRequest, TaskService, TaskStore};
 
 /// How often each instance returns expired leases to PENDING.
 pub const REAPER_INTERVAL: Duration = Duration::from_millis(500);
@@ -72,11 +72,7 @@ pub struct Room {
 
 impl Room {
     /// The passes `config` asks of `service`.
-    pub fn for_service(
-        config: &Config,
-        service: &Arc<SeaTaskService>,
-        metrics: &Arc<Metrics>,
-    ) -> Self {
+    pub fn for_service(config: &Config, service: &Arc<TaskStore>, metrics: &Arc<Metrics>) -> Self {
         let mut passes = vec![
             Pass::new("lease reaper", REAPER_INTERVAL, {
                 let service = service.clone();
@@ -190,7 +186,7 @@ async fn run(pass: Pass, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bo
 
 /// Keeps the tasks-by-status gauge current, from the counters the
 /// database keeps (never a count of the table).
-async fn count_tasks(service: Arc<SeaTaskService>, metrics: Arc<Metrics>) -> TaskResult<u64> {
+async fn count_tasks(service: Arc<TaskStore>, metrics: Arc<Metrics>) -> TaskResult<u64> {
     let everyone = CurrentUser::service("metrics");
     let request = StatsRequest {
         counts: true,

@@ -22,11 +22,12 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::clock::now;
 use super::line::CLAIM_ORDER;
 use super::queue::{self, CAPPED, Caps};
-use super::sea::{SeaTaskService, now, same_create};
+use super::rows::{NewRow, ids_of, insert_rows, rows_of};
+use super::store::{TaskStore, same_create};
 use super::transitions::{self, Move, lease_deadline};
-use super::writer::{NewRow, ids_of, insert_rows, rows_of};
 use super::{ClaimRequest, NewTask, StatusUpdate, Worker, validate};
 use crate::auth::CurrentUser;
 use crate::db::Backend;
@@ -62,7 +63,7 @@ pub struct Beat {
 }
 
 /// The inputs of a batch of creates that are not repeats of an earlier
-/// input's key (`repeat_of`, as [`SeaTaskService::create_many`] finds them).
+/// input's key (`repeat_of`, as [`TaskStore::create_many`] finds them).
 pub(super) fn firsts<'a>(
     news: &'a [NewTask],
     repeat_of: &'a [Option<usize>],
@@ -207,7 +208,7 @@ fn claim_many(
     Statement::from_sql_and_values(backend, sql, p.0)
 }
 
-impl SeaTaskService {
+impl TaskStore {
     /// `createTasks`: see the module's doc.
     pub(super) async fn create_many(
         &self,

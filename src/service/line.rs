@@ -137,7 +137,7 @@ async fn place_of(
     task_id: Uuid,
     owner: Option<&str>,
 ) -> TaskResult<Option<Place>> {
-    let at = super::sea::now();
+    let at = super::clock::now();
     // Tasks ahead at a higher priority, plus tasks ahead or itself at its
     // own: two ranges of `tasks_type_claim_idx`.
     let sql = "SELECT w.type AS type, \
@@ -180,7 +180,7 @@ async fn rank(
     task_type: &str,
     ids: &[Uuid],
 ) -> TaskResult<HashMap<Uuid, Place>> {
-    let at = super::sea::now();
+    let at = super::clock::now();
     let sql = format!(
         "SELECT id FROM tasks WHERE status = $3 AND type = $1 AND run_at <= $2 \
          AND waiting_on = 0 ORDER BY {CLAIM_ORDER}"

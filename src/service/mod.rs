@@ -6,31 +6,33 @@ use async_trait::async_trait;
 use entity::{Task, TaskStatus};
 use uuid::Uuid;
 
-use self::watch::bus::TaskEvent;
+use self::live::bus::TaskEvent;
 use crate::auth::CurrentUser;
 use crate::error::{TaskError, TaskResult};
 use futures::stream::BoxStream;
 
 mod batch;
+mod clock;
 mod dependencies;
 pub mod line;
+pub mod live;
 mod pages;
 pub mod queue;
 pub mod rates;
-mod sea;
+mod rows;
 pub mod stats;
+mod store;
 mod transitions;
 mod upkeep;
 pub mod validate;
-pub mod watch;
 mod writer;
 
 pub use batch::{Beat, Completion, MAX_CLAIMS, MAX_CREATES, MAX_REPORTS};
 pub use dependencies::{MAX_DEPENDENTS_LISTED, Related};
 pub use line::Place;
 pub use queue::{Backoff, Policy, PolicyChange, TaskType};
-pub use sea::SeaTaskService;
 pub use stats::{StatsRequest, TaskStats};
+pub use store::TaskStore;
 
 /// Largest page `get_tasks_by_user` returns.
 pub const MAX_PAGE_SIZE: u64 = 100;

@@ -388,7 +388,7 @@ impl Queue {
             rate_period_seconds: Set(row.rate_limit.map(|limit| limit.period_seconds)),
             rate_per_key: Set(row.rate_limit.is_some_and(|limit| limit.per_key)),
             paused: Set(row.paused),
-            updated_at: Set(super::sea::now()),
+            updated_at: Set(super::clock::now()),
         };
         // Two changes racing each write their whole row: the last wins.
         let upsert = TaskTypes::insert(model)
@@ -705,7 +705,7 @@ impl Queue {
     /// else its type's policy, else the default.
     pub(super) async fn assign<'a>(
         &self,
-        batch: impl IntoIterator<Item = &'a mut super::writer::NewRow>,
+        batch: impl IntoIterator<Item = &'a mut super::rows::NewRow>,
         in_flight: &std::collections::HashMap<String, i64>,
     ) -> TaskResult<()> {
         self.assign_on(&self.db.reads(), batch, in_flight).await
@@ -717,11 +717,11 @@ impl Queue {
     pub(super) async fn assign_on<'a>(
         &self,
         conn: &impl ConnectionTrait,
-        batch: impl IntoIterator<Item = &'a mut super::writer::NewRow>,
+        batch: impl IntoIterator<Item = &'a mut super::rows::NewRow>,
         in_flight: &std::collections::HashMap<String, i64>,
     ) -> TaskResult<()> {
         use std::collections::{BTreeSet, HashMap};
-        let mut batch: Vec<&mut super::writer::NewRow> = batch.into_iter().collect();
+        let mut batch: Vec<&mut super::rows::NewRow> = batch.into_iter().collect();
         let owners: BTreeSet<&str> = batch
             .iter()
             .map(|c| c.model.user_id.as_ref().as_str())

@@ -10,7 +10,8 @@ use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{EntityTrait, QueryFilter, QueryTrait};
 use tracing::instrument;
 
-use super::sea::{SeaTaskService, now};
+use super::clock::now;
+use super::store::TaskStore;
 use super::transitions::{self, Move};
 use super::{ReapOutcome, stats};
 use crate::error::{TaskError, TaskResult};
@@ -20,7 +21,7 @@ const PRUNE_BATCH: u64 = 500;
 /// PostgreSQL advisory lock key ("taskql" + 1) held by the instance reaping leases.
 const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
 
-impl SeaTaskService {
+impl TaskStore {
     /// Returns expired leases to pending, or fails the tasks whose budget of
     /// attempts is spent.
     #[instrument(level = "debug", skip_all)]

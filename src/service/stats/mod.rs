@@ -164,7 +164,7 @@ pub async fn task_stats(
     request: &StatsRequest,
 ) -> TaskResult<TaskStats> {
     let minutes = throughput_window(&request.throughput_minutes)?;
-    let now = super::sea::now();
+    let now = super::clock::now();
     let mut stats = TaskStats::default();
     if request.counts {
         (stats.by_status, stats.by_type) = counts(db, user).await?;

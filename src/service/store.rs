@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use entity::tasks::Column;
 use entity::{Task, TaskStatus, Tasks};
 use futures::stream::BoxStream;
@@ -22,15 +21,17 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::batch::{Beat, Completion, claim_terms, rows_of_names};
+use super::clock::{in_micros, now};
 use super::line::{Lines, Place};
+use super::live::Watch;
+use super::live::bus::{EventBus, TaskEvent};
+use super::live::changelog::Changelog;
 use super::pages::{self, visible_to};
 use super::queue::{self, Caps, PolicyChange, Queue, TaskType};
 use super::rates;
+use super::rows::{NewRow, rows_of};
 use super::transitions::{self, Move, attempt_ended_by_retry, lease_deadline};
-use super::watch::Watch;
-use super::watch::bus::{EventBus, TaskEvent};
-use super::watch::changelog::Changelog;
-use super::writer::{Inserters, NewRow, Writer, rows_of};
+use super::writer::{Inserters, Writer};
 use super::{
     ClaimRequest, Heartbeat, NewTask, StatsRequest, StatusUpdate, TaskFilter, TaskPage,
     TaskService, TaskStats, Watched, Worker, stats, validate,
@@ -48,7 +49,7 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 /// How often a retryable failure re-reads a task that changed under it.
 const MAX_FAIL_ATTEMPTS: usize = 3;
 
-pub struct SeaTaskService {
+pub struct TaskStore {
     pub(super) writer: Writer,
     inserters: Inserters,
     watch: Watch,
@@ -59,17 +60,6 @@ pub struct SeaTaskService {
     leases: stats::LeaseBoard,
     /// The most a completion's `result` may take, serialized.
     pub(super) max_result_bytes: usize,
-}
-
-/// Now, at the microsecond precision both databases store.
-pub(crate) fn now() -> DateTime<Utc> {
-    in_micros(Utc::now())
-}
-
-/// `at` at the microsecond precision both databases store, so that the
-/// time returned is the time stored.
-pub(crate) fn in_micros(at: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
 /// The task an idempotent create finds under its key: `existing` when it
@@ -83,7 +73,7 @@ pub(super) fn same_create(existing: Task, new: &NewTask) -> TaskResult<Task> {
     Ok(existing)
 }
 
-impl SeaTaskService {
+impl TaskStore {
     /// The service on `db`, counting transitions and event lag into
     /// `metrics`; it starts its insert queue and its reader of the change
     /// log on the current tokio runtime.
@@ -289,7 +279,7 @@ impl SeaTaskService {
 }
 
 #[async_trait]
-impl TaskService for SeaTaskService {
+impl TaskService for TaskStore {
     #[instrument(level = "debug", skip_all, fields(user = %user.id, task_type = %new.task_type))]
     async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task> {
         let new = validate::new_task(new)?;

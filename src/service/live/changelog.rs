@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use crate::db::{Backend, Db};
 use crate::error::{TaskError, TaskResult};
 use crate::metrics::Metrics;
-use crate::service::watch::bus::{EventBus, TaskEvent, TaskEventKind};
+use crate::service::live::bus::{EventBus, TaskEvent, TaskEventKind};
 
 /// How often the reader looks at the log without being woken.
 const TICK: Duration = Duration::from_millis(250);
