@@ -113,7 +113,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "graphql_request_duration",
-            "GraphQL operations over HTTP, by operation type and outcome",
+            "GraphQL operations on every transport, to their first answer, by operation type and outcome",
             Unit::Seconds,
             requests.clone(),
         );
