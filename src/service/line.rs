@@ -126,9 +126,6 @@ async fn start_pace(
 /// The status of the tasks in a line, bound as a parameter.
 const PENDING: &str = TaskStatus::Pending.as_str();
 
-/// The order of a type's line, as claims take it.
-pub(super) const CLAIM_ORDER: &str = "priority DESC, fair_rank, run_at, id";
-
 /// The place of one task (if `owner` owns it, when given), or `None`
 /// unless it is runnable and pending.
 async fn place_of(
@@ -183,7 +180,8 @@ async fn rank(
     let at = super::clock::now();
     let sql = format!(
         "SELECT id FROM tasks WHERE status = $3 AND type = $1 AND run_at <= $2 \
-         AND waiting_on = 0 ORDER BY {CLAIM_ORDER}"
+         AND waiting_on = 0 ORDER BY {}",
+        crate::db::dialect::claim_order()
     );
     let values: [Value; 3] = [task_type.into(), at.into(), PENDING.into()];
     let rows = db

@@ -624,12 +624,9 @@ pub fn claim(
         .and_where(Expr::col(Column::TaskType).not_in_subquery(blocked))
         .and_where(key_has_room())
         .cond_where(super::rates::not_empty(empty).unwrap_or_else(Condition::all))
-        .order_by(Column::Priority, Order::Desc)
-        .order_by(Column::FairRank, Order::Asc)
-        .order_by(Column::RunAt, Order::Asc)
-        .order_by(Column::Id, Order::Asc)
         .limit(1)
         .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    crate::db::dialect::order_by_claim(&mut first);
     if !types.is_empty() {
         first.and_where(Expr::col(Column::TaskType).is_in(types.iter().cloned()));
     }
@@ -668,33 +665,24 @@ pub(super) fn key_has_room() -> Expr {
 /// last pending turn, the turn being served at each priority, and each
 /// type's attempts. The lists travel as JSON text: one parameter each, and
 /// the statement stays the same size whatever the batch.
-fn batch_facts(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Postgres => {
-            "SELECT 'owner' AS kind, name, (SELECT fair_rank FROM tasks \
-                 WHERE user_id = name AND status = 'pending' ORDER BY fair_rank DESC LIMIT 1) AS n \
-             FROM json_array_elements_text($1::json) AS name \
-             UNION ALL \
-             SELECT 'priority', name, (SELECT fair_rank FROM tasks \
-                 WHERE status = 'pending' AND priority = name::integer ORDER BY fair_rank LIMIT 1) \
-             FROM json_array_elements_text($2::json) AS name \
-             UNION ALL \
-             SELECT 'type', task_type, CAST(max_attempts AS bigint) FROM task_types \
-             WHERE task_type IN (SELECT json_array_elements_text($3::json))"
-        }
-        Backend::Sqlite => {
-            "SELECT 'owner' AS kind, value AS name, (SELECT fair_rank FROM tasks \
-                 WHERE user_id = value AND status = 'pending' ORDER BY fair_rank DESC LIMIT 1) AS n \
-             FROM json_each(?1) \
-             UNION ALL \
-             SELECT 'priority', CAST(value AS TEXT), (SELECT fair_rank FROM tasks \
-                 WHERE status = 'pending' AND priority = value ORDER BY fair_rank LIMIT 1) \
-             FROM json_each(?2) \
-             UNION ALL \
-             SELECT 'type', task_type, max_attempts FROM task_types \
-             WHERE task_type IN (SELECT value FROM json_each(?3))"
-        }
-    }
+fn batch_facts(backend: Backend) -> String {
+    let pending = TaskStatus::Pending.as_str();
+    format!(
+        "SELECT 'owner' AS kind, value AS name, (SELECT fair_rank FROM tasks \
+             WHERE user_id = value AND status = '{pending}' ORDER BY fair_rank DESC LIMIT 1) AS n \
+         FROM {owners} \
+         UNION ALL \
+         SELECT 'priority', CAST(value AS TEXT), (SELECT fair_rank FROM tasks \
+             WHERE status = '{pending}' AND priority = CAST(value AS INTEGER) \
+             ORDER BY fair_rank LIMIT 1) \
+         FROM {priorities} \
+         UNION ALL \
+         SELECT 'type', task_type, CAST(max_attempts AS BIGINT) FROM task_types \
+         WHERE task_type IN (SELECT value FROM {types})",
+        owners = backend.json_texts("$1"),
+        priorities = backend.json_texts("$2"),
+        types = backend.json_texts("$3"),
+    )
 }
 
 impl Queue {
