@@ -44,8 +44,7 @@ use crate::metrics::Metrics;
 /// How many times a create with an idempotency key tries to insert while
 /// the task holding its key keeps being deleted between conflict and read.
 const MAX_CREATE_ATTEMPTS: usize = 3;
-/// Attempts a task gets when neither its create nor its type says.
-pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+pub use entity::tasks::DEFAULT_MAX_ATTEMPTS;
 /// How often a retryable failure re-reads a task that changed under it.
 const MAX_FAIL_ATTEMPTS: usize = 3;
 
