@@ -12,6 +12,7 @@ use crate::error::{TaskError, TaskResult};
 use futures::stream::BoxStream;
 
 mod batch;
+mod claims;
 mod clock;
 mod dependencies;
 pub mod line;
@@ -19,6 +20,7 @@ pub mod live;
 mod pages;
 pub mod queue;
 pub mod rates;
+mod reports;
 mod rows;
 pub mod stats;
 mod store;
