@@ -24,6 +24,7 @@ use uuid::Uuid;
 mod backoff;
 mod cap;
 mod fencing;
+mod line;
 mod pause;
 mod policies;
 mod priority;
