@@ -37,7 +37,7 @@ use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement, Value,
 };
 use taskql::auth::CurrentUser;
-use taskql::service::{ClaimRequest, SeaTaskService, StatusUpdate, TaskService, Worker};
+use taskql::service::{ClaimRequest, StatusUpdate, TaskService, TaskStore, Worker};
 use uuid::Uuid;
 
 #[path = "bench_claims/batch.rs"]
@@ -151,7 +151,7 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std:
         },
     )
     .await?;
-    let service = Arc::new(SeaTaskService::new(pool, Default::default()));
+    let service = Arc::new(TaskStore::new(pool, Default::default()));
     if let Some(n) = args.backlog {
         let started = Instant::now();
         seed_backlog(&db, n).await?;
@@ -305,7 +305,7 @@ async fn completed(db: &DatabaseConnection) -> Result<usize, sea_orm::DbErr> {
 
 /// Workers that claim and complete through `TaskService` until none is left.
 async fn run_service(
-    service: &Arc<SeaTaskService>,
+    service: &Arc<TaskStore>,
     workers: usize,
     budget: &Arc<AtomicUsize>,
 ) -> Result<usize, Box<dyn std::error::Error>> {

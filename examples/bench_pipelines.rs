@@ -31,8 +31,7 @@ use entity::{TaskStatus, Tasks};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, Statement};
 use taskql::auth::CurrentUser;
 use taskql::service::{
-    ClaimRequest, Dependency, NewTask, PolicyChange, SeaTaskService, StatusUpdate, TaskService,
-    Worker,
+    ClaimRequest, Dependency, NewTask, PolicyChange, StatusUpdate, TaskService, TaskStore, Worker,
 };
 
 use common::{BoxError, TempPostgres, median, quantile};
@@ -101,7 +100,7 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), BoxError> {
         },
     )
     .await?;
-    let service = Arc::new(SeaTaskService::new(pool, Default::default()));
+    let service = Arc::new(TaskStore::new(pool, Default::default()));
     let worker = Worker::new(&CurrentUser::service("bench"))?;
 
     let links = chains(&service, &worker, args.chains).await?;
@@ -161,11 +160,7 @@ async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), BoxError> {
 /// Runs `n` chains of 3 (a, then b after a, then c after b) through the
 /// service; the time, in ms, from the start of each parent's completion to
 /// its child claimed, sorted.
-async fn chains(
-    service: &Arc<SeaTaskService>,
-    worker: &Worker,
-    n: usize,
-) -> Result<Vec<f64>, BoxError> {
+async fn chains(service: &Arc<TaskStore>, worker: &Worker, n: usize) -> Result<Vec<f64>, BoxError> {
     let owner = CurrentUser {
         id: "chain-owner".into(),
         is_service: false,
@@ -217,7 +212,7 @@ async fn chains(
 }
 
 async fn claim(
-    service: &SeaTaskService,
+    service: &TaskStore,
     worker: &Worker,
     task_type: &str,
 ) -> Result<Option<entity::Task>, taskql::error::TaskError> {
@@ -232,7 +227,7 @@ async fn claim(
 /// With `on`, a cap of 1 per key on "keyed" and 10 claims a second on
 /// "paid"; without, neither.
 async fn set_limits(
-    service: &SeaTaskService,
+    service: &TaskStore,
     worker: &Worker,
     on: bool,
 ) -> Result<(), taskql::error::TaskError> {
@@ -287,7 +282,7 @@ async fn refill(db: &DatabaseConnection, n: usize) -> Result<(), sea_orm::DbErr>
 
 /// Claim-and-complete cycles per second of `task_type`, `n` of them.
 async fn cycles(
-    service: &Arc<SeaTaskService>,
+    service: &Arc<TaskStore>,
     workers: usize,
     task_type: &str,
     n: usize,

@@ -1,4 +1,7 @@
-//! Who is calling: a verified JWT becomes a `CurrentUser`.
+//! Who is calling: the token a transport found (an `Authorization` header,
+//! a websocket's `connection_init` payload) becomes a [`Caller`], and a
+//! verified, unexpired JWT a `CurrentUser`. Every transport asks here, and
+//! long-lived ones end on [`expiry`].
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -31,9 +34,84 @@ pub struct CurrentUser {
     pub expires_at: Option<u64>,
 }
 
+/// Who sent a request, as the transport found it. Put in request data by the
+/// HTTP handler and in connection data by the websocket handler.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Anonymous,
+    /// A token was sent but did not verify: never treated as anonymous.
+    Rejected(String),
+    Authenticated(CurrentUser),
+}
+
+/// Where a transport found the caller's token.
+#[derive(Debug, Clone, Copy)]
+pub enum Presented<'a> {
+    /// An HTTP request's headers: `Authorization: Bearer <token>`.
+    Headers(&'a axum::http::HeaderMap),
+    /// A websocket's `connection_init` payload: `{"Authorization": "Bearer
+    /// …"}`, `{"authorization": …}`, `{"token": "…"}`, or the same under
+    /// `headers`.
+    InitPayload(&'a serde_json::Value),
+}
+
+/// Why a caller may run nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No token at all.
+    Anonymous,
+    /// A token that did not verify, and why.
+    Rejected(String),
+    /// A token that verified but has expired since (with the leeway).
+    Expired,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Anonymous => f.write_str("sign in: send 'Authorization: Bearer <token>'"),
+            Self::Rejected(why) => f.write_str(why),
+            Self::Expired => f.write_str("the token has expired; sign in again with a new one"),
+        }
+    }
+}
+
+impl Caller {
+    /// The signed-in user whose token is still good, or why not.
+    pub fn signed_in(&self) -> Result<&CurrentUser, Refusal> {
+        match self {
+            Self::Authenticated(user) if user.has_expired() => Err(Refusal::Expired),
+            Self::Authenticated(user) => Ok(user),
+            Self::Rejected(why) => Err(Refusal::Rejected(why.clone())),
+            Self::Anonymous => Err(Refusal::Anonymous),
+        }
+    }
+
+    /// Whether the caller is a signed-in worker (the service role).
+    pub fn is_service(&self) -> bool {
+        self.signed_in().is_ok_and(|user| user.is_service)
+    }
+}
+
 /// Seconds since the epoch.
 fn now_secs() -> u64 {
     chrono::Utc::now().timestamp().max(0) as u64
+}
+
+/// The token in one level of a `connection_init` payload, as an
+/// `Authorization` value, or the key whose value is not a string.
+fn token_in_init(object: &serde_json::Value) -> Option<Result<String, &'static str>> {
+    for key in ["Authorization", "authorization"] {
+        if let Some(value) = object.get(key) {
+            return Some(value.as_str().map(str::to_owned).ok_or(key));
+        }
+    }
+    object.get("token").map(|value| {
+        value
+            .as_str()
+            .map(|token| format!("Bearer {token}"))
+            .ok_or("token")
+    })
 }
 
 /// Resolves once a token expiring at `exp` has expired (with the leeway);
@@ -191,6 +269,37 @@ impl Authenticator {
             service_role: service_role.to_owned(),
             verified: Default::default(),
         })
+    }
+
+    /// The caller a transport's token makes: none is anonymous, a bad one
+    /// is rejected (never anonymous), a good one is authenticated.
+    pub fn caller(&self, presented: Presented<'_>) -> Caller {
+        let header = match presented {
+            Presented::Headers(headers) => match headers.get(axum::http::header::AUTHORIZATION) {
+                None => return Caller::Anonymous,
+                Some(value) => match value.to_str() {
+                    Ok(value) => value.to_owned(),
+                    Err(_) => {
+                        return Caller::Rejected("the Authorization header is not text".into());
+                    }
+                },
+            },
+            Presented::InitPayload(payload) => {
+                let found = token_in_init(payload)
+                    .or_else(|| payload.get("headers").and_then(token_in_init));
+                match found {
+                    None => return Caller::Anonymous,
+                    Some(Err(key)) => {
+                        return Caller::Rejected(format!("connection_init {key} must be a string"));
+                    }
+                    Some(Ok(header)) => header,
+                }
+            }
+        };
+        match self.authenticate_header(&header) {
+            Ok(user) => Caller::Authenticated(user),
+            Err(err) => Caller::Rejected(err.to_string()),
+        }
     }
 
     /// Verifies an `Authorization` header value (`Bearer <jwt>`).
@@ -375,5 +484,74 @@ mod tests {
         };
         assert_eq!(first, again);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A token is the same caller whichever way a transport carried it; a
+    /// missing one is anonymous, a malformed one rejected.
+    #[test]
+    fn every_transport_finds_the_same_caller() {
+        let secret = "a-unit-test-secret-0123456789abcdef";
+        let auth =
+            Authenticator::new(&JwtKey::Secret(secret.into()), None, None, "service_role").unwrap();
+        let token = issue_token(
+            secret,
+            "alice",
+            None,
+            std::time::Duration::from_secs(60),
+            None,
+            None,
+        )
+        .unwrap();
+        let bearer = format!("Bearer {token}");
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(axum::http::header::AUTHORIZATION, bearer.parse().unwrap());
+        let carried = [
+            Presented::Headers(&headers),
+            Presented::InitPayload(&serde_json::json!({ "Authorization": bearer })),
+            Presented::InitPayload(&serde_json::json!({ "authorization": bearer })),
+            Presented::InitPayload(&serde_json::json!({ "token": token })),
+            Presented::InitPayload(&serde_json::json!({ "headers": { "Authorization": bearer } })),
+        ];
+        for presented in carried {
+            let caller = auth.caller(presented);
+            let user = caller
+                .signed_in()
+                .unwrap_or_else(|why| panic!("{presented:?}: {why}"));
+            assert_eq!((user.id.as_str(), user.is_service), ("alice", false));
+        }
+        let nothing = axum::http::HeaderMap::new();
+        assert_eq!(
+            auth.caller(Presented::Headers(&nothing))
+                .signed_in()
+                .unwrap_err(),
+            Refusal::Anonymous
+        );
+        assert_eq!(
+            auth.caller(Presented::InitPayload(&serde_json::json!({})))
+                .signed_in()
+                .unwrap_err(),
+            Refusal::Anonymous
+        );
+        let not_text = serde_json::json!({ "token": 7 });
+        assert_eq!(
+            auth.caller(Presented::InitPayload(&not_text))
+                .signed_in()
+                .unwrap_err(),
+            Refusal::Rejected("connection_init token must be a string".into())
+        );
+        let mut forged = axum::http::HeaderMap::new();
+        forged.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("{bearer}x").parse().unwrap(),
+        );
+        assert!(matches!(
+            auth.caller(Presented::Headers(&forged)).signed_in(),
+            Err(Refusal::Rejected(_))
+        ));
+        let expired = Caller::Authenticated(CurrentUser {
+            expires_at: Some(now_secs() - LEEWAY_SECS - 5),
+            ..CurrentUser::user("alice")
+        });
+        assert_eq!(expired.signed_in().unwrap_err(), Refusal::Expired);
     }
 }

@@ -41,6 +41,82 @@ pub enum TaskError {
 
 pub type TaskResult<T> = Result<T, TaskError>;
 
+/// Every `extensions.code` taskql answers with, in one place: the service's
+/// errors ([`TaskError::code`]) and those the transports raise before an
+/// operation runs. docs/design.md lists each with its meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    NotFound,
+    Conflict,
+    BadUserInput,
+    Unauthenticated,
+    Forbidden,
+    CursorExpired,
+    ServiceUnavailable,
+    InternalServerError,
+    /// Not a well-formed GraphQL-over-HTTP request.
+    BadRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    MethodNotAllowed,
+    NotAcceptable,
+    UnsupportedMediaType,
+    PersistedQueryNotFound,
+    PersistedQueryNotSupported,
+    PersistedQueryRequired,
+}
+
+impl ErrorCode {
+    pub const ALL: [Self; 17] = [
+        Self::NotFound,
+        Self::Conflict,
+        Self::BadUserInput,
+        Self::Unauthenticated,
+        Self::Forbidden,
+        Self::CursorExpired,
+        Self::ServiceUnavailable,
+        Self::InternalServerError,
+        Self::BadRequest,
+        Self::PayloadTooLarge,
+        Self::RequestTimeout,
+        Self::MethodNotAllowed,
+        Self::NotAcceptable,
+        Self::UnsupportedMediaType,
+        Self::PersistedQueryNotFound,
+        Self::PersistedQueryNotSupported,
+        Self::PersistedQueryRequired,
+    ];
+
+    /// The code as clients see it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFound => "NOT_FOUND",
+            Self::Conflict => "CONFLICT",
+            Self::BadUserInput => "BAD_USER_INPUT",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::Forbidden => "FORBIDDEN",
+            Self::CursorExpired => "CURSOR_EXPIRED",
+            Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+            Self::InternalServerError => "INTERNAL_SERVER_ERROR",
+            Self::BadRequest => "BAD_REQUEST",
+            Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Self::RequestTimeout => "REQUEST_TIMEOUT",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::NotAcceptable => "NOT_ACCEPTABLE",
+            Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            Self::PersistedQueryNotFound => "PERSISTED_QUERY_NOT_FOUND",
+            Self::PersistedQueryNotSupported => "PERSISTED_QUERY_NOT_SUPPORTED",
+            Self::PersistedQueryRequired => "PERSISTED_QUERY_REQUIRED",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Most characters of a client's input an error message repeats.
 pub const MAX_ECHO_CHARS: usize = 100;
 
@@ -70,16 +146,16 @@ impl TaskError {
     }
 
     /// The stable `extensions.code` clients branch on.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::NotFound => "NOT_FOUND",
-            Self::Conflict(_) => "CONFLICT",
-            Self::InvalidInput(_) => "BAD_USER_INPUT",
-            Self::Unauthenticated(_) => "UNAUTHENTICATED",
-            Self::Forbidden(_) => "FORBIDDEN",
-            Self::CursorExpired(_) => "CURSOR_EXPIRED",
-            Self::Unavailable(_) | Self::Unconfirmed(_) => "SERVICE_UNAVAILABLE",
-            Self::Internal(_) => "INTERNAL_SERVER_ERROR",
+            Self::NotFound => ErrorCode::NotFound,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::InvalidInput(_) => ErrorCode::BadUserInput,
+            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::CursorExpired(_) => ErrorCode::CursorExpired,
+            Self::Unavailable(_) | Self::Unconfirmed(_) => ErrorCode::ServiceUnavailable,
+            Self::Internal(_) => ErrorCode::InternalServerError,
             Self::AtInput { error, .. } => error.code(),
         }
     }
@@ -113,10 +189,35 @@ impl From<sea_orm::DbErr> for TaskError {
 impl ErrorExtensions for TaskError {
     fn extend(&self) -> async_graphql::Error {
         async_graphql::Error::new(self.to_string()).extend_with(|_, e| {
-            e.set("code", self.code());
+            e.set("code", self.code().as_str());
             if let Self::AtInput { index, .. } = self {
                 e.set("index", *index as u64);
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    /// Each code a client may branch on is explained in docs/design.md's
+    /// "Errors" section, and no two variants share a code.
+    #[test]
+    fn every_code_is_documented_once() {
+        let design = include_str!("../docs/design.md");
+        let errors = design
+            .split("\n## Errors\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("docs/design.md has an Errors section");
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "{code} is two variants' code");
+            assert!(
+                errors.contains(&format!("| `{code}` |")),
+                "docs/design.md's Errors table does not explain {code}"
+            );
+        }
     }
 }

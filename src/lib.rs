@@ -8,6 +8,7 @@ pub mod db;
 pub mod error;
 pub mod graphql;
 pub mod http;
+pub mod maintenance;
 pub mod metrics;
 pub mod service;
 pub mod telemetry;
@@ -15,7 +16,6 @@ pub mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -27,15 +27,8 @@ use crate::db::Db;
 use crate::graphql::LiveSubscriptions;
 use crate::http::HttpState;
 use crate::metrics::Metrics;
-use crate::service::watch::listener;
-use crate::service::{SeaTaskService, TaskService};
-
-/// How often each instance returns expired leases to PENDING.
-pub const REAPER_INTERVAL: Duration = Duration::from_millis(500);
-/// How often retention runs, when configured.
-pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
-/// How often (on PostgreSQL) task count deltas are folded into the counters.
-pub const FOLD_INTERVAL: Duration = Duration::from_secs(1);
+use crate::service::live::listener;
+use crate::service::{TaskService, TaskStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -50,7 +43,7 @@ pub enum StartError {
 /// A running taskql: its router, its service and its background work.
 pub struct App {
     pub router: Router,
-    pub service: Arc<SeaTaskService>,
+    pub service: Arc<TaskStore>,
     pub db: Db,
     limits: http::serve::ServeLimits,
     /// Permits of the websockets the server may hold, and how many.
@@ -60,9 +53,9 @@ pub struct App {
 }
 
 impl App {
-    /// Connects, migrates, and starts the reaper, retention, the change
-    /// log's pruning and (on PostgreSQL) the listener that wakes the log's
-    /// reader when another instance wrote.
+    /// Connects, migrates, and starts the maintenance room's passes and (on
+    /// PostgreSQL) the listener that wakes the change log's reader when
+    /// another instance wrote.
     pub async fn build(config: &Config, key: &crate::auth::JwtKey) -> Result<Self, StartError> {
         // Settings that cannot be used stop the start before the database is touched.
         let auth = auth::Authenticator::from_config(&config.auth, key)?;
@@ -86,45 +79,13 @@ impl App {
             .map_err(|e| StartError::Database(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let service = Arc::new(
-            SeaTaskService::with_max_attempts(
-                db.clone(),
-                metrics.clone(),
-                config.tasks.max_attempts,
-            )
-            .with_max_result_bytes(config.tasks.max_result_bytes),
+            TaskStore::with_max_attempts(db.clone(), metrics.clone(), config.tasks.max_attempts)
+                .with_max_result_bytes(config.tasks.max_result_bytes),
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let mut background = Vec::new();
-        background.push(tokio::spawn(reap_forever(service.clone())));
-        background.push(tokio::spawn(count_tasks_forever(
-            service.clone(),
-            metrics.clone(),
-        )));
-        if let Some(retention) = config.tasks.retention() {
-            let service = service.clone();
-            background.push(tokio::spawn(prune_forever("task retention", move || {
-                let service = service.clone();
-                async move { service.prune_finished(retention).await.map(|n| n as u64) }
-            })));
-        }
-        let events = service.clone();
-        let event_retention = config.tasks.event_retention;
-        background.push(tokio::spawn(prune_forever("change log", move || {
-            let events = events.clone();
-            async move { events.prune_events(event_retention).await }
-        })));
-        let minutes = service.clone();
-        background.push(tokio::spawn(prune_forever(
-            "taskStats minutes",
-            move || {
-                let minutes = minutes.clone();
-                async move { minutes.prune_stats_minutes().await }
-            },
-        )));
-        if config.backend() == db::Backend::Postgres {
-            background.push(tokio::spawn(fold_counts_forever(service.clone())));
-        }
+        let mut background = maintenance::Room::for_service(config, &service, &metrics)
+            .start(metrics.clone(), shutdown_rx.clone());
         if let Some(listener) = database.listener_options(listener::APPLICATION_NAME) {
             background.push(tokio::spawn(listener::run(
                 listener,
@@ -213,72 +174,6 @@ fn connection_caps(config: &Config) -> (usize, usize) {
         config.http.max_connections.unwrap_or(connections),
         config.http.max_websockets.unwrap_or(websockets),
     )
-}
-
-async fn reap_forever(service: Arc<SeaTaskService>) {
-    let mut ticker = tokio::time::interval(REAPER_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        if let Err(err) = service.reap_expired_leases().await {
-            tracing::warn!(error = %err, "lease reaper pass failed; retrying");
-        }
-    }
-}
-
-async fn fold_counts_forever(service: Arc<SeaTaskService>) {
-    let mut ticker = tokio::time::interval(FOLD_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        if let Err(err) = service.fold_count_deltas().await {
-            tracing::warn!(error = %err, "folding task count deltas failed; retrying");
-        }
-    }
-}
-
-/// Keeps the tasks-by-status gauge current, from the counters the
-/// database keeps (never a count of the table).
-async fn count_tasks_forever(service: Arc<SeaTaskService>, metrics: Arc<Metrics>) {
-    let everyone = auth::CurrentUser::service("metrics");
-    let request = service::StatsRequest {
-        counts: true,
-        ..Default::default()
-    };
-    let mut ticker = tokio::time::interval(metrics::TASK_COUNTS_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        match service.task_stats(&everyone, request.clone()).await {
-            Ok(stats) => {
-                let counts: Vec<(&str, i64)> = stats
-                    .by_status
-                    .each()
-                    .map(|(status, count)| (status.as_str(), count))
-                    .collect();
-                metrics.set_task_counts(&counts);
-            }
-            Err(err) => tracing::debug!(error = %err, "cannot count tasks for /metrics"),
-        }
-    }
-}
-
-/// Runs a retention pass every [`RETENTION_INTERVAL`] (the first at once),
-/// logging what it deleted: `what` names it in the logs.
-async fn prune_forever<F, P>(what: &'static str, pass: F)
-where
-    F: Fn() -> P,
-    P: Future<Output = error::TaskResult<u64>>,
-{
-    let mut ticker = tokio::time::interval(RETENTION_INTERVAL);
-    loop {
-        ticker.tick().await;
-        match pass().await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "{what}: pruned"),
-            Err(err) => tracing::warn!(error = %err, "{what}: pruning failed; retrying"),
-        }
-    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is

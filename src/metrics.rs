@@ -58,6 +58,14 @@ pub struct TransitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PassLabels {
+    /// The maintenance pass (`crate::maintenance`), e.g. `lease reaper`.
+    pub pass: String,
+    /// `ok` or `failed`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
 }
@@ -76,6 +84,7 @@ pub struct Metrics {
     pub subscriptions: Gauge,
     pub listener_reconnects: Counter,
     pub event_lag: Histogram,
+    pub maintenance: Family<PassLabels, Histogram>,
     pool_max: Gauge,
     pool_open: Gauge,
     pool_in_use: Gauge,
@@ -104,7 +113,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "graphql_request_duration",
-            "GraphQL operations over HTTP, by operation type and outcome",
+            "GraphQL operations on every transport, to their first answer, by operation type and outcome",
             Unit::Seconds,
             requests.clone(),
         );
@@ -159,6 +168,15 @@ impl Metrics {
             Unit::Seconds,
             event_lag.clone(),
         );
+        let maintenance = Family::<PassLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "maintenance_pass_duration",
+            "Background maintenance passes run by this instance, by pass and outcome",
+            Unit::Seconds,
+            maintenance.clone(),
+        );
         let pool_max = Gauge::default();
         registry.register(
             "db_pool_max_connections",
@@ -209,6 +227,7 @@ impl Metrics {
             subscriptions,
             listener_reconnects,
             event_lag,
+            maintenance,
             pool_max,
             pool_open,
             pool_in_use,
@@ -241,6 +260,16 @@ impl Metrics {
             .get_or_create(&RequestLabels {
                 operation_type: operation_type.to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// One maintenance pass run, and how long it took.
+    pub fn maintenance_pass(&self, pass: &str, ok: bool, seconds: f64) {
+        self.maintenance
+            .get_or_create(&PassLabels {
+                pass: pass.to_owned(),
+                outcome: if ok { "ok" } else { "failed" }.to_owned(),
             })
             .observe(seconds);
     }

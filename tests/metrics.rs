@@ -274,3 +274,84 @@ async fn every_transport_counts_and_answers_an_operation_alike() {
     }
     assert_eq!(after - before, 4.0, "one count per transport");
 }
+
+/// The maintenance room's passes run on their own, and each run is timed
+/// under its name: the reaper returns an expired lease to the queue, and
+/// every pass an operator would look for has run without failing.
+#[tokio::test]
+async fn maintenance_passes_run_and_are_timed() {
+    let database = std::sync::Arc::new(common::TestDb::new().await);
+    let on_postgres = database.is_postgres;
+    let app = common::spawn_app_with(database, |settings| {
+        settings.tasks.retention = Some(taskql::config::Retention(Some(
+            std::time::Duration::from_secs(30 * 86_400),
+        )));
+    })
+    .await;
+    let alice = app.user_token("alice");
+    let worker = app.worker_token();
+    let created = app
+        .gql(
+            Some(&alice),
+            "mutation { createTask(input: {type: \"upkeep.test\"}) { id } }",
+            json!({}),
+        )
+        .await;
+    let id = created["data"]["createTask"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let claimed = app
+        .gql(
+            Some(&worker),
+            "mutation { claimTask(types: [\"upkeep.test\"], leaseSeconds: 1) { id } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(claimed["data"]["claimTask"]["id"], json!(id), "{claimed}");
+
+    // Nobody calls anything now: only the reaper can give the task back.
+    common::eventually(
+        "the reaper requeues the expired lease",
+        std::time::Duration::from_secs(10),
+        || {
+            let (app, alice, id) = (&app, &alice, &id);
+            async move {
+                let task = app
+                    .gql(
+                        Some(alice),
+                        "query($id: ID!) { task(id: $id) { status } }",
+                        json!({ "id": id }),
+                    )
+                    .await;
+                (task["data"]["task"]["status"] == "PENDING").then_some(())
+            }
+        },
+    )
+    .await;
+
+    let mut passes = vec![
+        "lease reaper",
+        "tasks gauge",
+        "task retention",
+        "change log retention",
+        "taskStats minutes retention",
+    ];
+    if on_postgres {
+        passes.push("count folding");
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    for pass in &passes {
+        let ok = format!(
+            "taskql_maintenance_pass_duration_seconds_count{{pass=\"{pass}\",outcome=\"ok\"}}"
+        );
+        assert!(
+            value(&text, &ok).is_some_and(|runs| runs >= 1.0),
+            "{ok} in:\n{text}"
+        );
+        let failed = format!("{{pass=\"{pass}\",outcome=\"failed\"}}");
+        assert!(!text.contains(&failed), "{pass} failed:\n{text}");
+    }
+    let requeued = "taskql_task_transitions_total{transition=\"requeued\",type=\"upkeep.test\"}";
+    assert_eq!(value(&text, requeued), Some(1.0), "{text}");
+}

@@ -148,6 +148,10 @@ pub struct Model {
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
 pub enum Relation {}
 
+/// Attempts a task gets when neither its create, nor its type's policy,
+/// nor `TASKQL_MAX_ATTEMPTS` says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+
 impl ActiveModelBehavior for ActiveModel {}
 
 impl Model {
@@ -249,7 +253,7 @@ impl ActiveModel {
             version: Set(1),
             run_at: Set(at),
             priority: Set(0),
-            max_attempts: Set(3),
+            max_attempts: Set(DEFAULT_MAX_ATTEMPTS),
             retry_base: Set(0),
             fair_rank: Set(0),
             traceparent: Set(None),

@@ -10,7 +10,7 @@ use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, QueryTrait, Statement, Value,
 };
 use taskql::auth::CurrentUser;
-use taskql::service::{ClaimRequest, Completion, NewTask, SeaTaskService, TaskService, Worker};
+use taskql::service::{ClaimRequest, Completion, NewTask, TaskService, TaskStore, Worker};
 use uuid::Uuid;
 
 use super::{LEASE, take_many};
@@ -25,7 +25,7 @@ fn metadata(i: usize) -> serde_json::Value {
 /// `create`; else the tasks are there already), claim, complete. Returns
 /// the tasks it completed.
 pub async fn run_service(
-    service: &Arc<SeaTaskService>,
+    service: &Arc<TaskStore>,
     workers: usize,
     batch: usize,
     create: bool,

@@ -13,7 +13,7 @@ pub struct TaskSettings {
     #[arg(
         long = "max-attempts",
         env = "TASKQL_MAX_ATTEMPTS",
-        default_value = "3",
+        default_value_t = entity::tasks::DEFAULT_MAX_ATTEMPTS,
         global = true,
         value_parser = Setting(|text| parse::positive(text, 1000).map(|n| n as i32))
     )]

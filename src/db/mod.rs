@@ -36,6 +36,7 @@ use deadline::Deadline;
 pub use settings::DbSettings;
 
 pub mod deadline;
+pub mod dialect;
 mod pool;
 mod settings;
 

@@ -15,8 +15,8 @@ use async_graphql::{Context, ErrorExtensions, ID, Response, Schema, ServerError,
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::auth::CurrentUser;
-use crate::error::TaskError;
+use crate::auth::{Caller, CurrentUser};
+use crate::error::{ErrorCode, TaskError};
 use crate::service::{TaskService, Worker};
 
 mod mutation;
@@ -36,16 +36,6 @@ pub const MAX_DEPTH: usize = 20;
 /// Most expensive query accepted; one `tasks(first: 100)` page with every
 /// field of edges and nodes costs about 3000.
 pub const MAX_COMPLEXITY: usize = 5000;
-
-/// Who sent a request, as the transport found it. Put in request data by the
-/// HTTP handler and in connection data by the websocket handler.
-#[derive(Debug, Clone)]
-pub enum Caller {
-    Anonymous,
-    /// A token was sent but did not verify: never treated as anonymous.
-    Rejected(String),
-    Authenticated(CurrentUser),
-}
 
 /// Flips to `true` when the server shuts down; live subscriptions end.
 #[derive(Clone)]
@@ -93,16 +83,10 @@ pub(crate) fn service<'a>(ctx: &Context<'a>) -> &'a Arc<dyn TaskService> {
 
 /// The authenticated caller, or UNAUTHENTICATED.
 pub(crate) fn current_user<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a CurrentUser> {
-    match ctx.data_opt::<Caller>() {
-        Some(Caller::Authenticated(user)) if user.has_expired() => Err(graphql_error(
-            TaskError::Unauthenticated("the token has expired; reconnect with a new one".into()),
-        )),
-        Some(Caller::Authenticated(user)) => Ok(user),
-        Some(Caller::Rejected(why)) => Err(graphql_error(TaskError::Unauthenticated(why.clone()))),
-        Some(Caller::Anonymous) | None => Err(graphql_error(TaskError::Unauthenticated(
-            "sign in: send 'Authorization: Bearer <token>'".into(),
-        ))),
-    }
+    ctx.data_opt::<Caller>()
+        .unwrap_or(&Caller::Anonymous)
+        .signed_in()
+        .map_err(|refusal| graphql_error(TaskError::Unauthenticated(refusal.to_string())))
 }
 
 /// The caller as a worker (service role), else FORBIDDEN.
@@ -283,7 +267,7 @@ pub fn finish(response: &mut Response) {
     for error in &mut response.errors {
         let extensions = error.extensions.get_or_insert_with(Default::default);
         if extensions.get("code").is_none() {
-            extensions.set("code", Value::from("BAD_USER_INPUT"));
+            extensions.set("code", Value::from(ErrorCode::BadUserInput.as_str()));
         }
         if error.message.len() > crate::error::MAX_ECHO_CHARS {
             error.message = shorten_message(&error.message);
@@ -326,7 +310,7 @@ pub fn is_request_error(response: &Response) -> bool {
 pub fn error_code(error: &ServerError) -> &str {
     match error.extensions.as_ref().and_then(|e| e.get("code")) {
         Some(Value::String(code)) => code,
-        _ => "BAD_USER_INPUT",
+        _ => ErrorCode::BadUserInput.as_str(),
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::sync::OnceCell;
 
 use crate::service::{Place, Related, Watched};
 
-use crate::service::watch::bus::TaskEvent as BusEvent;
+use crate::service::live::bus::TaskEvent as BusEvent;
 
 // The stored statuses, named the GraphQL way; the derive writes both `From`s.
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
@@ -366,7 +366,7 @@ impl TaskReport {
                 id,
                 task: None,
                 error: Some(ReportError {
-                    code: err.code().to_owned(),
+                    code: err.code().as_str().to_owned(),
                     message: err.to_string(),
                 }),
             },
@@ -393,7 +393,7 @@ pub struct UpdateTaskStatusInput {
 }
 
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
-#[graphql(remote = "crate::service::watch::bus::TaskEventKind")]
+#[graphql(remote = "crate::service::live::bus::TaskEventKind")]
 pub enum TaskEventKind {
     Created,
     Updated,
@@ -415,7 +415,7 @@ pub struct TaskEvent {
 impl From<BusEvent> for TaskEvent {
     fn from(event: BusEvent) -> Self {
         Self {
-            cursor: crate::service::watch::changelog::encode_cursor(event.pos),
+            cursor: crate::service::live::changelog::encode_cursor(event.pos),
             kind: event.kind.into(),
             task: event.task.into(),
         }

@@ -19,10 +19,12 @@ use tower_http::request_id::{
 };
 
 use crate::auth::Authenticator;
-use crate::graphql::{Caller, DocumentCache, LiveSubscriptions, TaskSchema};
+use crate::error::ErrorCode;
+use crate::graphql::{DocumentCache, LiveSubscriptions, TaskSchema};
 use crate::metrics::Metrics;
 
 pub mod graphql;
+mod operation;
 pub mod persisted;
 pub mod serve;
 pub mod sse;
@@ -102,30 +104,25 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .layer(SetRequestIdLayer::x_request_id(UuidRequestId))
 }
 
-/// The caller an `Authorization` value makes: a bad token is rejected, never anonymous.
-pub(crate) fn verify(auth: &Authenticator, header: &str) -> Caller {
-    match auth.authenticate_header(header) {
-        Ok(user) => Caller::Authenticated(user),
-        Err(err) => Caller::Rejected(err.to_string()),
-    }
-}
-
-pub(crate) fn caller_from_headers(auth: &Authenticator, headers: &HeaderMap) -> Caller {
-    match headers.get(header::AUTHORIZATION) {
-        None => Caller::Anonymous,
-        Some(value) => match value.to_str() {
-            Ok(value) => verify(auth, value),
-            Err(_) => Caller::Rejected("the Authorization header is not text".into()),
-        },
-    }
-}
-
 /// A transport-level error in the GraphQL response shape.
-pub(crate) fn request_error(status: StatusCode, code: &str, message: String) -> Response {
+pub(crate) fn request_error(status: StatusCode, code: ErrorCode, message: String) -> Response {
     let body = serde_json::json!({
-        "errors": [{ "message": message, "extensions": { "code": code } }]
+        "errors": [{ "message": message, "extensions": { "code": code.as_str() } }]
     });
     (status, axum::Json(body)).into_response()
+}
+
+/// Only queries over GET: a GET must not change anything.
+pub(crate) fn mutation_over_get() -> Response {
+    let mut response = request_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        "mutations must be sent with POST".into(),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
 }
 
 /// The answer when the server holds as many websockets and event streams
@@ -133,7 +130,7 @@ pub(crate) fn request_error(status: StatusCode, code: &str, message: String) -> 
 pub(crate) fn streams_full() -> Response {
     request_error(
         StatusCode::SERVICE_UNAVAILABLE,
-        "SERVICE_UNAVAILABLE",
+        ErrorCode::ServiceUnavailable,
         "the server holds as many websockets and event streams as it allows; try again later"
             .into(),
     )
@@ -141,7 +138,7 @@ pub(crate) fn streams_full() -> Response {
 
 /// An error after which the connection closes: the rest of the request
 /// was not read, so it cannot carry another one.
-fn closing_error(status: StatusCode, code: &str, message: String) -> Response {
+fn closing_error(status: StatusCode, code: ErrorCode, message: String) -> Response {
     let mut response = request_error(status, code, message);
     response
         .headers_mut()
@@ -152,7 +149,7 @@ fn closing_error(status: StatusCode, code: &str, message: String) -> Response {
 fn too_large() -> Response {
     closing_error(
         StatusCode::PAYLOAD_TOO_LARGE,
-        "PAYLOAD_TOO_LARGE",
+        ErrorCode::PayloadTooLarge,
         format!("the request body is over {MAX_BODY_BYTES} bytes"),
     )
 }
@@ -182,7 +179,7 @@ pub(crate) async fn read_body(
             Err(_) => {
                 return Err(closing_error(
                     StatusCode::REQUEST_TIMEOUT,
-                    "REQUEST_TIMEOUT",
+                    ErrorCode::RequestTimeout,
                     format!(
                         "the request body did not arrive within {} s",
                         state.body_timeout.as_secs_f64()
@@ -193,7 +190,7 @@ pub(crate) async fn read_body(
             Ok(Some(Err(_))) => {
                 return Err(closing_error(
                     StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
+                    ErrorCode::BadRequest,
                     "the request body could not be read".into(),
                 ));
             }

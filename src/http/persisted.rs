@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use async_graphql::{ErrorExtensionValues, ServerError, Value};
 use sha2::{Digest, Sha256};
 
-use crate::graphql::Caller;
+use crate::auth::Caller;
+use crate::error::ErrorCode;
 
 /// Registered documents the server keeps, at most; the oldest go first.
 const REGISTERED_DOCUMENTS: usize = 1024;
@@ -143,10 +144,10 @@ pub struct PersistedDocuments {
 }
 
 /// A request error with its `extensions.code`, as the client sees it.
-fn refusal(code: &str, message: impl Into<String>) -> ServerError {
+fn refusal(code: ErrorCode, message: impl Into<String>) -> ServerError {
     let mut error = ServerError::new(message, None);
     let mut extensions = ErrorExtensionValues::default();
-    extensions.set("code", Value::from(code));
+    extensions.set("code", Value::from(code.as_str()));
     error.extensions = Some(extensions);
     error
 }
@@ -185,23 +186,23 @@ impl PersistedDocuments {
                 let json = value.into_json().unwrap_or_default();
                 let persisted: PersistedQuery = serde_json::from_value(json).map_err(|_| {
                     refusal(
-                        "BAD_REQUEST",
+                        ErrorCode::BadRequest,
                         "extensions.persistedQuery must be {\"version\": 1, \"sha256Hash\": \"<hex>\"}",
                     )
                 })?;
                 if persisted.version != 1 {
                     return Err(refusal(
-                        "PERSISTED_QUERY_NOT_SUPPORTED",
+                        ErrorCode::PersistedQueryNotSupported,
                         "PersistedQueryNotSupported: only version 1 of persistedQuery is supported",
                     ));
                 }
                 Some(persisted.sha256_hash)
             }
         };
-        let trusted_only = self.trusted.is_some() && !is_service(caller);
+        let trusted_only = self.trusted.is_some() && !caller.is_service();
         if trusted_only && let Caller::Rejected(why) = caller {
             // A caller whose token failed learns that first.
-            return Err(refusal("UNAUTHENTICATED", why.clone()));
+            return Err(refusal(ErrorCode::Unauthenticated, why.clone()));
         }
         match (persisted, request.query.is_empty()) {
             (Some(hash), true) => {
@@ -219,7 +220,7 @@ impl PersistedDocuments {
                         return Err(not_trusted());
                     }
                     return Err(refusal(
-                        "PERSISTED_QUERY_NOT_FOUND",
+                        ErrorCode::PersistedQueryNotFound,
                         "PersistedQueryNotFound",
                     ));
                 };
@@ -229,7 +230,10 @@ impl PersistedDocuments {
             (Some(hash), false) => {
                 let actual = sha256_hex(&request.query);
                 if !actual.eq_ignore_ascii_case(&hash) {
-                    return Err(refusal("BAD_REQUEST", "provided sha does not match query"));
+                    return Err(refusal(
+                        ErrorCode::BadRequest,
+                        "provided sha does not match query",
+                    ));
                 }
                 if trusted_only && !self.is_trusted_text(&actual) {
                     return Err(not_trusted());
@@ -261,13 +265,9 @@ impl PersistedDocuments {
     }
 }
 
-fn is_service(caller: &Caller) -> bool {
-    matches!(caller, Caller::Authenticated(user) if user.is_service && !user.has_expired())
-}
-
 fn not_trusted() -> ServerError {
     refusal(
-        "PERSISTED_QUERY_REQUIRED",
+        ErrorCode::PersistedQueryRequired,
         "this server accepts only trusted documents: send the sha256Hash of one of them \
          in extensions.persistedQuery",
     )

@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use async_graphql::Response;
+use async_graphql::parser::types::OperationType;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
@@ -22,12 +23,11 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::graphql::{
-    Operation, bounded, is_mutation, mutation_over_get, parse_body, prepare, request_id,
-};
-use super::{HttpState, caller_from_headers, request_error, shut_down, streams_full};
-use crate::auth::{CurrentUser, expiry};
-use crate::graphql::{Caller, WireResponse};
+use super::operation::{self, Operation};
+use super::{HttpState, mutation_over_get, request_error, shut_down, streams_full};
+use crate::auth::{Caller, CurrentUser, Presented, expiry};
+use crate::error::ErrorCode;
+use crate::graphql::WireResponse;
 
 const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
 const COMPLETE: &[u8] = b"event: complete\ndata:\n\n";
@@ -46,14 +46,14 @@ pub(super) async fn post(state: Arc<HttpState>, headers: HeaderMap, body: Body) 
         Ok(bytes) => bytes,
         Err(response) => return response,
     };
-    let (mut requests, batch) = match parse_body(&bytes) {
+    let (mut requests, batch) = match operation::parse_body(&bytes) {
         Ok(parsed) => parsed,
         Err(malformed) => return malformed.into_response(),
     };
     if batch {
         return request_error(
             StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
+            ErrorCode::BadRequest,
             "an event stream carries one operation: send it alone, not in a list".into(),
         );
     }
@@ -79,13 +79,15 @@ pub(super) async fn get(
 /// The caller, who must hold a valid token: a stream outlives the request,
 /// so nothing is streamed to a caller who could not run anything.
 fn authenticate(state: &HttpState, headers: &HeaderMap) -> Result<CurrentUser, Box<HttpResponse>> {
-    let why = match caller_from_headers(&state.auth, headers) {
-        Caller::Authenticated(user) if !user.has_expired() => return Ok(user),
-        Caller::Authenticated(_) => "the token has expired; sign in again".to_owned(),
-        Caller::Rejected(why) => why,
-        Caller::Anonymous => "sign in: send 'Authorization: Bearer <token>'".to_owned(),
+    let refusal = match state.auth.caller(Presented::Headers(headers)).signed_in() {
+        Ok(user) => return Ok(user.clone()),
+        Err(refusal) => refusal,
     };
-    let mut response = request_error(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", why);
+    let mut response = request_error(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthenticated,
+        refusal.to_string(),
+    );
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -97,29 +99,21 @@ fn respond(
     state: Arc<HttpState>,
     headers: &HeaderMap,
     user: CurrentUser,
-    mut request: async_graphql::Request,
+    request: async_graphql::Request,
     slot: OwnedSemaphorePermit,
     over_get: bool,
 ) -> HttpResponse {
-    let request_id = request_id(headers).to_owned();
+    let request_id = operation::request_id(headers).to_owned();
     let expires_at = user.expires_at;
     let caller = Caller::Authenticated(user);
-    let resolved = state.persisted.resolve(&caller, &mut request);
-    if over_get && resolved.is_ok() && is_mutation(&state, &request) {
+    let (operation, started) = operation::start(&state, &caller, request);
+    if over_get && started.is_ok() && operation.kind == Some(OperationType::Mutation) {
         return mutation_over_get();
     }
-    let (responses, operation): (BoxStream<'static, Response>, Operation) = match resolved {
-        Ok(()) => {
-            let (request, operation) = prepare(&state, request);
-            let responses = state.schema.execute_stream(request.data(caller));
-            (bounded(&state, operation.kind, responses), operation)
-        }
-        // Refused before it ran: reported in a `next`, as the protocol asks.
-        Err(refused) => (
-            futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed(),
-            Operation::refused(request.operation_name.clone()),
-        ),
-    };
+    // A request refused before it ran is reported in a `next`, as the protocol asks.
+    let responses = operation::responses(&state, &operation, started, |request| {
+        state.schema.execute_stream(request.data(caller))
+    });
     let events = Events {
         state,
         operation,

@@ -29,10 +29,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::graphql::{Operation, WireRequest, bounded, prepare};
-use super::{HttpState, MAX_BODY_BYTES, shut_down, streams_full, verify};
-use crate::auth::{Authenticator, CurrentUser};
-use crate::graphql::{self, Caller, SubscriptionCounter, WireResponse};
+use super::operation::{self, Operation, WireRequest};
+use super::{HttpState, MAX_BODY_BYTES, shut_down, streams_full};
+use crate::auth::{Caller, CurrentUser, Presented, Refusal};
+use crate::graphql::{self, SubscriptionCounter, WireResponse};
 
 /// How long a websocket may stay open without `connection_init`.
 pub const CONNECTION_INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,7 +71,7 @@ pub async fn upgrade(
         _ => return StatusCode::BAD_REQUEST.into_response(),
     };
     // The upgrade's request id names the socket's operations in the log.
-    let request_id = super::graphql::request_id(&headers).to_owned();
+    let request_id = operation::request_id(&headers).to_owned();
     upgrade.on_upgrade(move |socket| serve(state, socket, protocol, slot, request_id))
 }
 
@@ -209,24 +209,23 @@ async fn handshake(
         match parse(message)? {
             None => {}
             Some(ClientMessage::ConnectionInit { payload }) => {
-                return match caller_from_init(&state.auth, &payload.unwrap_or_default()) {
-                    Caller::Authenticated(user) if !user.has_expired() => {
+                let payload = payload.unwrap_or_default();
+                let caller = state.auth.caller(Presented::InitPayload(&payload));
+                return match caller.signed_in() {
+                    Ok(user) => {
                         send(sink, json!({ "type": "connection_ack" })).await?;
-                        Ok(user)
+                        Ok(user.clone())
                     }
-                    Caller::Authenticated(_) => {
-                        Err(refuse(sink, protocol, 4403, "Forbidden: the token has expired").await)
-                    }
-                    Caller::Rejected(why) => {
-                        Err(refuse(sink, protocol, 4403, &format!("Forbidden: {why}")).await)
-                    }
-                    Caller::Anonymous => Err(refuse(
+                    Err(Refusal::Anonymous) => Err(refuse(
                         sink,
                         protocol,
                         4403,
                         "Forbidden: send the token in connection_init's payload",
                     )
                     .await),
+                    Err(refusal) => {
+                        Err(refuse(sink, protocol, 4403, &format!("Forbidden: {refusal}")).await)
+                    }
                 };
             }
             Some(ClientMessage::Ping { payload }) => pong(sink, payload).await?,
@@ -261,35 +260,6 @@ async fn pong(sink: &mut Sink, payload: Option<serde_json::Value>) -> Result<(),
         None => json!({ "type": "pong" }),
     };
     send(sink, message).await
-}
-
-/// The token in a `connection_init` payload: `{"Authorization": "Bearer …"}`,
-/// `{"authorization": …}`, `{"token": "…"}`, or the same under `headers`.
-fn caller_from_init(auth: &Authenticator, payload: &serde_json::Value) -> Caller {
-    let lookup = |object: &serde_json::Value| -> Option<Result<String, String>> {
-        for key in ["Authorization", "authorization"] {
-            if let Some(value) = object.get(key) {
-                return Some(
-                    value
-                        .as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| key.to_owned()),
-                );
-            }
-        }
-        object.get("token").map(|value| {
-            value
-                .as_str()
-                .map(|t| format!("Bearer {t}"))
-                .ok_or_else(|| "token".to_owned())
-        })
-    };
-    let found = lookup(payload).or_else(|| payload.get("headers").and_then(lookup));
-    match found {
-        None => Caller::Anonymous,
-        Some(Err(key)) => Caller::Rejected(format!("connection_init {key} must be a string")),
-        Some(Ok(header)) => verify(auth, &header),
-    }
 }
 
 /// One item of the merged subscription streams: an operation's next
@@ -457,24 +427,17 @@ fn start(
     (caller, session_data): (&Caller, &Arc<Data>),
     operations: &mut Operations,
     id: String,
-    mut request: async_graphql::Request,
+    request: async_graphql::Request,
 ) {
     operations.starts += 1;
     let start = operations.starts;
-    let (responses, operation) = match state.persisted.resolve(caller, &mut request) {
-        Ok(()) => {
-            let (request, operation) = prepare(state, request);
-            let responses = state
-                .schema
-                .execute_stream_with_session_data(request, session_data.clone());
-            (bounded(state, operation.kind, responses), operation)
-        }
-        // Refused before it ran: answered like a document that does not validate.
-        Err(refused) => (
-            futures::stream::once(async move { Response::from_errors(vec![refused]) }).boxed(),
-            Operation::refused(request.operation_name.clone()),
-        ),
-    };
+    let (operation, started) = operation::start(state, caller, request);
+    // A request refused before it ran is answered like a document that does not validate.
+    let responses = operation::responses(state, &operation, started, |request| {
+        state
+            .schema
+            .execute_stream_with_session_data(request, session_data.clone())
+    });
     let (responses, handle) = futures::stream::abortable(responses);
     let ended = id.clone();
     let stream = responses

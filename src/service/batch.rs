@@ -18,18 +18,18 @@ use entity::tasks::Column;
 use entity::{Task, TaskStatus, Tasks};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, Statement, TryIntoModel,
-    Value,
 };
 use uuid::Uuid;
 
-use super::line::CLAIM_ORDER;
+use super::clock::now;
 use super::queue::{self, CAPPED, Caps};
-use super::sea::{SeaTaskService, now, same_create};
+use super::rows::{NewRow, ids_of, insert_rows, rows_of};
+use super::store::{TaskStore, same_create};
 use super::transitions::{self, Move, lease_deadline};
-use super::writer::{NewRow, ids_of, insert_rows, rows_of};
 use super::{ClaimRequest, NewTask, StatusUpdate, Worker, validate};
 use crate::auth::CurrentUser;
 use crate::db::Backend;
+use crate::db::dialect::{self, Binds};
 use crate::error::{TaskError, TaskResult};
 
 /// Most tasks one `createTasks` creates.
@@ -62,7 +62,7 @@ pub struct Beat {
 }
 
 /// The inputs of a batch of creates that are not repeats of an earlier
-/// input's key (`repeat_of`, as [`SeaTaskService::create_many`] finds them).
+/// input's key (`repeat_of`, as [`TaskStore::create_many`] finds them).
 pub(super) fn firsts<'a>(
     news: &'a [NewTask],
     repeat_of: &'a [Option<usize>],
@@ -119,18 +119,6 @@ pub(super) fn claim_terms(
     Ok((worker_id.to_owned(), at, lease_deadline(at, lease)))
 }
 
-/// Parameters of a statement written as text, numbered as they are added
-/// (`$1`, `$2`, …; SQLite reads the same numbers).
-#[derive(Default)]
-struct Binds(Vec<Value>);
-
-impl Binds {
-    fn bind(&mut self, value: impl Into<Value>) -> String {
-        self.0.push(value.into());
-        format!("${}", self.0.len())
-    }
-}
-
 /// `claimTasks`' statement: up to `limit` runnable tasks (of `types`, or
 /// any when empty) become PROCESSING as `queue::claim` makes one.
 ///
@@ -144,16 +132,14 @@ impl Binds {
 /// locked with `SKIP LOCKED` on PostgreSQL, so concurrent claims pass each
 /// other.
 fn claim_many(
-    backend: sea_orm::DatabaseBackend,
+    backend: Backend,
     types: &[String],
     capped: &[String],
     limit: usize,
     (worker_id, at, until): (&str, DateTime<Utc>, DateTime<Utc>),
 ) -> Statement {
-    let (materialized, lock) = match backend {
-        sea_orm::DatabaseBackend::Postgres => ("MATERIALIZED ", " FOR UPDATE SKIP LOCKED"),
-        _ => ("", ""),
-    };
+    let (materialized, lock) = (backend.materialized(), backend.skip_locked());
+    let order = dialect::claim_order();
     let mut p = Binds::default();
     let at_p = p.bind(at);
     let pending = p.bind(TaskStatus::Pending.as_str());
@@ -172,7 +158,7 @@ fn claim_many(
     let mut ctes = vec![format!(
         "free AS {materialized}({runnable}{of_types} AND type NOT IN \
          (SELECT task_type FROM task_types WHERE paused = {yes} OR {CAPPED}) \
-         ORDER BY {CLAIM_ORDER} LIMIT {limit}{lock})"
+         ORDER BY {order} LIMIT {limit}{lock})"
     )];
     for (i, task_type) in capped.iter().enumerate() {
         let name = p.bind(task_type.as_str());
@@ -184,7 +170,7 @@ fn claim_many(
         );
         ctes.push(format!(
             "capped{i} AS {materialized}({runnable} AND type = {name} \
-             ORDER BY {CLAIM_ORDER} LIMIT COALESCE((SELECT CASE WHEN room <= 0 THEN 0 \
+             ORDER BY {order} LIMIT COALESCE((SELECT CASE WHEN room <= 0 THEN 0 \
              WHEN room < {limit} THEN room ELSE {limit} END FROM {room} s), 0){lock})"
         ));
     }
@@ -192,7 +178,7 @@ fn claim_many(
         .chain((0..capped.len()).map(|i| format!("SELECT * FROM capped{i}")))
         .collect();
     ctes.push(format!(
-        "picked AS {materialized}(SELECT id FROM ({}) c ORDER BY {CLAIM_ORDER} LIMIT {limit})",
+        "picked AS {materialized}(SELECT id FROM ({}) c ORDER BY {order} LIMIT {limit})",
         candidates.join(" UNION ALL ")
     ));
     let worker_p = p.bind(worker_id);
@@ -204,10 +190,10 @@ fn claim_many(
          WHERE status = {pending} AND id IN (SELECT id FROM picked) RETURNING *",
         ctes.join(", ")
     );
-    Statement::from_sql_and_values(backend, sql, p.0)
+    p.statement(backend, sql)
 }
 
-impl SeaTaskService {
+impl TaskStore {
     /// `createTasks`: see the module's doc.
     pub(super) async fn create_many(
         &self,
@@ -409,8 +395,8 @@ impl SeaTaskService {
         }
         let limit = limit as usize;
         let terms = (terms.0.as_str(), terms.1, terms.2);
-        let backend = self.db().get_database_backend();
-        let postgres = self.db().backend() == Backend::Postgres;
+        let backend = self.db().backend();
+        let postgres = backend == Backend::Postgres;
         let reach = self.queue.capped_in_reach(&request.types).await?;
         let (worker_id, at, until) = terms;
         let claimed = if reach.one_by_one {

@@ -23,10 +23,11 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::batch::firsts;
+use super::clock::now;
 use super::pages::visible_to;
-use super::sea::{now, same_create};
-use super::writer::{NewRow, ids_of, insert_rows, rows_of};
-use super::{Dependency, NewTask, SeaTaskService};
+use super::rows::{NewRow, ids_of, insert_rows, rows_of};
+use super::store::same_create;
+use super::{Dependency, NewTask, TaskStore};
 use crate::auth::CurrentUser;
 use crate::db::Backend;
 use crate::error::{TaskError, TaskResult};
@@ -52,7 +53,7 @@ fn edges() -> Alias {
     Alias::new("task_dependencies")
 }
 
-impl SeaTaskService {
+impl TaskStore {
     /// One try of creating `news` (validated; `repeat_of` says which input
     /// repeats an earlier one's key) when some depend on other tasks: the
     /// tasks in input order, or `None` when a racing create took one of

@@ -126,9 +126,6 @@ async fn start_pace(
 /// The status of the tasks in a line, bound as a parameter.
 const PENDING: &str = TaskStatus::Pending.as_str();
 
-/// The order of a type's line, as claims take it.
-pub(super) const CLAIM_ORDER: &str = "priority DESC, fair_rank, run_at, id";
-
 /// The place of one task (if `owner` owns it, when given), or `None`
 /// unless it is runnable and pending.
 async fn place_of(
@@ -137,7 +134,7 @@ async fn place_of(
     task_id: Uuid,
     owner: Option<&str>,
 ) -> TaskResult<Option<Place>> {
-    let at = super::sea::now();
+    let at = super::clock::now();
     // Tasks ahead at a higher priority, plus tasks ahead or itself at its
     // own: two ranges of `tasks_type_claim_idx`.
     let sql = "SELECT w.type AS type, \
@@ -180,10 +177,11 @@ async fn rank(
     task_type: &str,
     ids: &[Uuid],
 ) -> TaskResult<HashMap<Uuid, Place>> {
-    let at = super::sea::now();
+    let at = super::clock::now();
     let sql = format!(
         "SELECT id FROM tasks WHERE status = $3 AND type = $1 AND run_at <= $2 \
-         AND waiting_on = 0 ORDER BY {CLAIM_ORDER}"
+         AND waiting_on = 0 ORDER BY {}",
+        crate::db::dialect::claim_order()
     );
     let values: [Value; 3] = [task_type.into(), at.into(), PENDING.into()];
     let rows = db

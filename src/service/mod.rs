@@ -6,30 +6,35 @@ use async_trait::async_trait;
 use entity::{Task, TaskStatus};
 use uuid::Uuid;
 
-use self::watch::bus::TaskEvent;
+use self::live::bus::TaskEvent;
 use crate::auth::CurrentUser;
 use crate::error::{TaskError, TaskResult};
 use futures::stream::BoxStream;
 
 mod batch;
+mod claims;
+mod clock;
 mod dependencies;
 pub mod line;
+pub mod live;
 mod pages;
 pub mod queue;
 pub mod rates;
-mod sea;
+mod reports;
+mod rows;
 pub mod stats;
+mod store;
 mod transitions;
+mod upkeep;
 pub mod validate;
-pub mod watch;
 mod writer;
 
 pub use batch::{Beat, Completion, MAX_CLAIMS, MAX_CREATES, MAX_REPORTS};
 pub use dependencies::{MAX_DEPENDENTS_LISTED, Related};
 pub use line::Place;
 pub use queue::{Backoff, Policy, PolicyChange, TaskType};
-pub use sea::SeaTaskService;
 pub use stats::{StatsRequest, TaskStats};
+pub use store::TaskStore;
 
 /// Largest page `get_tasks_by_user` returns.
 pub const MAX_PAGE_SIZE: u64 = 100;
@@ -260,10 +265,6 @@ pub trait TaskService: Send + Sync {
         lease: Option<Duration>,
     ) -> TaskResult<Vec<TaskResult<Task>>>;
 
-    /// Returns expired leases to pending, or fails the tasks whose budget of
-    /// attempts is spent.
-    async fn reap_expired_leases(&self) -> TaskResult<ReapOutcome>;
-
     /// Changes a task type's policy (a worker's right); returns it as it
     /// applies now.
     async fn set_task_type_policy(
@@ -275,9 +276,6 @@ pub trait TaskService: Send + Sync {
 
     /// Every type with a policy or with tasks, by name (a worker's right).
     async fn task_types(&self, worker: &Worker) -> TaskResult<Vec<TaskType>>;
-
-    /// Deletes terminal tasks finished before `older_than` ago, in batches.
-    async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize>;
 
     /// The task's current state, then every change in order; ends after a
     /// terminal state or a deletion (`taskUpdated`). With `placed`, each
@@ -302,7 +300,4 @@ pub trait TaskService: Send + Sync {
         user: &CurrentUser,
         after: Option<&str>,
     ) -> TaskResult<BoxStream<'static, TaskResult<TaskEvent>>>;
-
-    /// Deletes change-log entries older than `older_than`, in batches.
-    async fn prune_events(&self, older_than: Duration) -> TaskResult<u64>;
 }

@@ -108,7 +108,7 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
-        let at = super::super::sea::now();
+        let at = super::super::clock::now();
         let id = Uuid::now_v7();
         let encoded = URL_SAFE_NO_PAD.encode(format!("{}:{}", at.timestamp_micros(), id));
         assert_eq!(decode_cursor(&encoded).unwrap(), (at, id));

@@ -10,6 +10,7 @@ mod auth;
 mod errors;
 mod http;
 mod lifecycle;
+mod persisted;
 
 const TASK_FIELDS: &str = "id type status resultId errorMessage metadata progress attempts createdAt updatedAt startedAt completedAt";
 

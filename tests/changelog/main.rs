@@ -26,9 +26,9 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Que
 use serde_json::{Value, json};
 use taskql::auth::CurrentUser;
 use taskql::error::TaskResult;
-use taskql::service::watch::bus::{TaskEvent, TaskEventKind};
-use taskql::service::watch::changelog::{decode_cursor, encode_cursor};
-use taskql::service::{NewTask, SeaTaskService, StatusUpdate, TaskService};
+use taskql::service::live::bus::{TaskEvent, TaskEventKind};
+use taskql::service::live::changelog::{decode_cursor, encode_cursor};
+use taskql::service::{NewTask, StatusUpdate, TaskService, TaskStore};
 use uuid::Uuid;
 
 mod log;
@@ -229,7 +229,7 @@ async fn next_of(stream: &mut Events) -> TaskEvent {
 /// [`go_live`] for the service's streams; returns the probe's position.
 /// Events of changes committed before (which a stream opened without
 /// `after` may still receive) are skipped.
-async fn go_live_streams(service: &SeaTaskService, streams: &mut [&mut Events]) -> i64 {
+async fn go_live_streams(service: &TaskStore, streams: &mut [&mut Events]) -> i64 {
     let deadline = Instant::now() + WAIT;
     loop {
         assert!(Instant::now() < deadline, "streams never went live");

@@ -82,7 +82,7 @@ async fn on_postgres_a_cursor_resumes_on_another_instance_and_after_a_restart() 
 
 /// Alice creates a task on a service that just started; `stream`, opened
 /// (or resumed) before, receives its CREATED within 3 s.
-async fn first_change_arrives(service: &SeaTaskService, stream: &mut Events, opened: &str) {
+async fn first_change_arrives(service: &TaskStore, stream: &mut Events, opened: &str) {
     let task = service
         .create_task(&alice(), task_of("first.after.start"))
         .await

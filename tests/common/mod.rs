@@ -11,7 +11,7 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use taskql::auth::CurrentUser;
 use taskql::db::{Db, DbSettings, PoolSettings};
-use taskql::service::{SeaTaskService, TaskService, Worker};
+use taskql::service::{TaskService, TaskStore, Worker};
 
 pub const PG_ENV: &str = "TASKQL_TEST_DATABASE_URL";
 
@@ -133,7 +133,7 @@ impl TestDb {
     }
 
     /// The service on the migrated database, as the server runs it.
-    pub async fn service(&self) -> (Arc<SeaTaskService>, Db) {
+    pub async fn service(&self) -> (Arc<TaskStore>, Db) {
         self.connect().await.close().await.expect("close");
         let settings = PoolSettings {
             max_connections: 16,
@@ -141,7 +141,7 @@ impl TestDb {
         };
         let database = DbSettings::new(&self.url).expect("a database url");
         let db = Db::connect(&database, settings).await.expect("connect");
-        let service = Arc::new(SeaTaskService::new(db.clone(), Default::default()));
+        let service = Arc::new(TaskStore::new(db.clone(), Default::default()));
         (service, db)
     }
 }
@@ -212,7 +212,7 @@ pub struct TestApp {
     pub base: String,
     pub ws_url: String,
     pub http: reqwest::Client,
-    pub service: Arc<SeaTaskService>,
+    pub service: Arc<TaskStore>,
     pub db: Db,
     pub database: Arc<TestDb>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,

@@ -18,13 +18,13 @@ use entity::{TaskStatus, Tasks};
 use sea_orm::prelude::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
-use taskql::service::TaskService;
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
 mod backoff;
 mod cap;
 mod fencing;
+mod line;
 mod pause;
 mod policies;
 mod priority;

@@ -35,7 +35,7 @@ async fn truth(db: &impl ConnectionTrait, user: Option<&str>) -> BTreeMap<(Strin
 }
 
 /// The service's counts equal a COUNT(*) of the table, for `who`'s view.
-async fn assert_exact(service: &SeaTaskService, db: &Db, who: &CurrentUser) {
+async fn assert_exact(service: &TaskStore, db: &Db, who: &CurrentUser) {
     let stats = service
         .task_stats(
             who,
@@ -61,7 +61,7 @@ async fn assert_exact(service: &SeaTaskService, db: &Db, who: &CurrentUser) {
     assert_eq!(stats.by_status.total(), total);
 }
 
-async fn assert_all_exact(service: &SeaTaskService, db: &Db) {
+async fn assert_all_exact(service: &TaskStore, db: &Db) {
     for who in [worker(), alice(), bob(), CurrentUser::user("carol")] {
         assert_exact(service, db, &who).await;
     }

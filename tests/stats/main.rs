@@ -15,9 +15,7 @@ use sea_orm::{ConnectionTrait, Statement};
 use serde_json::{Value, json};
 use taskql::auth::CurrentUser;
 use taskql::db::Db;
-use taskql::service::{
-    ClaimRequest, SeaTaskService, StatsRequest, StatusUpdate, TaskService, Worker,
-};
+use taskql::service::{ClaimRequest, StatsRequest, StatusUpdate, TaskService, TaskStore, Worker};
 
 mod counts;
 mod durations;
@@ -55,7 +53,7 @@ async fn set_on(db: &Db, id: uuid::Uuid, set: &str) {
 }
 
 /// The task `w` claims next (there is one).
-async fn claim_next(service: &SeaTaskService, w: &Worker) -> entity::Task {
+async fn claim_next(service: &TaskStore, w: &Worker) -> entity::Task {
     service
         .claim_task(w, ClaimRequest::default())
         .await
@@ -64,7 +62,7 @@ async fn claim_next(service: &SeaTaskService, w: &Worker) -> entity::Task {
 }
 
 /// `w` moves its task `id` to `status`.
-async fn set_status(service: &SeaTaskService, w: &Worker, id: uuid::Uuid, status: TaskStatus) {
+async fn set_status(service: &TaskStore, w: &Worker, id: uuid::Uuid, status: TaskStatus) {
     service
         .update_task_status(w, StatusUpdate::new(id, status))
         .await

@@ -20,6 +20,7 @@ use taskql::service::{NewTask, StatusUpdate, TaskService};
 mod connection;
 mod instances;
 mod limits;
+mod sse;
 mod watch;
 
 const WATCH: &str = "subscription Watch($id: ID!) {

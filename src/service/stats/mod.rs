@@ -139,22 +139,6 @@ fn owner_filter(user: &CurrentUser, values: &mut Vec<Value>) -> String {
     }
 }
 
-/// The minute since the epoch of a timestamp column, in SQL.
-fn minute_of(backend: Backend, column: &str) -> String {
-    match backend {
-        Backend::Postgres => format!("floor(extract(epoch FROM {column}) / 60)::bigint"),
-        Backend::Sqlite => format!("(CAST(strftime('%s', {column}) AS INTEGER) / 60)"),
-    }
-}
-
-/// Milliseconds from one timestamp column to another, in SQL.
-fn millis_between(backend: Backend, from: &str, to: &str) -> String {
-    match backend {
-        Backend::Postgres => format!("(extract(epoch FROM {to} - {from}) * 1000)::float8"),
-        Backend::Sqlite => format!("((julianday({to}) - julianday({from})) * 86400000.0)"),
-    }
-}
-
 /// What `request` asks of `user`'s tasks; a worker's `workers` through
 /// `board`.
 pub async fn task_stats(
@@ -164,7 +148,7 @@ pub async fn task_stats(
     request: &StatsRequest,
 ) -> TaskResult<TaskStats> {
     let minutes = throughput_window(&request.throughput_minutes)?;
-    let now = super::sea::now();
+    let now = super::clock::now();
     let mut stats = TaskStats::default();
     if request.counts {
         (stats.by_status, stats.by_type) = counts(db, user).await?;
@@ -308,8 +292,8 @@ async fn throughput(
          SELECT status AS kind, {finished} AS minute, COUNT(*) AS n FROM tasks \
          WHERE completed_at >= $1 AND status IN ($2, $3){owner} \
          GROUP BY status, {finished}",
-        created = minute_of(backend, "created_at"),
-        finished = minute_of(backend, "completed_at"),
+        created = backend.minute_of("created_at"),
+        finished = backend.minute_of("completed_at"),
     );
     let mut points = empty_points(first_minute, last_minute, now);
     for row in db.reads().query_all_raw(statement(db, sql, values)).await? {
@@ -338,8 +322,8 @@ async fn durations(
         "SELECT type, {wait} AS wait_ms, {run} AS run_ms FROM tasks \
          WHERE completed_at >= $1 AND status IN ($2, $3){owner} \
          ORDER BY completed_at DESC LIMIT {MAX_DURATION_SAMPLE}",
-        wait = millis_between(backend, "created_at", "started_at"),
-        run = millis_between(backend, "started_at", "completed_at"),
+        wait = backend.millis_between("created_at", "started_at"),
+        run = backend.millis_between("started_at", "completed_at"),
     );
     let mut by_type: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for row in db.reads().query_all_raw(statement(db, sql, values)).await? {

@@ -101,7 +101,7 @@ impl LeaseBoard {
     /// Every worker holding an unexpired lease, on any task.
     pub async fn workers(&self, db: &Db) -> TaskResult<Vec<WorkerLease>> {
         let db = db.clone();
-        self.answer(move || async move { read(&db, None, super::super::sea::now()).await })
+        self.answer(move || async move { read(&db, None, super::super::clock::now()).await })
             .await
     }
 

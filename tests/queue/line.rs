@@ -2,13 +2,12 @@
 //! follows the claim order, `estimatedStartAt` the type's claim rate, and
 //! `taskUpdated` sends the task again as its position moves. On SQLite by
 //! default, on PostgreSQL when `TASKQL_TEST_DATABASE_URL` is set.
-mod common;
 
 use std::time::{Duration, Instant};
 
+use crate::common::ws::{Event, WsClient};
+use crate::common::*;
 use chrono::Utc;
-use common::ws::{Event, WsClient};
-use common::*;
 use serde_json::{Value, json};
 
 const FIELDS: &str = "id type status userId priority queuePosition estimatedStartAt";
@@ -196,7 +195,11 @@ async fn a_user_reads_the_place_of_their_own_tasks_in_lists_too() {
 }
 
 /// Watches `id` on `app`'s websocket; the subscription and its client.
-async fn watch(app: &TestApp, token: &str, id: &str) -> (WsClient, common::ws::Subscription) {
+async fn watch(
+    app: &TestApp,
+    token: &str,
+    id: &str,
+) -> (WsClient, crate::common::ws::Subscription) {
     let client = WsClient::connect_as(&app.ws_url, token).await;
     let query = format!("subscription($id: ID!) {{ taskUpdated(id: $id) {{ {FIELDS} }} }}");
     let subscription = client.subscribe(&query, json!({ "id": id }));
@@ -205,7 +208,7 @@ async fn watch(app: &TestApp, token: &str, id: &str) -> (WsClient, common::ws::S
 
 /// Waits for the watched task to reach `position`; every push on the way.
 async fn until_position(
-    watching: &mut common::ws::Subscription,
+    watching: &mut crate::common::ws::Subscription,
     position: Value,
 ) -> Vec<(Instant, Value)> {
     let mut pushes = Vec::new();

@@ -2,15 +2,14 @@
 //! queries over POST and GET (and with Apollo Client's own link), and the
 //! trusted-documents mode (`TASKQL_TRUSTED_DOCUMENTS`), in which users run
 //! only the manifest's documents while workers run anything.
-mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::js::NodeScript;
-use common::sse::{self, EventStream, Message};
-use common::ws::WsClient;
-use common::{TestApp, TestDb, spawn_app, spawn_app_with};
+use crate::common::js::NodeScript;
+use crate::common::sse::{self, EventStream, Message};
+use crate::common::ws::WsClient;
+use crate::common::{TestApp, TestDb, spawn_app, spawn_app_with};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -24,7 +23,7 @@ fn sha256(text: &str) -> String {
 
 /// `body` is refused with `code`.
 fn assert_code(body: &Value, code: &str) {
-    assert_eq!(common::error_code(body), Some(code), "{body}");
+    assert_eq!(crate::common::error_code(body), Some(code), "{body}");
 }
 
 /// `body` is refused with `code` and `message`, and nothing ran.
@@ -103,13 +102,13 @@ async fn a_hash_runs_once_its_document_was_sent_over_post_and_get() {
         json!({ "query": TASK, "variables": variables, "extensions": persisted(&hash) }),
     )
     .await;
-    assert_eq!(common::data(registered)["task"]["id"], id.as_str());
+    assert_eq!(crate::common::data(registered)["task"]["id"], id.as_str());
 
     let by_hash = post_by_hash(&app, &alice, &hash, &variables).await;
-    assert_eq!(common::data(by_hash)["task"]["status"], "PENDING");
+    assert_eq!(crate::common::data(by_hash)["task"]["status"], "PENDING");
 
     let over_get = get_by_hash(&app, &alice, &hash, &variables).await;
-    assert_eq!(common::data(over_get)["task"]["id"], id.as_str());
+    assert_eq!(crate::common::data(over_get)["task"]["id"], id.as_str());
 
     // Over GET, a document never sent is not found either.
     let other = persisted(&sha256("{ __typename }")).to_string();
@@ -122,9 +121,9 @@ async fn a_hash_runs_once_its_document_was_sent_over_post_and_get() {
         &[("query", "{ __typename }"), ("extensions", &other)],
     )
     .await;
-    assert_eq!(common::data(registered)["__typename"], "Query");
+    assert_eq!(crate::common::data(registered)["__typename"], "Query");
     let by_hash = get(&app, &alice, &[("extensions", &other)]).await;
-    assert_eq!(common::data(by_hash)["__typename"], "Query");
+    assert_eq!(crate::common::data(by_hash)["__typename"], "Query");
 }
 
 #[tokio::test]
@@ -177,7 +176,12 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
     let alice = app.user_token("alice");
     let worker = app.worker_token();
     // Workers run anything: alice's task is made through the service.
-    let task = common::new_task(app.service.as_ref(), &common::alice(), "image.generate").await;
+    let task = crate::common::new_task(
+        app.service.as_ref(),
+        &crate::common::alice(),
+        "image.generate",
+    )
+    .await;
     let id = task.id.to_string();
     let variables = json!({ "id": id });
 
@@ -212,16 +216,16 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
 
     // A trusted document runs by its id, over POST and GET, or sent whole.
     let by_id = post_by_hash(&app, &alice, "task-v1", &variables).await;
-    assert_eq!(common::data(by_id)["task"]["id"], id.as_str());
+    assert_eq!(crate::common::data(by_id)["task"]["id"], id.as_str());
     let by_get = get_by_hash(&app, &alice, "task-v1", &variables).await;
-    assert_eq!(common::data(by_get)["task"]["status"], "PENDING");
+    assert_eq!(crate::common::data(by_get)["task"]["status"], "PENDING");
     let whole = post(
         &app,
         &alice,
         json!({ "query": TASK, "variables": variables }),
     )
     .await;
-    assert_eq!(common::data(whole)["task"]["id"], id.as_str());
+    assert_eq!(crate::common::data(whole)["task"]["id"], id.as_str());
 
     // The service role runs anything, GraphiQL's introspection included.
     let introspection = post(
@@ -231,7 +235,7 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
     )
     .await;
     assert_eq!(
-        common::data(introspection)["__schema"]["queryType"]["name"],
+        crate::common::data(introspection)["__schema"]["queryType"]["name"],
         "Query"
     );
 
@@ -244,7 +248,12 @@ async fn in_trusted_mode_users_run_only_trusted_documents() {
 async fn in_trusted_mode_streams_and_websockets_refuse_other_documents_too() {
     let (app, _dir) = trusted_app(plain_manifest()).await;
     let alice = app.user_token("alice");
-    let task = common::new_task(app.service.as_ref(), &common::alice(), "image.generate").await;
+    let task = crate::common::new_task(
+        app.service.as_ref(),
+        &crate::common::alice(),
+        "image.generate",
+    )
+    .await;
     let id = task.id.to_string();
 
     // An event stream of a trusted subscription, by its hash.
@@ -257,7 +266,7 @@ async fn in_trusted_mode_streams_and_websockets_refuse_other_documents_too() {
     let mut stream = EventStream::new(sse::post(&app, Some(&alice), &other).await);
     match stream.next_event().await {
         Message::Next(payload) => assert_eq!(
-            common::error_code(&payload),
+            crate::common::error_code(&payload),
             Some("PERSISTED_QUERY_REQUIRED"),
             "{payload}"
         ),
@@ -341,10 +350,15 @@ async fn an_apollo_manifest_is_read_too() {
     });
     let (app, _dir) = trusted_app(manifest).await;
     let alice = app.user_token("alice");
-    let task = common::new_task(app.service.as_ref(), &common::alice(), "image.generate").await;
+    let task = crate::common::new_task(
+        app.service.as_ref(),
+        &crate::common::alice(),
+        "image.generate",
+    )
+    .await;
     let id = task.id.to_string();
     let by_hash = post_by_hash(&app, &alice, &sha256(TASK), &json!({ "id": id })).await;
-    assert_eq!(common::data(by_hash)["task"]["id"], id.as_str());
+    assert_eq!(crate::common::data(by_hash)["task"]["id"], id.as_str());
     let other = post(
         &app,
         &alice,
@@ -359,7 +373,7 @@ fn a_manifest_that_cannot_be_used_is_a_start_up_error() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("trusted.json");
     std::fs::write(&path, r#"{"abc": "query {"}"#).expect("write");
-    let mut settings = common::settings_for("sqlite://x.db");
+    let mut settings = crate::common::settings_for("sqlite://x.db");
     settings.http.trusted_documents = Some(path);
     let trusted = taskql::http::persisted::TrustedDocuments::configured;
     let err = trusted(&settings.http).expect_err("refused");

@@ -19,7 +19,7 @@ use self::changelog::{Changelog, Horizon};
 use super::Watched;
 use super::line::{Following, Lines, Place};
 use super::pages::visible_to;
-use super::writer::rows_of;
+use super::rows::rows_of;
 use crate::auth::CurrentUser;
 use crate::db::{Db, deadline};
 use crate::error::{TaskError, TaskResult};

@@ -9,51 +9,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use entity::tasks::Column;
-use entity::{Task, TaskStatus, Tasks};
+use entity::{Task, Tasks};
 use futures::stream::BoxStream;
-use rand::Rng;
-use sea_orm::sea_query::{ExprTrait, Order, Query};
+use sea_orm::sea_query::Order;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    prelude::Expr,
 };
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::batch::{Beat, Completion, claim_terms, rows_of_names};
+use super::batch::{Beat, Completion};
+use super::clock::now;
 use super::line::{Lines, Place};
+use super::live::Watch;
+use super::live::bus::{EventBus, TaskEvent};
+use super::live::changelog::Changelog;
 use super::pages::{self, visible_to};
-use super::queue::{self, Caps, PolicyChange, Queue, TaskType};
-use super::rates;
-use super::transitions::{self, Move, attempt_ended_by_retry, lease_deadline};
-use super::watch::Watch;
-use super::watch::bus::{EventBus, TaskEvent};
-use super::watch::changelog::Changelog;
-use super::writer::{Inserters, NewRow, Writer, rows_of};
+use super::queue::{PolicyChange, Queue, TaskType};
+use super::rows::{NewRow, rows_of};
+use super::transitions::{self, Move, lease_deadline};
+use super::writer::{Inserters, Writer};
 use super::{
-    ClaimRequest, Heartbeat, NewTask, ReapOutcome, StatsRequest, StatusUpdate, TaskFilter,
-    TaskPage, TaskService, TaskStats, Watched, Worker, stats, validate,
+    ClaimRequest, Heartbeat, NewTask, StatsRequest, StatusUpdate, TaskFilter, TaskPage,
+    TaskService, TaskStats, Watched, Worker, stats, validate,
 };
 use crate::auth::CurrentUser;
-use crate::db::{Backend, Db};
+use crate::db::Db;
 use crate::error::{TaskError, TaskResult};
 use crate::metrics::Metrics;
 
-/// Rows a single retention pass deletes before it lets others write.
-const PRUNE_BATCH: u64 = 500;
-/// PostgreSQL advisory lock key ("taskql" + 1) held by the instance reaping leases.
-const REAPER_LOCK: i64 = 0x7461_736b_716c_0001;
 /// How many times a create with an idempotency key tries to insert while
 /// the task holding its key keeps being deleted between conflict and read.
 const MAX_CREATE_ATTEMPTS: usize = 3;
-/// Attempts a task gets when neither its create nor its type says.
-pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
-/// How often a retryable failure re-reads a task that changed under it.
-const MAX_FAIL_ATTEMPTS: usize = 3;
+pub use entity::tasks::DEFAULT_MAX_ATTEMPTS;
 
-pub struct SeaTaskService {
+pub struct TaskStore {
     pub(super) writer: Writer,
     inserters: Inserters,
     watch: Watch,
@@ -64,17 +55,6 @@ pub struct SeaTaskService {
     leases: stats::LeaseBoard,
     /// The most a completion's `result` may take, serialized.
     pub(super) max_result_bytes: usize,
-}
-
-/// Now, at the microsecond precision both databases store.
-pub(crate) fn now() -> DateTime<Utc> {
-    in_micros(Utc::now())
-}
-
-/// `at` at the microsecond precision both databases store, so that the
-/// time returned is the time stored.
-pub(crate) fn in_micros(at: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
 /// The task an idempotent create finds under its key: `existing` when it
@@ -88,7 +68,7 @@ pub(super) fn same_create(existing: Task, new: &NewTask) -> TaskResult<Task> {
     Ok(existing)
 }
 
-impl SeaTaskService {
+impl TaskStore {
     /// The service on `db`, counting transitions and event lag into
     /// `metrics`; it starts its insert queue and its reader of the change
     /// log on the current tokio runtime.
@@ -129,17 +109,6 @@ impl SeaTaskService {
         self.writer.log()
     }
 
-    /// Folds the count and per-minute deltas that PostgreSQL's triggers
-    /// append into the counters (see `stats::fold_deltas`).
-    pub async fn fold_count_deltas(&self) -> TaskResult<u64> {
-        stats::fold_deltas(self.db()).await
-    }
-
-    /// Prunes the per-minute `taskStats` counters (see `stats::prune_minutes`).
-    pub async fn prune_stats_minutes(&self) -> TaskResult<u64> {
-        stats::prune_minutes(self.db(), now()).await
-    }
-
     pub(super) fn db(&self) -> &Db {
         self.writer.db()
     }
@@ -152,7 +121,7 @@ impl SeaTaskService {
     }
 
     /// Runs `mv`'s statement; the task it moved, counted in `/metrics`.
-    async fn make(
+    pub(super) async fn make(
         &self,
         mv: Move,
         stmt: sea_orm::sea_query::UpdateStatement,
@@ -180,7 +149,11 @@ impl SeaTaskService {
 
     /// The task if `user` may see it (see [`visible_to`]); any task when
     /// `user` is `None`, for a worker's call.
-    async fn find(&self, task_id: Uuid, user: Option<&CurrentUser>) -> TaskResult<Option<Task>> {
+    pub(super) async fn find(
+        &self,
+        task_id: Uuid,
+        user: Option<&CurrentUser>,
+    ) -> TaskResult<Option<Task>> {
         let mut select = Tasks::find_by_id(task_id);
         if let Some(user) = user {
             select = select.filter(visible_to(user));
@@ -189,7 +162,11 @@ impl SeaTaskService {
     }
 
     /// The current row of a task a conditional change left alone, to say why.
-    async fn unchanged(&self, task_id: Uuid, user: Option<&CurrentUser>) -> TaskResult<Task> {
+    pub(super) async fn unchanged(
+        &self,
+        task_id: Uuid,
+        user: Option<&CurrentUser>,
+    ) -> TaskResult<Task> {
         self.find(task_id, user).await?.ok_or(TaskError::NotFound)
     }
 
@@ -201,111 +178,10 @@ impl SeaTaskService {
         )
         .await
     }
-
-    /// A claim that may take a capped type, in one transaction: on
-    /// PostgreSQL the policy rows of the capped types in reach are locked
-    /// first, so the claim counts every claim of them committed before (see
-    /// `queue`); SQLite holds its one write lock from the start. `claim`
-    /// makes the claim's statement (`RETURNING *`) for the types it locked
-    /// (all in reach on SQLite), run up to `times` times while it takes
-    /// tasks: claims one after the other, each counting the ones before.
-    pub(super) async fn claim_locked(
-        &self,
-        reach: &queue::Reach,
-        times: usize,
-        claim: impl Fn(&[String], &rates::Empty) -> sea_orm::Statement,
-    ) -> TaskResult<Vec<Task>> {
-        let txn = self.db().begin_write().await?;
-        let locked = match self.db().backend() {
-            Backend::Postgres => {
-                let lock = queue::lock_capped(&reach.capped);
-                rows_of_names(&txn, self.writer.statement(&lock)).await?
-            }
-            Backend::Sqlite => reach.capped.clone(),
-        };
-        // The rate-limited types locked: their buckets, as of now.
-        let rated = reach
-            .rated
-            .iter()
-            .filter(|(task_type, _)| locked.contains(task_type))
-            .map(|(task_type, limit)| (task_type.clone(), *limit))
-            .collect();
-        // The buckets' time is read once the lock is held: a claim that
-        // waited for it must not refill what the one before it took.
-        let mut buckets = rates::Buckets::read(&txn, rated, now()).await?;
-        let mut claimed = Vec::new();
-        for _ in 0..times {
-            let taken = rows_of(&txn, claim(&locked, &buckets.empty())).await?;
-            if taken.is_empty() {
-                break;
-            }
-            buckets.take(&taken);
-            claimed.extend(taken);
-        }
-        buckets.write(&txn).await?;
-        txn.commit().await?;
-        if !claimed.is_empty() {
-            self.writer.wrote();
-        }
-        Ok(claimed)
-    }
-
-    /// A retryable failure of a task with attempts left: back to PENDING,
-    /// runnable after its type's backoff, keeping its error message. `None`
-    /// when it has none left, or is not PENDING or PROCESSING: then FAILED
-    /// applies as without `retryable`.
-    async fn back_off(
-        &self,
-        update: &StatusUpdate,
-        error_message: Option<&str>,
-    ) -> TaskResult<Option<Task>> {
-        for _ in 0..MAX_FAIL_ATTEMPTS {
-            let Some(task) = self.find(update.task_id, None).await? else {
-                return Err(TaskError::NotFound);
-            };
-            let fenced = update.expected_attempt.is_some();
-            if !Move::BackOff.from().contains(&task.status)
-                || update.expected_attempt.is_some_and(|n| n != task.attempts)
-                || (fenced && attempt_ended_by_retry(&task))
-            {
-                return Ok(None);
-            }
-            // A fenced report on a PENDING task of the same attempt: either
-            // its exact repeat (the task was already backed off), or its
-            // lease expired before the worker reported; then the failure
-            // still counts, and backs the task off.
-            if fenced
-                && task.status == TaskStatus::Pending
-                && task.error_message.is_some()
-                && (error_message.is_none() || error_message == task.error_message.as_deref())
-            {
-                return Ok(Some(task));
-            }
-            let used = task.attempts - task.retry_base;
-            if used >= task.max_attempts {
-                return Ok(None);
-            }
-            let policy = self.queue.policy(&task.task_type).await?;
-            let delay = policy
-                .backoff
-                .delay(Ord::max(used, 1), rand::rng().random::<f64>());
-            let at = now();
-            let run_at = in_micros(
-                at + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero()),
-            );
-            let stmt = transitions::back_off(&task, run_at, error_message, at);
-            if let Some(task) = self.make(Move::BackOff, stmt).await? {
-                return Ok(Some(task));
-            }
-        }
-        Err(TaskError::conflict(
-            "the task kept changing while its failure was recorded; try again",
-        ))
-    }
 }
 
 #[async_trait]
-impl TaskService for SeaTaskService {
+impl TaskService for TaskStore {
     #[instrument(level = "debug", skip_all, fields(user = %user.id, task_type = %new.task_type))]
     async fn create_task(&self, user: &CurrentUser, new: NewTask) -> TaskResult<Task> {
         let new = validate::new_task(new)?;
@@ -353,42 +229,7 @@ impl TaskService for SeaTaskService {
 
     #[instrument(level = "debug", skip_all, fields(task_id = %update.task_id, status = update.status.as_str()))]
     async fn update_task_status(&self, _worker: &Worker, update: StatusUpdate) -> TaskResult<Task> {
-        let to = update.status;
-        validate::progress(update.progress)?;
-        if let Some(result_id) = &update.result_id {
-            validate::result_id(result_id)?;
-        }
-        if let Some(result) = &update.result {
-            if to != TaskStatus::Completed {
-                return Err(TaskError::invalid(
-                    "result is set only by a completion: send it with status COMPLETED",
-                ));
-            }
-            validate::result(result, self.max_result_bytes)?;
-        }
-        let error_message = update
-            .error_message
-            .as_deref()
-            .map(validate::clean_error_message);
-        let Some(mv) = Move::reported(to, update.expected_attempt.is_some()) else {
-            return Err(TaskError::conflict(
-                "a task cannot be set back to PENDING; only an expired lease returns it there",
-            ));
-        };
-        if update.retryable
-            && mv == Move::Fail
-            && let Some(task) = self.back_off(&update, error_message.as_deref()).await?
-        {
-            return Ok(task);
-        }
-        let stmt = transitions::report(mv, &update, error_message.as_deref(), now());
-        if let Some(task) = self.make(mv, stmt).await? {
-            return Ok(task);
-        }
-
-        // Nothing changed: say why, or accept an exact repeat of a terminal update.
-        let task = self.unchanged(update.task_id, None).await?;
-        transitions::refused_report(&update, error_message.as_deref(), task)
+        self.report(update).await
     }
 
     #[instrument(level = "debug", skip_all, fields(%task_id, user = %user.id))]
@@ -466,49 +307,7 @@ impl TaskService for SeaTaskService {
 
     #[instrument(level = "debug", skip_all, fields(worker = worker.id()))]
     async fn claim_task(&self, worker: &Worker, request: ClaimRequest) -> TaskResult<Option<Task>> {
-        let (worker_id, at, until) = claim_terms(worker, &request)?;
-        let worker_id = worker_id.as_str();
-        // SQLite's one writer makes the claim's count of a capped type hold
-        // (a rate-limited type's bucket needs a transaction all the same);
-        // PostgreSQL locks the capped types in reach first (see `queue`).
-        let reach = self.queue.capped_in_reach(&request.types).await?;
-        let postgres = self.db().backend() == Backend::Postgres;
-        let alone = if postgres {
-            reach.capped.is_empty()
-        } else {
-            reach.rated.is_empty()
-        };
-        if alone {
-            let no_buckets = rates::Empty::default();
-            let stmt = queue::claim(
-                &request.types,
-                Caps::of(postgres, &[]),
-                &no_buckets,
-                at,
-                worker_id,
-                until,
-            );
-            return self.make(Move::Claim, stmt).await;
-        }
-        let claimed = self
-            .claim_locked(&reach, 1, |locked, empty| {
-                let mut stmt = queue::claim(
-                    &request.types,
-                    Caps::of(postgres, locked),
-                    empty,
-                    at,
-                    worker_id,
-                    until,
-                );
-                stmt.returning_all();
-                self.writer.statement(&stmt)
-            })
-            .await?
-            .pop();
-        if let Some(task) = &claimed {
-            self.moved(Move::Claim, task);
-        }
-        Ok(claimed)
+        self.claim_one(worker, request).await
     }
 
     #[instrument(level = "debug", skip_all, fields(worker = worker.id(), limit))]
@@ -559,68 +358,6 @@ impl TaskService for SeaTaskService {
         Err(transitions::refused_heartbeat(&task))
     }
 
-    #[instrument(level = "debug", skip_all)]
-    async fn reap_expired_leases(&self) -> TaskResult<ReapOutcome> {
-        let [mut requeue, mut fail] = transitions::reap(now());
-        // One instance reaps at a time: two passes updating the same expired
-        // rows lock them in different orders and deadlock on PostgreSQL. If
-        // another instance holds the lock, it is doing this very pass.
-        let txn = self.db().begin().await?;
-        if !txn.try_lock(REAPER_LOCK).await? {
-            txn.rollback().await?;
-            return Ok(ReapOutcome::default());
-        }
-        requeue.returning_all();
-        fail.returning_all();
-        let requeued_tasks = self.writer.rows_in(&txn, &requeue).await?;
-        let failed_tasks = self.writer.rows_in(&txn, &fail).await?;
-        txn.commit().await?;
-        let (requeued, failed) = (requeued_tasks.len(), failed_tasks.len());
-        if requeued + failed > 0 {
-            self.writer.wrote();
-            tracing::info!(requeued, failed, "reaped expired leases");
-        }
-        for task in &requeued_tasks {
-            self.moved(Move::Requeue, task);
-        }
-        for task in &failed_tasks {
-            self.moved(Move::Expire, task);
-        }
-        Ok(ReapOutcome { requeued, failed })
-    }
-
-    #[instrument(level = "debug", skip_all)]
-    async fn prune_finished(&self, older_than: Duration) -> TaskResult<usize> {
-        let cutoff = chrono::Duration::from_std(older_than)
-            .ok()
-            .and_then(|age| now().checked_sub_signed(age))
-            .ok_or_else(|| TaskError::invalid("retention is too long"))?;
-        let terminal = TaskStatus::ALL
-            .into_iter()
-            .filter(|s| s.is_terminal())
-            .map(|s| s.as_str());
-        let mut total = 0;
-        loop {
-            let mut batch = Query::select();
-            batch
-                .column(Column::Id)
-                .from(Tasks)
-                .and_where(Expr::col(Column::Status).is_in(terminal.clone()))
-                .and_where(Expr::col(Column::CompletedAt).lt(cutoff))
-                .limit(PRUNE_BATCH);
-            let mut delete = Tasks::delete_many()
-                .filter(Expr::col(Column::Id).in_subquery(batch))
-                .into_query();
-            delete.returning_all();
-            let count = self.writer.commit(&delete).await?.len();
-            total += count;
-            if (count as u64) < PRUNE_BATCH {
-                break;
-            }
-        }
-        Ok(total)
-    }
-
     async fn watch_task(
         &self,
         user: &CurrentUser,
@@ -640,11 +377,6 @@ impl TaskService for SeaTaskService {
         after: Option<&str>,
     ) -> TaskResult<BoxStream<'static, TaskResult<TaskEvent>>> {
         self.watch.events(user.clone(), after).await
-    }
-
-    #[instrument(level = "debug", skip_all)]
-    async fn prune_events(&self, older_than: Duration) -> TaskResult<u64> {
-        self.writer.log().prune(older_than).await
     }
 
     #[instrument(level = "debug", skip_all, fields(%task_type))]

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use crate::db::{Backend, Db};
 use crate::error::{TaskError, TaskResult};
 use crate::metrics::Metrics;
-use crate::service::watch::bus::{EventBus, TaskEvent, TaskEventKind};
+use crate::service::live::bus::{EventBus, TaskEvent, TaskEventKind};
 
 /// How often the reader looks at the log without being woken.
 const TICK: Duration = Duration::from_millis(250);
@@ -143,7 +143,6 @@ impl Changelog {
             - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
         let db = &self.inner.db;
         let backend = db.get_database_backend();
-        let p = placeholders(db.backend());
         let mut total = 0;
         loop {
             let txn = db.begin().await?;
@@ -152,13 +151,9 @@ impl Changelog {
             let gone = txn
                 .query_all_raw(Statement::from_sql_and_values(
                     backend,
-                    format!(
-                        "DELETE FROM task_events WHERE pos IN (\
-                           SELECT pos FROM (SELECT pos, logged_at_ms FROM task_events ORDER BY pos LIMIT {}) oldest \
-                           WHERE logged_at_ms < {}) RETURNING pos",
-                        p(1),
-                        p(2)
-                    ),
+                    "DELETE FROM task_events WHERE pos IN (\
+                       SELECT pos FROM (SELECT pos, logged_at_ms FROM task_events ORDER BY pos LIMIT $1) oldest \
+                       WHERE logged_at_ms < $2) RETURNING pos",
                     [(PRUNE_BATCH as i64).into(), cutoff.into()],
                 ))
                 .await?;
@@ -171,11 +166,7 @@ impl Changelog {
             if let Some(newest) = newest {
                 txn.execute_raw(Statement::from_sql_and_values(
                     backend,
-                    format!(
-                        "UPDATE task_event_horizon SET pruned_through = {} WHERE pruned_through < {}",
-                        p(1),
-                        p(2)
-                    ),
+                    "UPDATE task_event_horizon SET pruned_through = $1 WHERE pruned_through < $2",
                     [newest.into(), newest.into()],
                 ))
                 .await?;
@@ -186,14 +177,6 @@ impl Changelog {
                 return Ok(total);
             }
         }
-    }
-}
-
-/// `$n` on PostgreSQL, `?` on SQLite.
-fn placeholders(backend: Backend) -> impl Fn(usize) -> String {
-    move |n| match backend {
-        Backend::Postgres => format!("${n}"),
-        Backend::Sqlite => "?".into(),
     }
 }
 
@@ -244,16 +227,11 @@ pub async fn read(
     user: Option<&str>,
     limit: u64,
 ) -> TaskResult<Vec<TaskEvent>> {
-    let p = placeholders(db.backend());
     let mut values: Vec<Value> = vec![after.into()];
-    let mut sql = format!(
-        "SELECT {} FROM task_events WHERE pos > {}",
-        event_columns(),
-        p(1)
-    );
+    let mut sql = format!("SELECT {} FROM task_events WHERE pos > $1", event_columns());
     if let Some(user) = user {
         values.push(user.into());
-        sql.push_str(&format!(" AND user_id = {}", p(2)));
+        sql.push_str(" AND user_id = $2");
     }
     sql.push_str(&format!(" ORDER BY pos LIMIT {limit}"));
     db.reads()

@@ -3,14 +3,13 @@
 //! limits shared with websockets, the real graphql-sse client and urql over
 //! it, and on PostgreSQL a stream on one instance seeing changes made through
 //! another.
-mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::js::NodeScript;
-use common::sse::{self, EventStream, Message};
-use common::{TestApp, TestDb, spawn_app, spawn_app_with, two_apps_on_postgres_or_skip};
+use crate::common::js::NodeScript;
+use crate::common::sse::{self, EventStream, Message};
+use crate::common::{TestApp, TestDb, spawn_app, spawn_app_with, two_apps_on_postgres_or_skip};
 use serde_json::{Value, json};
 
 const WATCH: &str = "subscription Watch($id: ID!) {
@@ -166,7 +165,7 @@ async fn a_missing_bad_or_expired_token_is_refused_before_any_event() {
     let app = spawn_app().await;
     let alice = app.user_token("alice");
     let id = create_task(&app, &alice).await;
-    let expired = common::expired_token_for("alice");
+    let expired = crate::common::expired_token_for("alice");
     for (case, token) in [
         ("no token", None),
         ("not a token", Some("not-a-jwt")),
@@ -185,7 +184,7 @@ async fn a_missing_bad_or_expired_token_is_refused_before_any_event() {
         );
         let body: Value = response.json().await.expect("JSON");
         assert_eq!(
-            common::error_code(&body),
+            crate::common::error_code(&body),
             Some("UNAUTHENTICATED"),
             "{case}: {body}"
         );
@@ -249,12 +248,15 @@ async fn event_streams_and_websockets_share_one_cap() {
         .expect("request");
     assert_eq!(upgrade.status(), 503, "the stream holds the only place");
     let upgrade: Value = upgrade.json().await.expect("JSON");
-    assert_eq!(common::error_code(&refused), Some("SERVICE_UNAVAILABLE"));
+    assert_eq!(
+        crate::common::error_code(&refused),
+        Some("SERVICE_UNAVAILABLE")
+    );
     assert_eq!(refused, upgrade, "one cap, one error");
 
     // A stream that ends gives its place back.
     drop(held);
-    common::eventually("the place is given back", Duration::from_secs(10), || {
+    crate::common::eventually("the place is given back", Duration::from_secs(10), || {
         let app = &app;
         let alice = &alice;
         let id = &id;
@@ -271,7 +273,7 @@ async fn a_stream_ends_without_complete_when_its_token_expires() {
     let app = spawn_app().await;
     let alice = app.user_token("alice");
     let id = create_task(&app, &alice).await;
-    let expiring = common::expiring_token_for("alice");
+    let expiring = crate::common::expiring_token_for("alice");
     let mut stream = EventStream::new(sse::post(&app, Some(&expiring), &watch(&id)).await);
     assert_eq!(stream.next_data().await["taskUpdated"]["status"], "PENDING");
     let mut said = Vec::new();
@@ -386,7 +388,7 @@ async fn a_client_that_accepts_json_as_much_as_an_event_stream_gets_json() {
         Some("application/graphql-response+json; charset=utf-8")
     );
     let body: Value = response.json().await.expect("JSON");
-    assert_eq!(common::data(body)["__typename"], "Query");
+    assert_eq!(crate::common::data(body)["__typename"], "Query");
     // Preferred by its quality, the event stream wins.
     let response = app
         .http
