@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use taskql::service::TaskService;
 
 use crate::SCRIPT_TIMEOUT;
 use crate::common::{spawn_app, token_for};
