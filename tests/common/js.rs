@@ -32,16 +32,17 @@ pub fn npm_package(relative: &str) -> PathBuf {
     dir
 }
 
-/// The dependencies in `dir/package.json` that `dir/node_modules` lacks.
+/// The dependencies (and devDependencies) in `dir/package.json` that
+/// `dir/node_modules` lacks.
 fn missing_dependencies(dir: &Path) -> Vec<String> {
     let manifest = dir.join("package.json");
     let text = std::fs::read_to_string(&manifest)
         .unwrap_or_else(|e| panic!("read {}: {e}", manifest.display()));
     let manifest: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{} is not JSON: {e}", manifest.display()));
-    manifest["dependencies"]
-        .as_object()
-        .into_iter()
+    ["dependencies", "devDependencies"]
+        .iter()
+        .filter_map(|key| manifest[key].as_object())
         .flat_map(|deps| deps.keys())
         .filter(|name| {
             !dir.join("node_modules")
@@ -155,22 +156,10 @@ impl NodeScript {
     pub async fn finish(self, within: std::time::Duration) -> NodeOutput {
         let Self {
             child,
-            mut stderr,
+            stderr,
             mut diagnostics,
         } = self;
-        let rest = tokio::spawn(async move {
-            let mut rest = String::new();
-            while let Ok(Some(line)) = stderr.next_line().await {
-                rest.push_str(&line);
-                rest.push('\n');
-            }
-            rest
-        });
-        let output = tokio::time::timeout(within, child.wait_with_output())
-            .await
-            .expect("the node script finishes")
-            .expect("node ran");
-        diagnostics.push_str(&rest.await.unwrap_or_default());
+        let output = wait_for_end(child, stderr, &mut diagnostics, within).await;
         NodeOutput {
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             status: output.status,
@@ -190,4 +179,28 @@ impl NodeOutput {
             )
         })
     }
+}
+
+/// Waits up to `within` for a script to end (panics if it does not) and
+/// its output; what it wrote on stderr meanwhile goes to `diagnostics`.
+pub async fn wait_for_end(
+    child: tokio::process::Child,
+    mut stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    diagnostics: &mut String,
+    within: std::time::Duration,
+) -> std::process::Output {
+    let rest = tokio::spawn(async move {
+        let mut rest = String::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    });
+    let output = tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("the script did not end within {within:?}"))
+        .expect("node ran");
+    diagnostics.push_str(&rest.await.unwrap_or_default());
+    output
 }

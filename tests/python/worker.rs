@@ -11,6 +11,33 @@ use super::*;
 use crate::common::sse::{EventStream, Message, post_to};
 use crate::common::{TestDb, token_for};
 
+/// What a test starts from: the venv's python, a fresh database, a
+/// `taskql serve` on it, and tokens of a user (the tasks' owner) and of the
+/// worker.
+struct Stage {
+    python: std::path::PathBuf,
+    db: TestDb,
+    server: Server,
+    owner: String,
+    worker: String,
+}
+
+impl Stage {
+    /// The stage, or `None` when `test` is skipped (no python3).
+    async fn set(test: &str) -> Option<Self> {
+        let python = venv::python_or_skip(test)?;
+        let db = TestDb::new().await;
+        let server = Server::start(&db.url, &[]).await;
+        Some(Self {
+            python,
+            db,
+            server,
+            owner: token_for("alice", None),
+            worker: token_for("py-worker", Some("service_role")),
+        })
+    }
+}
+
 const CANCEL: &str = "mutation($id: ID!) { cancelTask(id: $id) { status } }";
 const EVENTS: &str = "subscription($after: String) { taskEvents(after: $after) { cursor kind task { id status attempts } } }";
 
@@ -20,12 +47,8 @@ async fn count(db: &DatabaseConnection, status: &str) -> i64 {
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
-            match db.get_database_backend() {
-                sea_orm::DatabaseBackend::Postgres => {
-                    "SELECT COUNT(*) AS n FROM tasks WHERE status = $1"
-                }
-                _ => "SELECT COUNT(*) AS n FROM tasks WHERE status = ?",
-            },
+            // `$1` on both databases: sqlx reads the number on SQLite too.
+            "SELECT COUNT(*) AS n FROM tasks WHERE status = $1",
             [status.into()],
         ))
         .await
@@ -93,15 +116,18 @@ fn runs_of(report: &Value, id: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_python_worker_completes_each_task_once_across_a_server_kill() {
     const TEST: &str = "the_python_worker_completes_each_task_once_across_a_server_kill";
-    let Some(python) = venv::python_or_skip(TEST) else {
+    let Some(Stage {
+        python,
+        db,
+        server,
+        owner,
+        worker,
+    }) = Stage::set(TEST).await
+    else {
         return;
     };
-    let db = TestDb::new().await;
     let pool = db.connect().await;
-    let server = Server::start(&db.url, &[]).await;
     let address = server.addr.to_string();
-    let owner = token_for("alice", None);
-    let worker = token_for("py-worker", Some("service_role"));
     let cursor = a_first_cursor(&server, &worker, &owner).await;
 
     // Four tasks whose handlers run until cancelled (two async, two sync),
@@ -316,13 +342,17 @@ async fn the_python_worker_completes_each_task_once_across_a_server_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_python_handler_fails_its_task_and_a_retryable_one_comes_back() {
     const TEST: &str = "a_failing_python_handler_fails_its_task_and_a_retryable_one_comes_back";
-    let Some(python) = venv::python_or_skip(TEST) else {
+    let Some(Stage {
+        python,
+        // Held to the end: dropping it drops the database.
+        db: _db,
+        server,
+        owner,
+        worker,
+    }) = Stage::set(TEST).await
+    else {
         return;
     };
-    let db = TestDb::new().await;
-    let server = Server::start(&db.url, &[]).await;
-    let owner = token_for("alice", None);
-    let worker = token_for("py-worker", Some("service_role"));
     gql(
         &server,
         &worker,
@@ -399,13 +429,17 @@ async fn a_failing_python_handler_fails_its_task_and_a_retryable_one_comes_back(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_the_running_python_handler_finish_and_claims_nothing_more() {
     const TEST: &str = "sigterm_lets_the_running_python_handler_finish_and_claims_nothing_more";
-    let Some(python) = venv::python_or_skip(TEST) else {
+    let Some(Stage {
+        python,
+        // Held to the end: dropping it drops the database.
+        db: _db,
+        server,
+        owner,
+        worker,
+    }) = Stage::set(TEST).await
+    else {
         return;
     };
-    let db = TestDb::new().await;
-    let server = Server::start(&db.url, &[]).await;
-    let owner = token_for("alice", None);
-    let worker = token_for("py-worker", Some("service_role"));
     let slow = create_tasks(
         &server,
         &owner,

@@ -8,11 +8,11 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use taskql::service::{NewTask, StatusUpdate, TaskService};
 
-use crate::SCRIPT_TIMEOUT;
 use crate::common::edge::server::Server;
 use crate::common::ws::WsClient;
 use crate::common::{TEST_SECRET, TestDb, alice, as_worker, token_for};
 use crate::package::{Script, node_or_skip};
+use crate::{SCRIPT_TIMEOUT, assert_reconnected_with_a_fresh_token};
 
 const EVENTS: &str = "subscription($after: String) {
   taskEvents(after: $after) { cursor kind task { id type status } }
@@ -172,15 +172,7 @@ async fn events_resume_across_a_server_kill(test: &str, transport: &str) {
     assert_eq!(count("CREATED", "batch.up"), CREATED_AFTER);
     assert_eq!(count("UPDATED", "batch.up"), CREATED_AFTER.div_ceil(3));
     assert_eq!(report["cursor"].as_str(), log.last().map(|e| e.0.as_str()));
-    assert!(
-        report["retries"].as_u64() >= Some(1),
-        "it reconnected: {report}"
-    );
-    let calls = &report["tokenCalls"];
-    assert!(
-        calls["total"].as_u64() > calls["atReady"].as_u64(),
-        "the token function was asked again to reconnect: {report}"
-    );
+    assert_reconnected_with_a_fresh_token(&report);
 }
 
 #[tokio::test]

@@ -51,3 +51,17 @@ async fn restart_at(database_url: &str, old: &Server) -> Server {
     assert_eq!(server.addr, old.addr, "the same address again");
     server
 }
+
+/// The client's report says it reconnected, and asked its token function
+/// again to do so (a refreshed token would be used).
+fn assert_reconnected_with_a_fresh_token(report: &serde_json::Value) {
+    assert!(
+        report["retries"].as_u64() >= Some(1),
+        "it reconnected: {report}"
+    );
+    let calls = &report["tokenCalls"];
+    assert!(
+        calls["total"].as_u64() > calls["atReady"].as_u64(),
+        "the token function was asked again to reconnect: {report}"
+    );
+}

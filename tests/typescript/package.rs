@@ -35,43 +35,18 @@ fn node() -> std::ffi::OsString {
 }
 
 /// clients/typescript, installed (`npm ci` when a dependency is missing from
-/// node_modules) and built (`npm run build`), once for all the tests of the
-/// run: the first caller builds, the others wait. Panics with npm's output
-/// when either fails.
+/// node_modules, as `common::js::npm_package` does) and built (`npm run
+/// build`), once for all the tests of the run: the first caller builds, the
+/// others wait. Panics with npm's output when either fails.
 pub fn built_package() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(PACKAGE);
-            let missing = missing_dependencies(&dir);
-            if !missing.is_empty() {
-                eprintln!("{}: npm ci (missing {})", dir.display(), missing.join(", "));
-                npm(&dir, &["ci", "--no-audit", "--no-fund"]);
-                let still = missing_dependencies(&dir);
-                assert!(still.is_empty(), "npm ci did not install {still:?}");
-            }
+            let dir = crate::common::js::npm_package(PACKAGE);
             npm(&dir, &["run", "build"]);
             dir
         })
         .clone()
-}
-
-/// The dependencies and devDependencies in package.json that node_modules lacks.
-fn missing_dependencies(dir: &Path) -> Vec<String> {
-    let manifest = std::fs::read_to_string(dir.join("package.json")).expect("package.json");
-    let manifest: Value = serde_json::from_str(&manifest).expect("package.json is JSON");
-    ["dependencies", "devDependencies"]
-        .iter()
-        .filter_map(|key| manifest[key].as_object())
-        .flat_map(|deps| deps.keys())
-        .filter(|name| {
-            !dir.join("node_modules")
-                .join(name.as_str())
-                .join("package.json")
-                .is_file()
-        })
-        .cloned()
-        .collect()
 }
 
 /// Runs npm in `dir`; panics with its output when it fails.
@@ -165,23 +140,11 @@ impl Script {
         let Self {
             child,
             stdin,
-            mut stderr,
+            stderr,
             mut diagnostics,
         } = self;
         drop(stdin);
-        let rest = tokio::spawn(async move {
-            let mut rest = String::new();
-            while let Ok(Some(line)) = stderr.next_line().await {
-                rest.push_str(&line);
-                rest.push('\n');
-            }
-            rest
-        });
-        let output = tokio::time::timeout(within, child.wait_with_output())
-            .await
-            .unwrap_or_else(|_| panic!("the script did not end within {within:?}"))
-            .expect("node ran");
-        diagnostics.push_str(&rest.await.unwrap_or_default());
+        let output = crate::common::js::wait_for_end(child, stderr, &mut diagnostics, within).await;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let report = stdout
             .lines()

@@ -3,10 +3,10 @@
 
 use taskql::service::{StatusUpdate, TaskService};
 
-use crate::SCRIPT_TIMEOUT;
 use crate::common::edge::server::Server;
 use crate::common::{TestDb, as_worker, token_for};
 use crate::package::{Script, node_or_skip};
+use crate::{SCRIPT_TIMEOUT, assert_reconnected_with_a_fresh_token};
 
 async fn watch_completes_across_a_server_kill(test: &str, transport: &str) {
     if node_or_skip(test).is_none() {
@@ -70,15 +70,7 @@ async fn watch_completes_across_a_server_kill(test: &str, transport: &str) {
     // PROCESSING came and went while no server ran: the first state after
     // the reconnect is the final one, and nothing is given twice.
     assert_eq!(states, ["PENDING", "COMPLETED"], "{report}");
-    assert!(
-        report["retries"].as_u64() >= Some(1),
-        "it reconnected: {report}"
-    );
-    let calls = &report["tokenCalls"];
-    assert!(
-        calls["total"].as_u64() > calls["atReady"].as_u64(),
-        "the token function was asked again to reconnect: {report}"
-    );
+    assert_reconnected_with_a_fresh_token(&report);
 }
 
 #[tokio::test]
