@@ -342,27 +342,26 @@ async fn the_python_worker_completes_each_task_once_across_a_server_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_python_handler_fails_its_task_and_a_retryable_one_comes_back() {
     const TEST: &str = "a_failing_python_handler_fails_its_task_and_a_retryable_one_comes_back";
-    let Some(Stage {
+    let Some(stage) = Stage::set(TEST).await else {
+        return;
+    };
+    let Stage {
         python,
-        // Held to the end: dropping it drops the database.
-        db: _db,
         server,
         owner,
         worker,
-    }) = Stage::set(TEST).await
-    else {
-        return;
-    };
+        ..
+    } = &stage;
     gql(
-        &server,
-        &worker,
+        server,
+        worker,
         "mutation { setTaskTypePolicy(type: \"py.flaky\", policy: {backoff: {initialSeconds: 0.2, factor: 1, maxSeconds: 0.2, jitter: false}}) { type } }",
         json!({}),
     )
     .await;
     let ids = create_tasks(
-        &server,
-        &owner,
+        server,
+        owner,
         vec![
             json!({ "type": "py.fail", "metadata": { "reason": "the model said no" } }),
             json!({ "type": "py.flaky" }),
@@ -371,9 +370,9 @@ async fn a_failing_python_handler_fails_its_task_and_a_retryable_one_comes_back(
     .await;
     let (failing, flaky) = (&ids[0], &ids[1]);
     let mut py = PyWorker::start(
-        &python,
-        &server,
-        &worker,
+        python,
+        server,
+        worker,
         "py.fail,py.flaky",
         &[("CONCURRENCY", "2")],
     );
@@ -395,13 +394,13 @@ async fn a_failing_python_handler_fails_its_task_and_a_retryable_one_comes_back(
     assert!(outcome.status.success(), "{}", outcome.stderr);
     let report = &outcome.report;
 
-    let failed = task(&server, &owner, failing).await;
+    let failed = task(server, owner, failing).await;
     assert_eq!(failed["errorMessage"], "the model said no", "{failed}");
     assert_eq!(failed["attempts"], 1, "not retried: {failed}");
     assert!(failed["resultId"].is_null());
     assert_eq!(runs_of(report, failing), 1);
 
-    let retried = task(&server, &owner, flaky).await;
+    let retried = task(server, owner, flaky).await;
     assert_eq!(retried["attempts"], 2, "came back once: {retried}");
     assert_eq!(retried["resultId"], "flaky-2", "{retried}");
     assert!(retried["errorMessage"].is_null(), "{retried}");
@@ -429,31 +428,24 @@ async fn a_failing_python_handler_fails_its_task_and_a_retryable_one_comes_back(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_the_running_python_handler_finish_and_claims_nothing_more() {
     const TEST: &str = "sigterm_lets_the_running_python_handler_finish_and_claims_nothing_more";
-    let Some(Stage {
+    let Some(stage) = Stage::set(TEST).await else {
+        return;
+    };
+    let Stage {
         python,
-        // Held to the end: dropping it drops the database.
-        db: _db,
         server,
         owner,
         worker,
-    }) = Stage::set(TEST).await
-    else {
-        return;
-    };
+        ..
+    } = &stage;
     let slow = create_tasks(
-        &server,
-        &owner,
+        server,
+        owner,
         vec![json!({ "type": "py.slow", "metadata": { "seconds": 1.5 } })],
     )
     .await
     .remove(0);
-    let mut py = PyWorker::start(
-        &python,
-        &server,
-        &worker,
-        "py.slow",
-        &[("CONCURRENCY", "2")],
-    );
+    let mut py = PyWorker::start(python, server, worker, "py.slow", &[("CONCURRENCY", "2")]);
     py.ready().await;
     {
         let (server, owner, slow) = (&server, &owner, &slow);
@@ -467,18 +459,18 @@ async fn sigterm_lets_the_running_python_handler_finish_and_claims_nothing_more(
     py.terminate();
     // Created after the signal: the stopping worker must leave it alone.
     let later = create_tasks(
-        &server,
-        &owner,
+        server,
+        owner,
         vec![json!({ "type": "py.slow", "metadata": { "seconds": 0 } })],
     )
     .await
     .remove(0);
     let outcome = py.finish(Duration::from_secs(20)).await;
     assert!(outcome.status.success(), "{}", outcome.stderr);
-    let finished = task(&server, &owner, &slow).await;
+    let finished = task(server, owner, &slow).await;
     assert_eq!(finished["status"], "COMPLETED", "{finished}");
     assert_eq!(finished["resultId"], "slow-done");
-    let untouched = task(&server, &owner, &later).await;
+    let untouched = task(server, owner, &later).await;
     assert_eq!(untouched["status"], "PENDING", "{untouched}");
     assert_eq!(untouched["attempts"], 0);
 }
