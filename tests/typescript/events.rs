@@ -1,4 +1,5 @@
-//! `followEvents` across a killed server: the changes made while it was
+//! `followEvents` across a killed server, in Node and in headless Chromium
+//! (the same follower, follow_core.mjs): the changes made while it was
 //! down and after it came back are all delivered, once each, in the order
 //! `taskEvents` read in full gives them.
 
@@ -11,8 +12,7 @@ use taskql::service::{NewTask, StatusUpdate, TaskService};
 use crate::common::edge::server::Server;
 use crate::common::ws::WsClient;
 use crate::common::{TEST_SECRET, TestDb, alice, as_worker, token_for};
-use crate::package::{Script, node_or_skip};
-use crate::{SCRIPT_TIMEOUT, assert_reconnected_with_a_fresh_token};
+use crate::{Runtime, SCRIPT_TIMEOUT, assert_reconnected_with_a_fresh_token};
 
 const EVENTS: &str = "subscription($after: String) {
   taskEvents(after: $after) { cursor kind task { id type status } }
@@ -46,10 +46,7 @@ async fn gql(server: &Server, token: &str, query: &str, variables: Value) -> Val
     body["data"].clone()
 }
 
-async fn events_resume_across_a_server_kill(test: &str, transport: &str) {
-    if node_or_skip(test).is_none() {
-        return;
-    }
+async fn events_resume_across_a_server_kill(test: &str, transport: &str, runtime: Runtime) {
     let db = TestDb::new().await;
     let mut server = Server::start(&db.url, &[]).await;
     let token = token_for("alice", None);
@@ -65,15 +62,16 @@ async fn events_resume_across_a_server_kill(test: &str, transport: &str) {
     )
     .expect("token");
     assert_ne!(token, refreshed);
-    let mut script = Script::start(
-        "follow_events.mjs",
-        &[
-            ("TASKQL_URL", &server.base),
-            ("TASKQL_USER_TOKEN", &token),
-            ("TASKQL_USER_TOKEN_2", &refreshed),
-            ("TASKQL_TRANSPORT", transport),
-        ],
-    );
+    let env = [
+        ("TASKQL_URL", server.base.as_str()),
+        ("TASKQL_USER_TOKEN", token.as_str()),
+        ("TASKQL_USER_TOKEN_2", refreshed.as_str()),
+        ("TASKQL_TRANSPORT", transport),
+    ];
+    let scripts = ("follow_events.mjs", "browser_follow.mjs");
+    let Some(mut script) = runtime.start(test, scripts, &env) else {
+        return;
+    };
     let ready = script.ready(SCRIPT_TIMEOUT).await;
     let start = ready["cursor"].as_str().expect("a cursor").to_owned();
 
@@ -173,6 +171,7 @@ async fn events_resume_across_a_server_kill(test: &str, transport: &str) {
     assert_eq!(count("UPDATED", "batch.up"), CREATED_AFTER.div_ceil(3));
     assert_eq!(report["cursor"].as_str(), log.last().map(|e| e.0.as_str()));
     assert_reconnected_with_a_fresh_token(&report);
+    runtime.assert_page_was_clean(&report, &server.base);
 }
 
 #[tokio::test]
@@ -180,6 +179,7 @@ async fn follow_events_over_sse_resumes_after_a_server_kill_missing_nothing_and_
     events_resume_across_a_server_kill(
         "follow_events_over_sse_resumes_after_a_server_kill_missing_nothing_and_nothing_twice",
         "sse",
+        Runtime::Node,
     )
     .await;
 }
@@ -190,6 +190,29 @@ async fn follow_events_over_websockets_resumes_after_a_server_kill_missing_nothi
     events_resume_across_a_server_kill(
         "follow_events_over_websockets_resumes_after_a_server_kill_missing_nothing_and_nothing_twice",
         "ws",
+        Runtime::Node,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn in_chromium_follow_events_over_sse_resumes_after_a_server_kill_missing_nothing_and_nothing_twice()
+ {
+    events_resume_across_a_server_kill(
+        "in_chromium_follow_events_over_sse_resumes_after_a_server_kill_missing_nothing_and_nothing_twice",
+        "sse",
+        Runtime::Chromium,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn in_chromium_follow_events_over_websockets_resumes_after_a_server_kill_missing_nothing_and_nothing_twice()
+ {
+    events_resume_across_a_server_kill(
+        "in_chromium_follow_events_over_websockets_resumes_after_a_server_kill_missing_nothing_and_nothing_twice",
+        "ws",
+        Runtime::Chromium,
     )
     .await;
 }

@@ -2,11 +2,11 @@
 //! real server: built once per run (`npm ci` when its node_modules lack a
 //! dependency, then `npm run build`: codegen from schema.graphql and tsc),
 //! then driven by Node scripts of clients/typescript/test and in headless
-//! Chromium. A watch outlives a killed server, events resume after a
-//! dropped connection with nothing missed and nothing twice, the token
-//! function is asked again on reconnect, pages read every task once, errors
-//! carry their codes, and a schema that breaks the client's documents fails
-//! its build.
+//! Chromium. In both, a watch outlives a killed server, and events resume
+//! after a dropped connection with nothing missed and nothing twice; the
+//! token function is asked again on reconnect, pages read every task once,
+//! errors carry their codes, and a schema that breaks the client's
+//! documents fails its build.
 //!
 //! On SQLite by default; on PostgreSQL with `TASKQL_TEST_DATABASE_URL`.
 //! Without Node.js (or Chromium, for the browser test) a test is skipped
@@ -64,4 +64,47 @@ fn assert_reconnected_with_a_fresh_token(report: &serde_json::Value) {
         calls["total"].as_u64() > calls["atReady"].as_u64(),
         "the token function was asked again to reconnect: {report}"
     );
+}
+
+/// Where a test's client runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Runtime {
+    Node,
+    /// Headless Chromium, on a page of another origin than the server's.
+    Chromium,
+}
+
+impl Runtime {
+    /// The script of clients/typescript/test to start: `node_script` in
+    /// Node, `page_script` for Chromium, with `env` and Chromium's path.
+    /// `None` when `test` is skipped (no Node.js, or no Chromium).
+    fn start(
+        self,
+        test: &str,
+        (node_script, page_script): (&str, &str),
+        env: &[(&str, &str)],
+    ) -> Option<package::Script> {
+        package::node_or_skip(test)?;
+        let mut env = env.to_vec();
+        let chromium;
+        let script = match self {
+            Self::Node => node_script,
+            Self::Chromium => {
+                chromium = common::js::chromium_or_skip(test)?;
+                env.push(("CHROMIUM", chromium.to_str().expect("a UTF-8 path")));
+                page_script
+            }
+        };
+        Some(package::Script::start(script, &env))
+    }
+
+    /// A Chromium report's page was of its own origin, not `server`'s, and
+    /// had nothing uncaught; nothing to check in Node.
+    fn assert_page_was_clean(self, report: &serde_json::Value, server: &str) {
+        if self == Self::Chromium {
+            let origin = report["origin"].as_str().expect("an origin");
+            assert!(!server.starts_with(origin), "{report}");
+            assert_eq!(report["pageErrors"], serde_json::json!([]), "{report}");
+        }
+    }
 }

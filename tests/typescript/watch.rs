@@ -1,28 +1,25 @@
-//! `watchTask` across a killed server: it resolves with the final state that
-//! was reached while no server ran.
+//! `watchTask` across a killed server, in Node and in headless Chromium: it
+//! resolves with the final state that was reached while no server ran.
 
 use taskql::service::{StatusUpdate, TaskService};
 
 use crate::common::edge::server::Server;
 use crate::common::{TestDb, as_worker, token_for};
-use crate::package::{Script, node_or_skip};
-use crate::{SCRIPT_TIMEOUT, assert_reconnected_with_a_fresh_token};
+use crate::{Runtime, SCRIPT_TIMEOUT, assert_reconnected_with_a_fresh_token};
 
-async fn watch_completes_across_a_server_kill(test: &str, transport: &str) {
-    if node_or_skip(test).is_none() {
-        return;
-    }
+async fn watch_completes_across_a_server_kill(test: &str, transport: &str, runtime: Runtime) {
     let db = TestDb::new().await;
     let mut server = Server::start(&db.url, &[]).await;
     let token = token_for("alice", None);
-    let mut script = Script::start(
-        "watch_restart.mjs",
-        &[
-            ("TASKQL_URL", &server.base),
-            ("TASKQL_USER_TOKEN", &token),
-            ("TASKQL_TRANSPORT", transport),
-        ],
-    );
+    let env = [
+        ("TASKQL_URL", server.base.as_str()),
+        ("TASKQL_USER_TOKEN", token.as_str()),
+        ("TASKQL_TRANSPORT", transport),
+    ];
+    let scripts = ("watch_restart.mjs", "browser_restart.mjs");
+    let Some(mut script) = runtime.start(test, scripts, &env) else {
+        return;
+    };
     let ready = script.ready(SCRIPT_TIMEOUT).await;
     let id: uuid::Uuid = ready["id"]
         .as_str()
@@ -71,6 +68,7 @@ async fn watch_completes_across_a_server_kill(test: &str, transport: &str) {
     // the reconnect is the final one, and nothing is given twice.
     assert_eq!(states, ["PENDING", "COMPLETED"], "{report}");
     assert_reconnected_with_a_fresh_token(&report);
+    runtime.assert_page_was_clean(&report, &server.base);
 }
 
 #[tokio::test]
@@ -78,6 +76,7 @@ async fn watch_task_over_sse_resolves_completed_across_a_server_kill() {
     watch_completes_across_a_server_kill(
         "watch_task_over_sse_resolves_completed_across_a_server_kill",
         "sse",
+        Runtime::Node,
     )
     .await;
 }
@@ -87,6 +86,27 @@ async fn watch_task_over_websockets_resolves_completed_across_a_server_kill() {
     watch_completes_across_a_server_kill(
         "watch_task_over_websockets_resolves_completed_across_a_server_kill",
         "ws",
+        Runtime::Node,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn in_chromium_watch_task_over_sse_resolves_completed_across_a_server_kill() {
+    watch_completes_across_a_server_kill(
+        "in_chromium_watch_task_over_sse_resolves_completed_across_a_server_kill",
+        "sse",
+        Runtime::Chromium,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn in_chromium_watch_task_over_websockets_resolves_completed_across_a_server_kill() {
+    watch_completes_across_a_server_kill(
+        "in_chromium_watch_task_over_websockets_resolves_completed_across_a_server_kill",
+        "ws",
+        Runtime::Chromium,
     )
     .await;
 }

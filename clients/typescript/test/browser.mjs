@@ -5,65 +5,16 @@
 // and meets a NOT_FOUND as a TaskqlError; then useTask in a React page.
 //
 // Env: TASKQL_URL, TASKQL_USER_TOKEN, TASKQL_WORKER_TOKEN, CHROMIUM.
-import { createServer } from 'node:http';
-import { fileURLToPath } from 'node:url';
-import * as esbuild from 'esbuild';
-import { chromium } from 'playwright-core';
+import { launch } from './browser_page.mjs';
 import { env, graphql, report, within } from './shared.mjs';
 
 const url = env('TASKQL_URL');
 const workerToken = env('TASKQL_WORKER_TOKEN');
-
-const bundle = await esbuild.build({
-  entryPoints: [fileURLToPath(new URL('../dist/index.js', import.meta.url))],
-  bundle: true,
-  format: 'iife',
-  globalName: 'taskql',
-  platform: 'browser',
-  write: false,
-});
-const script = bundle.outputFiles[0].text;
-const reactBundle = await esbuild.build({
-  entryPoints: [fileURLToPath(new URL('./react_page.mjs', import.meta.url))],
-  bundle: true,
-  format: 'iife',
-  platform: 'browser',
-  define: { 'process.env.NODE_ENV': '"production"' },
-  write: false,
-});
-const reactScript = reactBundle.outputFiles[0].text;
-
-// The page's own server: another origin than taskql's (so CORS is
-// crossed), on loopback too, as Chromium lets only a loopback page reach
-// loopback addresses.
-const site = createServer((request, response) => {
-  if (request.url === '/client.js' || request.url === '/react.js') {
-    response.writeHead(200, { 'content-type': 'text/javascript' });
-    response.end(request.url === '/client.js' ? script : reactScript);
-  } else if (request.url === '/react') {
-    response.writeHead(200, { 'content-type': 'text/html' });
-    response.end('<!doctype html><title>taskql react</title><script src="/react.js"></script>');
-  } else {
-    response.writeHead(200, { 'content-type': 'text/html' });
-    response.end('<!doctype html><title>taskql client</title><script src="/client.js"></script>');
-  }
-});
-await new Promise((resolve) => site.listen(0, 'localhost', resolve));
-const PAGE = `http://localhost:${site.address().port}/`;
-
-const browser = await chromium.launch({
-  executablePath: env('CHROMIUM'),
-  args: ['--no-sandbox', '--disable-dev-shm-usage'],
-});
-const pageErrors = [];
+const chromium = await launch(env('CHROMIUM'));
+const { pageErrors } = chromium;
 let outcome;
 try {
-  const page = await browser.newPage();
-  page.on('pageerror', (error) => pageErrors.push(String(error)));
-  page.on('console', (message) => {
-    if (message.type() === 'error') pageErrors.push(message.text());
-  });
-  await page.goto(PAGE);
+  const page = await chromium.page('/');
   // The worker's side: moves a watched task on once the page holds its first state.
   const update = 'mutation($input: UpdateTaskStatusInput!) { updateTaskStatus(input: $input) { status } }';
   await page.exposeFunction('advance', async (id, resultId) => {
@@ -106,9 +57,7 @@ try {
     60_000,
   );
   // useTask in React: one task to COMPLETED, and a task that does not exist.
-  const react = await browser.newPage();
-  react.on('pageerror', (error) => pageErrors.push(String(error)));
-  await react.goto(`${PAGE}react`);
+  const react = await chromium.page('/react', { consoleErrors: false });
   const token = env('TASKQL_USER_TOKEN');
   const created = await graphql(`${url}/graphql`, token, 'mutation { createTask(input: { type: "react.watch" }) { id } }', {});
   const id = created.createTask.id;
@@ -127,7 +76,6 @@ try {
   reactSeen.missing = await text(missing, 'error');
   outcome = { ...result, react: reactSeen };
 } finally {
-  await browser.close();
-  site.close();
+  await chromium.close();
 }
 report({ ...outcome, pageErrors });
