@@ -318,13 +318,11 @@ async fn the_python_worker_completes_each_task_once_across_a_server_kill() {
             );
         }
     }
+    // The cancelled tasks, and only they, were lost: a work task's lease
+    // outlives the outage, and a task whose report is on its way is never
+    // taken for lost (the report's answer decides).
     let lost: HashSet<&String> = lost_at.keys().map(|(id, _)| id).collect();
-    assert!(holds.iter().all(|id| lost.contains(id)), "{lost:?}");
-    // A work task is lost only when its completion went through before the
-    // kill and its answer did not come back: the server has it.
-    for id in lost.iter().filter(|id| !holds_set.contains(*id)) {
-        assert!(completions.get(*id) == Some(&1));
-    }
+    assert_eq!(lost, holds_set, "lost tasks");
     assert!(
         events.iter().any(|(kind, ..)| kind == "unreachable"),
         "the worker saw the server go away"

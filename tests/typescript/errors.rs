@@ -1,6 +1,7 @@
 //! Errors reach the client's user as `TaskqlError`s carrying the server's
 //! `extensions.code`, and a pruned cursor is `CURSOR_EXPIRED`, said to the
-//! caller rather than skipped; `stop()` ends a watch with an AbortError.
+//! caller rather than skipped; `stop()` ends a watch with an AbortError, and
+//! a callback that throws ends its follower with that error.
 
 use std::time::Duration;
 
@@ -52,6 +53,19 @@ async fn server_errors_are_typed_errors_with_their_code() {
     assert_eq!(stopped["thrown"], true, "{report}");
     assert_eq!(stopped["name"], "AbortError", "{report}");
     assert_eq!(stopped["states"], json!(["PENDING"]), "{report}");
+    for transport in ["sse", "ws"] {
+        let ended = &report[format!("throwingOnEvent_{transport}")];
+        assert_eq!(
+            ended,
+            &json!({
+                "message": format!("the caller's own {transport} error"),
+                "calls": 1,
+                "cursor": null,
+                "probed": true,
+            }),
+            "an onEvent that throws ends the follower once, with its error"
+        );
+    }
 }
 
 #[tokio::test]

@@ -112,7 +112,10 @@ export interface FollowOptions {
 export interface EventFollower {
   /** The cursor of the last event delivered (what it resumes after). */
   readonly cursor: string | null;
-  /** Resolves after `stop()`; rejects with the error that ended it. */
+  /**
+   * Rejects with what ended the follower: `TaskqlAbortError` after `stop()`,
+   * an error the server gave, or the error `onEvent` threw.
+   */
   readonly done: Promise<void>;
   stop(): void;
 }
@@ -259,7 +262,8 @@ export class TaskqlClient {
    * subscription's first message is the task's current state, so a final
    * state reached while disconnected still arrives. It rejects with a
    * `TaskqlError` the server gives (`NOT_FOUND`: the task is absent, not
-   * yours, or was deleted), or `TaskqlAbortError` after `stop()`.
+   * yours, or was deleted), `TaskqlAbortError` after `stop()`, or the
+   * error `onChange` threw (which ends the watch).
    */
   watchTask(id: string, onChange?: (task: Task) => void, options: WatchOptions = {}): TaskWatch {
     let last: string | undefined;
@@ -294,7 +298,8 @@ export class TaskqlClient {
    * `after` (an event's cursor; null: from now on). It keeps the cursor of
    * the last event it delivered and resumes after it on every reconnect, so
    * nothing is missed and nothing comes twice. See `onExpired` for a cursor
-   * the server no longer keeps.
+   * the server no longer keeps. An `onEvent` that throws ends the follower
+   * (`done` rejects with its error); the cursor stays at the event before.
    */
   followEvents(after: string | null, onEvent: (event: TaskEvent) => void, options: FollowOptions = {}): EventFollower {
     let cursor = after;
@@ -407,7 +412,17 @@ export class TaskqlClient {
           }
           if (!result.data) return;
           failures = 0;
-          if (spec.onData(result.data) === 'done') finish();
+          let next: 'more' | 'done';
+          try {
+            next = spec.onData(result.data);
+          } catch (error) {
+            // The caller's callback threw: that ends the run, with its
+            // error, rather than reaching the transport (which would take
+            // it for a dropped connection and deliver the event again).
+            finish(error);
+            return;
+          }
+          if (next === 'done') finish();
         },
         error: (error) => {
           if (!current()) return;

@@ -44,6 +44,28 @@ const watch = sse.watchTask(pending.id, (task) => {
   watch.stop();
 });
 out.stopped = { ...(await caught(() => within(watch, 'a stopped watch'))), states };
+// An onEvent that throws ends the follower with its error: the event is
+// not delivered again (as a dropped connection's would be).
+for (const [name, client] of [['sse', sse], ['ws', ws]]) {
+  let calls = 0;
+  let probed;
+  const follower = client.followEvents(null, () => {
+    calls += 1;
+    throw new Error(`the caller's own ${name} error`);
+  });
+  // The stream starts live: events come from creates after it listens.
+  const probing = (async () => {
+    for (let i = 0; i < 50 && calls === 0; i++) {
+      probed = await client.createTask({ type: 'probe.throw' });
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  const ended = await caught(() => within(follower.done, `a follower whose onEvent threw (${name})`));
+  await probing;
+  // Time in which a redelivery would have come.
+  await new Promise((r) => setTimeout(r, 500));
+  out[`throwingOnEvent_${name}`] = { message: ended.message, calls, cursor: follower.cursor, probed: Boolean(probed) };
+}
 await sse.close();
 await ws.close();
 report(out);

@@ -184,6 +184,9 @@ class _Held:
     # The handler is done and its report is on its way: no more heartbeats;
     # the report's answer says whether the task was still ours.
     reporting: bool = False
+    # A sync handler is running in a thread: cancelling the task would only
+    # stop waiting for it (the thread runs on, holding its slot's place).
+    in_thread: bool = False
 
     @property
     def attempt(self) -> int:
@@ -496,7 +499,7 @@ class Worker:
                 return
             with _trace.task_span(ctx.type, ctx.id, ctx.traceparent):
                 try:
-                    outcome = await self._call(handler, ctx)
+                    outcome = await self._call(handler, held)
                 except asyncio.CancelledError:
                     if held.lost or held.abandoned:
                         return
@@ -523,13 +526,25 @@ class Worker:
                 del self._held[ctx.id]
             self._give_slots(1)
 
-    async def _call(self, handler: Handler, ctx: TaskContext) -> Any:
+    async def _call(self, handler: Handler, held: _Held) -> Any:
+        ctx = held.ctx
         if inspect.iscoroutinefunction(handler):
             return await handler(ctx)
         assert self._loop is not None and self._executor is not None
         run = functools.partial(contextvars.copy_context().run, handler, ctx)
-        outcome = await self._loop.run_in_executor(self._executor, run)
+        held.in_thread = True
+        try:
+            outcome = await self._loop.run_in_executor(self._executor, run)
+        finally:
+            held.in_thread = False
         if inspect.isawaitable(outcome):
+            # An async handler behind a callable that is not a coroutine
+            # function (a partial, an object with an async __call__): it
+            # runs on the loop now, and can be cancelled like any other.
+            if held.lost or held.abandoned:
+                if inspect.iscoroutine(outcome):
+                    outcome.close()
+                raise asyncio.CancelledError
             return await outcome
         return outcome
 
@@ -759,7 +774,7 @@ class Worker:
         held.ctx.cancelled._set(reason)
         if self._held.get(held.ctx.id) is not held:
             return  # its handler is done already
-        if held.task is not None and inspect.iscoroutinefunction(self._handlers.get(held.ctx.type)):
+        if held.task is not None and not held.in_thread:
             held.task.cancel()
 
     # -- shutdown ----------------------------------------------------------
@@ -780,8 +795,15 @@ class Worker:
             if left <= 0:
                 break
             await asyncio.wait(running, timeout=min(0.1, left))
+        # A handler that returned has its report on its way (a completion
+        # may wait for the next completeTasks): it lands, never released.
+        reporting = [
+            h.task for h in self._held.values() if h.reporting and not h.lost and h.task is not None
+        ]
+        if reporting:
+            await asyncio.wait(reporting, timeout=self.request_timeout)
         for held in list(self._held.values()):
-            if held.lost or held.abandoned:
+            if held.lost or held.abandoned or held.reporting:
                 continue
             held.abandoned = True
             held.ctx.cancelled._set("the worker stopped")
