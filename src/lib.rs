@@ -84,8 +84,8 @@ impl App {
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let mut background = maintenance::Room::for_service(config, &service, &metrics)
-            .start(metrics.clone(), shutdown_rx.clone());
+        let mut background =
+            maintenance::Room::for_service(config, &service, &metrics).start(metrics.clone());
         if let Some(listener) = database.listener_options(listener::APPLICATION_NAME) {
             background.push(tokio::spawn(listener::run(
                 listener,

@@ -1,8 +1,10 @@
 //! The maintenance room: the work an instance does on a timer, whoever is
 //! calling. Each job is a [`Pass`] (a name, an interval, an async step that
 //! says how many rows it handled); one runner starts them all, times each
-//! run in `/metrics` (`taskql_maintenance_pass_duration_seconds`), logs a
-//! failure once (and its recovery), and stops them at shutdown.
+//! run in `/metrics` (`taskql_maintenance_pass_duration_seconds`), and logs
+//! a failure once (and its recovery). The passes run until the `App` that
+//! started them is dropped, after the server drained its requests: leases
+//! are reaped while it shuts down.
 //!
 //! What runs here is in [`Room::for_service`]: the lease reaper, the tasks
 //! gauge, retention of finished tasks, of the change log and of the
@@ -12,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::CurrentUser;
@@ -137,28 +138,21 @@ impl Room {
         self.passes.iter().map(Pass::name).collect()
     }
 
-    /// Runs every pass on its own interval until `shutdown` flips to true.
-    pub fn start(
-        self,
-        metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Vec<JoinHandle<()>> {
+    /// Runs every pass on its own interval until its handle is aborted.
+    pub fn start(self, metrics: Arc<Metrics>) -> Vec<JoinHandle<()>> {
         self.passes
             .into_iter()
-            .map(|pass| tokio::spawn(run(pass, metrics.clone(), shutdown.clone())))
+            .map(|pass| tokio::spawn(run(pass, metrics.clone())))
             .collect()
     }
 }
 
-async fn run(pass: Pass, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+async fn run(pass: Pass, metrics: Arc<Metrics>) {
     let mut ticker = tokio::time::interval(pass.every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.wait_for(|down| *down) => return,
-        }
+        ticker.tick().await;
         let started = Instant::now();
         let outcome = (pass.step)().await;
         metrics.maintenance_pass(pass.name, outcome.is_ok(), started.elapsed().as_secs_f64());

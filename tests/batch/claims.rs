@@ -54,13 +54,9 @@ fn labels(tasks: &[Value]) -> Vec<String> {
 
 /// `claimTask(types)` until it is null: the labels of its claims, in order.
 async fn drain_one_by_one(app: &TestApp, types: Value) -> Vec<String> {
-    let query = "mutation($types: [String!]) { claimTask(types: $types) { metadata } }";
     let mut claimed = Vec::new();
     loop {
-        let body = app
-            .gql(Some(&app.worker_token()), query, json!({ "types": types }))
-            .await;
-        let task = data(body)["claimTask"].clone();
+        let task = app.claim_task(types.clone(), None, "w", "metadata").await;
         if task.is_null() {
             return labels(&claimed);
         }

@@ -378,6 +378,30 @@ impl TestApp {
             .clone()
     }
 
+    /// `claimTask` as a worker (`workerId` `worker_id`) of `types` (a JSON
+    /// list, or null for any type), with a lease of `lease` seconds (null:
+    /// the default): the claimed task's `fields`, or null when none is
+    /// runnable.
+    pub async fn claim_task(
+        &self,
+        types: serde_json::Value,
+        lease: Option<i64>,
+        worker_id: &str,
+        fields: &str,
+    ) -> serde_json::Value {
+        let query = format!(
+            "mutation($types: [String!], $lease: Int, $worker: String) {{
+               claimTask(types: $types, leaseSeconds: $lease, workerId: $worker) {{ {fields} }}
+             }}"
+        );
+        let variables = serde_json::json!({ "types": types, "lease": lease, "worker": worker_id });
+        data(
+            self.gql(Some(&self.worker_token()), &query, variables)
+                .await,
+        )["claimTask"]
+            .clone()
+    }
+
     /// `updateTaskStatus` as a worker; the whole answer, errors included.
     pub async fn update_status(&self, input: serde_json::Value, fields: &str) -> serde_json::Value {
         let query = format!(

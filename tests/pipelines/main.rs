@@ -17,14 +17,10 @@ mod results;
 /// Claims the next task of `task_type` as worker `worker_id`: the task
 /// (`id attempts type concurrencyKey`), or `None` when none is runnable.
 async fn claim_as(app: &TestApp, task_type: &str, worker_id: &str) -> Option<Value> {
-    let body = app
-        .gql(
-            Some(&app.worker_token()),
-            "mutation($types: [String!], $w: String) { claimTask(types: $types, workerId: $w) { id attempts type concurrencyKey } }",
-            json!({ "types": [task_type], "w": worker_id }),
-        )
+    let fields = "id attempts type concurrencyKey";
+    let task = app
+        .claim_task(json!([task_type]), None, worker_id, fields)
         .await;
-    let task = data(body)["claimTask"].clone();
     (!task.is_null()).then_some(task)
 }
 

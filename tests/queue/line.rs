@@ -22,14 +22,8 @@ async fn task(app: &TestApp, token: &str, id: &str) -> Value {
 }
 
 async fn claim(app: &TestApp, types: Value) -> Value {
-    let query = format!(
-        "mutation($types: [String!]) {{ claimTask(types: $types, leaseSeconds: 60) {{ {FIELDS} attempts }} }}"
-    );
-    data(
-        app.gql(Some(&app.worker_token()), &query, json!({ "types": types }))
-            .await,
-    )["claimTask"]
-        .clone()
+    app.claim_task(types, Some(60), "w", &format!("{FIELDS} attempts"))
+        .await
 }
 
 async fn complete(app: &TestApp, claimed: &Value) {

@@ -68,13 +68,7 @@ async fn claim(app: &TestApp, types: Value) -> Value {
 }
 
 async fn claim_with(app: &TestApp, types: Value, lease: i64, worker_id: &str) -> Value {
-    let query = format!(
-        "mutation($types: [String!], $lease: Int, $worker: String) {{
-           claimTask(types: $types, leaseSeconds: $lease, workerId: $worker) {{ {FIELDS} }}
-         }}"
-    );
-    let variables = json!({ "types": types, "lease": lease, "worker": worker_id });
-    data(app.gql(Some(&app.worker_token()), &query, variables).await)["claimTask"].clone()
+    app.claim_task(types, Some(lease), worker_id, FIELDS).await
 }
 
 /// Claims until nothing is runnable; the claims in order.
