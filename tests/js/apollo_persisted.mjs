@@ -3,7 +3,7 @@
 // once as it comes (hashes over POST), once with `useGETForHashedQueries`.
 // Each runs its query twice; a fetch that only observes records what
 // went out and whether the server said PersistedQueryNotFound. Prints ONE
-// JSON line. Run by tests/persisted.rs.
+// JSON line. Run by tests/api/persisted.rs.
 //
 // Env: TASKQL_URL (base URL), TASKQL_TOKEN, TASKQL_TASK_ID.
 import { createHash } from 'node:crypto';

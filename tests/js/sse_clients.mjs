@@ -2,7 +2,7 @@
 // its README tells a user to: `createClient({ url, headers })`, the token in
 // `headers`. It runs a query, then follows a task with `taskUpdated`; urql's
 // `subscriptionExchange` follows the same task over another graphql-sse
-// client, as urql's docs show. tests/sse.rs moves the task on and completes
+// client, as urql's docs show. tests/subscriptions/sse.rs moves the task on and completes
 // it. Prints ONE JSON line with what each saw.
 //
 // Writes `ready` to stderr once both subscriptions hold the task's first
