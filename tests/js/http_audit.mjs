@@ -1,5 +1,5 @@
-// Runs graphql-http's GraphQL-over-HTTP server audits (the suite behind
-// https://graphql.github.io/graphql-over-http/) against taskql's /graphql,
+// Runs graphql-http's GraphQL-over-HTTP server audits (the suite behind the
+// GraphQL-over-HTTP specification) against taskql's /graphql,
 // signed in, and prints ONE JSON line:
 //   {"passed": N, "failed": N, "failures": [{"id", "level", "name", "reason"}]}
 // `level` is MUST, SHOULD or MAY (the first word of the audit's name). An
