@@ -231,7 +231,7 @@ fn record_operation(
     );
 }
 
-/// Steps 3 of the road: resolves the request's document (see
+/// Step 3 of the road: resolves the request's document (see
 /// `persisted`) and prepares it. The operation, with the request to run or
 /// the error that refused it before it ran.
 pub(super) fn start(
