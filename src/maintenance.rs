@@ -60,10 +60,6 @@ impl Pass {
         self.logged_as = Some(what);
         self
     }
-
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
 }
 
 /// The passes one instance runs.
@@ -75,67 +71,64 @@ impl Room {
     /// The passes `config` asks of `service`.
     pub fn for_service(config: &Config, service: &Arc<TaskStore>, metrics: &Arc<Metrics>) -> Self {
         let mut passes = vec![
-            Pass::new("lease reaper", REAPER_INTERVAL, {
-                let service = service.clone();
-                move || {
-                    let service = service.clone();
-                    async move {
-                        let reaped = service.reap_expired_leases().await?;
-                        Ok((reaped.requeued + reaped.failed) as u64)
-                    }
-                }
-            }),
+            Pass::new(
+                "lease reaper",
+                REAPER_INTERVAL,
+                on(service, |service| async move {
+                    let reaped = service.reap_expired_leases().await?;
+                    Ok((reaped.requeued + reaped.failed) as u64)
+                }),
+            ),
             Pass::new("tasks gauge", metrics::TASK_COUNTS_INTERVAL, {
-                let (service, metrics) = (service.clone(), metrics.clone());
-                move || count_tasks(service.clone(), metrics.clone())
+                let metrics = metrics.clone();
+                on(service, move |service| {
+                    count_tasks(service, metrics.clone())
+                })
             }),
         ];
         if let Some(retention) = config.tasks.retention() {
-            let service = service.clone();
             passes.push(
-                Pass::new("task retention", RETENTION_INTERVAL, move || {
-                    let service = service.clone();
-                    async move { Ok(service.prune_finished(retention).await? as u64) }
-                })
+                Pass::new(
+                    "task retention",
+                    RETENTION_INTERVAL,
+                    on(service, move |service| async move {
+                        Ok(service.prune_finished(retention).await? as u64)
+                    }),
+                )
                 .logged_as("pruned"),
             );
         }
         let event_retention = config.tasks.event_retention;
         passes.push(
-            Pass::new("change log retention", RETENTION_INTERVAL, {
-                let service = service.clone();
-                move || {
-                    let service = service.clone();
-                    async move { service.prune_events(event_retention).await }
-                }
-            })
+            Pass::new(
+                "change log retention",
+                RETENTION_INTERVAL,
+                on(service, move |service| async move {
+                    service.prune_events(event_retention).await
+                }),
+            )
             .logged_as("pruned"),
         );
         passes.push(
-            Pass::new("taskStats minutes retention", RETENTION_INTERVAL, {
-                let service = service.clone();
-                move || {
-                    let service = service.clone();
-                    async move { service.prune_stats_minutes().await }
-                }
-            })
+            Pass::new(
+                "taskStats minutes retention",
+                RETENTION_INTERVAL,
+                on(service, |service| async move {
+                    service.prune_stats_minutes().await
+                }),
+            )
             .logged_as("pruned"),
         );
         if config.backend() == Backend::Postgres {
-            passes.push(Pass::new("count folding", FOLD_INTERVAL, {
-                let service = service.clone();
-                move || {
-                    let service = service.clone();
-                    async move { service.fold_count_deltas().await }
-                }
-            }));
+            passes.push(Pass::new(
+                "count folding",
+                FOLD_INTERVAL,
+                on(service, |service| async move {
+                    service.fold_count_deltas().await
+                }),
+            ));
         }
         Self { passes }
-    }
-
-    /// The passes' names, in the order they start.
-    pub fn names(&self) -> Vec<&'static str> {
-        self.passes.iter().map(Pass::name).collect()
     }
 
     /// Runs every pass on its own interval until its handle is aborted.
@@ -176,6 +169,15 @@ async fn run(pass: Pass, metrics: Arc<Metrics>) {
             }
         }
     }
+}
+
+/// A pass's step that runs `step` on its own handle of `service`.
+fn on<F, Fut>(service: &Arc<TaskStore>, step: F) -> impl Fn() -> Fut + Send + Sync + 'static
+where
+    F: Fn(Arc<TaskStore>) -> Fut + Send + Sync + 'static,
+{
+    let service = service.clone();
+    move || step(service.clone())
 }
 
 /// Keeps the tasks-by-status gauge current, from the counters the
