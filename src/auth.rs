@@ -2,6 +2,7 @@
 //! a websocket's `connection_init` payload) becomes a [`Caller`], and a
 //! verified, unexpired JWT a `CurrentUser`. Every transport asks here, and
 //! long-lived ones end on [`expiry`].
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -100,16 +101,16 @@ fn now_secs() -> u64 {
 
 /// The token in one level of a `connection_init` payload, as an
 /// `Authorization` value, or the key whose value is not a string.
-fn token_in_init(object: &serde_json::Value) -> Option<Result<String, &'static str>> {
+fn token_in_init(object: &serde_json::Value) -> Option<Result<Cow<'_, str>, &'static str>> {
     for key in ["Authorization", "authorization"] {
         if let Some(value) = object.get(key) {
-            return Some(value.as_str().map(str::to_owned).ok_or(key));
+            return Some(value.as_str().map(Cow::Borrowed).ok_or(key));
         }
     }
     object.get("token").map(|value| {
         value
             .as_str()
-            .map(|token| format!("Bearer {token}"))
+            .map(|token| Cow::Owned(format!("Bearer {token}")))
             .ok_or("token")
     })
 }
@@ -278,7 +279,7 @@ impl Authenticator {
             Presented::Headers(headers) => match headers.get(axum::http::header::AUTHORIZATION) {
                 None => return Caller::Anonymous,
                 Some(value) => match value.to_str() {
-                    Ok(value) => value.to_owned(),
+                    Ok(value) => Cow::Borrowed(value),
                     Err(_) => {
                         return Caller::Rejected("the Authorization header is not text".into());
                     }
