@@ -12,7 +12,6 @@
 //!   a 400; a request that failed only because the database is unavailable
 //!   is a 503.
 use async_graphql::Response;
-use async_graphql::parser::types::OperationType;
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -157,12 +156,14 @@ fn answer(responses: Vec<Response>, media: MediaType, batch: bool) -> HttpRespon
 
 /// Runs the operations, one after the other by one deadline, and answers
 /// in `media`.
+/// With `queries_only` (a GET), a mutation is refused with 405 before it runs.
 async fn run(
     state: &HttpState,
     headers: &HeaderMap,
     requests: Vec<async_graphql::Request>,
     media: MediaType,
     batch: bool,
+    queries_only: bool,
 ) -> HttpResponse {
     let caller = state.auth.caller(Presented::Headers(headers));
     let request_id = operation::request_id(headers);
@@ -171,6 +172,9 @@ async fn run(
     let mut responses = Vec::with_capacity(requests.len());
     for request in requests {
         let (mut operation, started) = operation::start(state, &caller, request);
+        if queries_only && operation.is_mutation() {
+            return mutation_over_get();
+        }
         let mut response = operation::execute(state, &operation, started, &caller, deadline).await;
         operation.answer(state, request_id, &mut response);
         responses.push(response);
@@ -232,7 +236,7 @@ pub async fn post(
         Ok(parsed) => parsed,
         Err(malformed) => return malformed.into_response(),
     };
-    run(&state, &headers, requests, media, batch).await
+    run(&state, &headers, requests, media, batch, false).await
 }
 
 /// `GET /graphql`: GraphiQL for a browser, else the query in the URL.
@@ -258,14 +262,5 @@ pub async fn get(
     if event_stream {
         return super::sse::get(state, headers, request).await;
     }
-    let caller = state.auth.caller(Presented::Headers(&headers));
-    let request_id = operation::request_id(&headers);
-    let (mut operation, started) = operation::start(&state, &caller, request);
-    if started.is_ok() && operation.kind == Some(OperationType::Mutation) {
-        return mutation_over_get();
-    }
-    let deadline = Deadline::now() + state.db.settings().request_timeout;
-    let mut response = operation::execute(&state, &operation, started, &caller, deadline).await;
-    operation.answer(&state, request_id, &mut response);
-    answer(vec![response], media, false)
+    run(&state, &headers, vec![request], media, false, true).await
 }

@@ -106,6 +106,12 @@ impl Operation {
         }
     }
 
+    /// Whether it is a mutation (never, when it was refused before it ran:
+    /// its document is unknown).
+    pub(super) fn is_mutation(&self) -> bool {
+        self.kind == Some(OperationType::Mutation)
+    }
+
     /// Readies one of the operation's answers for the wire, as every
     /// transport does: the schema's description hidden, the errors coded.
     /// The first answer also logs and counts the operation.

@@ -15,7 +15,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use async_graphql::Response;
-use async_graphql::parser::types::OperationType;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
@@ -107,7 +106,7 @@ fn respond(
     let expires_at = user.expires_at;
     let caller = Caller::Authenticated(user);
     let (operation, started) = operation::start(&state, &caller, request);
-    if over_get && started.is_ok() && operation.kind == Some(OperationType::Mutation) {
+    if over_get && operation.is_mutation() {
         return mutation_over_get();
     }
     // A request refused before it ran is reported in a `next`, as the protocol asks.
