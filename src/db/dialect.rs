@@ -56,7 +56,7 @@ impl Binds {
 
     /// `sql` with these parameters, for `backend`.
     pub fn statement(self, backend: Backend, sql: impl Into<String>) -> Statement {
-        Statement::from_sql_and_values(backend.into(), sql.into(), self.0)
+        Statement::from_sql_and_values(backend.sea_orm(), sql.into(), self.0)
     }
 }
 
@@ -104,15 +104,6 @@ impl Backend {
         match self {
             Self::Postgres => " FOR UPDATE SKIP LOCKED",
             Self::Sqlite => "",
-        }
-    }
-}
-
-impl From<Backend> for sea_orm::DatabaseBackend {
-    fn from(backend: Backend) -> Self {
-        match backend {
-            Backend::Postgres => Self::Postgres,
-            Backend::Sqlite => Self::Sqlite,
         }
     }
 }
