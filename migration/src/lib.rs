@@ -15,6 +15,7 @@ mod m20261206_000011_results;
 mod m20261206_000012_dependencies;
 mod m20261206_000013_concurrency_keys;
 mod m20261206_000014_rate_limits;
+mod m20261207_000015_quiet_dependents;
 
 pub struct Migrator;
 
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000012_dependencies::Migration),
             Box::new(m20261206_000013_concurrency_keys::Migration),
             Box::new(m20261206_000014_rate_limits::Migration),
+            Box::new(m20261207_000015_quiet_dependents::Migration),
         ]
     }
 }

@@ -129,6 +129,37 @@ const CANCELLED: &str = "NEW.status IN ('failed', 'cancelled')";
 const RESTORED: &str = "NEW.status = 'pending' AND OLD.status IN ('failed', 'cancelled')";
 const UNFINISHED: &str = "OLD.status IN ('pending', 'processing')";
 
+/// PostgreSQL's `task_dependents_follow()`, made with `verb` (`CREATE`,
+/// `CREATE OR REPLACE`), whose body starts with `first`.
+pub(crate) fn postgres_follow_function(verb: &str, first: &str) -> String {
+    let f = follow("clock_timestamp()", postgres_id_text);
+    format!(
+        "{verb} FUNCTION task_dependents_follow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             {first}
+             IF {COMPLETED} THEN
+                 {};
+             ELSIF {CANCELLED} THEN
+                 {};
+             ELSIF {RESTORED} THEN
+                 {};
+                 {};
+             END IF;
+             RETURN NULL;
+         END $$",
+        f.completed, f.cancelled, f.restored[0], f.restored[1]
+    )
+}
+
+/// PostgreSQL's row trigger that calls it, for the rows `when` holds.
+pub(crate) fn postgres_follow_trigger(when: &str) -> String {
+    format!(
+        "CREATE TRIGGER task_dependents_follow AFTER UPDATE OF status ON tasks FOR EACH ROW
+         WHEN ({when})
+         EXECUTE FUNCTION task_dependents_follow()"
+    )
+}
+
 fn postgres_up() -> Vec<String> {
     let f = follow("clock_timestamp()", postgres_id_text);
     let mut sql: Vec<String> = vec![
@@ -153,27 +184,8 @@ fn postgres_up() -> Vec<String> {
     sql.push(
         "CREATE INDEX task_dependencies_depends_on_idx ON task_dependencies (depends_on)".into(),
     );
-    sql.push(format!(
-        "CREATE FUNCTION task_dependents_follow() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF {COMPLETED} THEN
-                 {};
-             ELSIF {CANCELLED} THEN
-                 {};
-             ELSIF {RESTORED} THEN
-                 {};
-                 {};
-             END IF;
-             RETURN NULL;
-         END $$",
-        f.completed, f.cancelled, f.restored[0], f.restored[1]
-    ));
-    sql.push(
-        "CREATE TRIGGER task_dependents_follow AFTER UPDATE OF status ON tasks FOR EACH ROW
-         WHEN (OLD.status IS DISTINCT FROM NEW.status)
-         EXECUTE FUNCTION task_dependents_follow()"
-            .into(),
-    );
+    sql.push(postgres_follow_function("CREATE", ""));
+    sql.push(postgres_follow_trigger("OLD.status IS DISTINCT FROM NEW.status"));
     sql.push(format!(
         "CREATE FUNCTION task_dependents_orphaned() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
