@@ -151,7 +151,23 @@ pub(crate) fn postgres_follow_function(verb: &str, first: &str) -> String {
     )
 }
 
-/// PostgreSQL's row trigger that calls it, for the rows `when` holds.
+/// PostgreSQL's `task_dependents_orphaned()`, made with `verb`, whose body
+/// starts with `first`.
+pub(crate) fn postgres_orphaned_function(verb: &str, first: &str) -> String {
+    let f = follow("clock_timestamp()", postgres_id_text);
+    format!(
+        "{verb} FUNCTION task_dependents_orphaned() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             {first}
+             {};
+             RETURN OLD;
+         END $$",
+        f.orphaned
+    )
+}
+
+/// PostgreSQL's row trigger that calls `task_dependents_follow()`, for the
+/// rows `when` holds.
 pub(crate) fn postgres_follow_trigger(when: &str) -> String {
     format!(
         "CREATE TRIGGER task_dependents_follow AFTER UPDATE OF status ON tasks FOR EACH ROW
@@ -161,7 +177,6 @@ pub(crate) fn postgres_follow_trigger(when: &str) -> String {
 }
 
 fn postgres_up() -> Vec<String> {
-    let f = follow("clock_timestamp()", postgres_id_text);
     let mut sql: Vec<String> = vec![
         "ALTER TABLE tasks ADD COLUMN waiting_on integer NOT NULL DEFAULT 0, \
          ADD COLUMN cancelled_by uuid"
@@ -185,15 +200,10 @@ fn postgres_up() -> Vec<String> {
         "CREATE INDEX task_dependencies_depends_on_idx ON task_dependencies (depends_on)".into(),
     );
     sql.push(postgres_follow_function("CREATE", ""));
-    sql.push(postgres_follow_trigger("OLD.status IS DISTINCT FROM NEW.status"));
-    sql.push(format!(
-        "CREATE FUNCTION task_dependents_orphaned() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             {};
-             RETURN OLD;
-         END $$",
-        f.orphaned
+    sql.push(postgres_follow_trigger(
+        "OLD.status IS DISTINCT FROM NEW.status",
     ));
+    sql.push(postgres_orphaned_function("CREATE", ""));
     sql.push(format!(
         "CREATE TRIGGER task_dependents_orphaned BEFORE DELETE ON tasks FOR EACH ROW
          WHEN ({UNFINISHED})
