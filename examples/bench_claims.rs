@@ -138,9 +138,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The port of a PostgreSQL URL; `None` for SQLite.
+fn postgres_port(url: &str) -> Option<u16> {
+    let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse().ok()?;
+    Some(options.get_port())
+}
+
 async fn bench(backend: &str, url: &str, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let db = taskql::db::connect(url, 16).await?;
     taskql::db::migrate(&db).await?;
+    if let Some(port) = postgres_port(url) {
+        // The raw side's 16 connections, opened now, without Nagle's
+        // algorithm, as the service's pool opens its own.
+        let opened = (0..16).map(|_| db.execute_unprepared("SELECT pg_sleep(0.05)"));
+        futures::future::try_join_all(opened).await?;
+        taskql::db::no_delay_to(port);
+    }
     // The server's pool settings, as its command line's defaults make them.
     let settings = taskql::config::Settings::from_args(["bench_claims", "--database-url", url])?;
     let pool = taskql::db::Db::connect(

@@ -41,7 +41,7 @@ mod pool;
 mod settings;
 
 use pool::{Connector, Pool, sqlx_err, timed_out, unless_confirmed};
-pub use pool::{Pooled, is_unavailable, is_unconfirmed};
+pub use pool::{Pooled, is_unavailable, is_unconfirmed, no_delay_to};
 
 /// SQLite allows one writer at a time; more connections only queue.
 pub const MAX_SQLITE_CONNECTIONS: u32 = 8;
