@@ -158,7 +158,11 @@ pub fn no_delay_to(port: u16) {
         return;
     };
     for entry in entries.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
             continue;
         };
         // SAFETY: the stream is never dropped, so the descriptor is never

@@ -331,3 +331,45 @@ fn a_test_database_is_dropped_even_when_its_test_panics() {
         }
     }
 }
+
+/// The service's connections send each statement at once: with Nagle's
+/// algorithm on, a statement written in more than one piece (a batch of
+/// creates, over 16 KiB) waits 40 ms for the database's delayed ACK.
+#[cfg(unix)]
+#[tokio::test]
+async fn postgres_connections_send_without_delay() {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::{FromRawFd, RawFd};
+    let test = TestDb::new().await;
+    if !test.is_postgres {
+        return;
+    }
+    let (_service, db) = test.service().await;
+    let port = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT inet_client_port() AS port",
+        ))
+        .await
+        .expect("the connection's port")
+        .expect("a row")
+        .try_get::<i32>("", "port")
+        .expect("a port");
+    // The socket of that connection, among this process's descriptors.
+    let mut sockets = std::fs::read_dir("/proc/self/fd")
+        .or_else(|_| std::fs::read_dir("/dev/fd"))
+        .expect("this process's descriptors")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<RawFd>().ok())
+        .filter_map(|fd| {
+            // SAFETY: never dropped, so the descriptor is never closed.
+            let stream = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+            let local = stream.local_addr().ok()?;
+            (i32::from(local.port()) == port).then(|| stream.nodelay())
+        });
+    let nodelay = sockets.next().expect("the connection's socket");
+    assert!(
+        nodelay.expect("TCP_NODELAY readable"),
+        "the service's connection has Nagle's algorithm on"
+    );
+}
