@@ -294,9 +294,7 @@ impl TaskStore {
             .map(|row| row.model.clone().try_into_model())
             .collect::<Result<Vec<Task>, _>>()?;
         let keyed = made.iter().any(|task| task.idempotency_key.is_some());
-        let mut insert = insert_rows(rows, keyed);
-        insert.returning_col(Column::Id);
-        let insert = self.writer.statement(&insert);
+        let insert = insert_rows(rows, keyed, self.db().backend())?;
         let answer = if !keyed {
             // No key can be taken: the one statement is all or nothing.
             let inserted = ids_of(self.writer.commit_query(insert).await?)?;

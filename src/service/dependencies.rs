@@ -185,9 +185,8 @@ impl TaskStore {
                 .map(|row| row.model.clone().try_into_model())
                 .collect::<Result<_, _>>()?;
             let keyed = made.iter().any(|task| task.idempotency_key.is_some());
-            let mut insert = insert_rows(rows, keyed);
-            insert.returning_col(Column::Id);
-            let inserted = ids_of(txn.query_all_raw(self.writer.statement(&insert)).await?)?;
+            let insert = insert_rows(rows, keyed, self.db().backend())?;
+            let inserted = ids_of(txn.query_all_raw(insert).await?)?;
             if inserted.len() != made.len() {
                 // A key was taken since it was read: roll back, try again.
                 return Ok(None);

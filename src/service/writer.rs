@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use entity::Task;
-use entity::tasks::Column;
 use sea_orm::sea_query::UpdateStatement;
 use sea_orm::{ConnectionTrait, Statement, TryIntoModel};
 use tokio::sync::{mpsc, oneshot};
@@ -140,9 +139,10 @@ impl Writer {
             .collect();
         // Every column is set here, so an inserted task is its row as made:
         // the insert returns only the ids it wrote.
-        let mut insert = insert_rows(rows, keyed);
-        insert.returning_col(Column::Id);
-        let inserted = self.commit_query(self.statement(&insert)).await;
+        let inserted = match insert_rows(rows, keyed, self.db.backend()) {
+            Ok(insert) => self.commit_query(insert).await,
+            Err(err) => Err(err),
+        };
         match inserted.and_then(ids_of) {
             Ok(inserted) => {
                 for create in batch {
