@@ -142,13 +142,14 @@ pub fn is_unavailable(err: &DbErr) -> bool {
 /// peer listens on `port` (the database's).
 ///
 /// sqlx 0.9.0 leaves it on, and writes a message in pieces of at most
-/// 16 KiB: the second piece of a bigger one (the bind of a batch of 100
-/// creates is about 60 KiB) waits for the database to acknowledge the
-/// first, which it delays by 40 ms. Every such statement took 40 ms more,
-/// and a batch of creates spent most of its time there. sqlx gives no hold
-/// of its socket, so the sockets are found among the process's open
-/// descriptors, right after each connect. A descriptor that is not a TCP
-/// socket, or is another kind of peer, is left as it is.
+/// 16 KiB: the second piece of a bigger one (a batch of 100 creates is
+/// tens of KiB) waits for the database to acknowledge the first, which it
+/// delays by 40 ms. Every such statement took 40 ms more, and a batch of
+/// creates spent most of its time there. sqlx gives no hold of its socket,
+/// so the sockets are found among the process's open descriptors, right
+/// after each connect: one pass over them per new connection, which the
+/// pool opens rarely. A descriptor that is not a TCP socket, or has
+/// another peer, is left as it is.
 #[cfg(unix)]
 pub fn no_delay_to(port: u16) {
     use std::mem::ManuallyDrop;

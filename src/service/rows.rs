@@ -125,7 +125,7 @@ fn postgres_insert(rows: &[NewRow], keyed: bool) -> TaskResult<Statement> {
     Ok(Statement::from_sql_and_values(
         sea_orm::DatabaseBackend::Postgres,
         format!(
-            "INSERT INTO tasks ({names}) SELECT {names} \
+            "INSERT INTO \"tasks\" ({names}) SELECT {names} \
              FROM json_populate_recordset(NULL::tasks, $1::json){on_conflict} RETURNING id"
         ),
         [json.into()],
