@@ -1,6 +1,7 @@
 //! A task row as the service reads and inserts it: the tasks a statement
 //! returns, the ids an insert wrote, and the PENDING row a create makes.
 use std::collections::HashSet;
+use std::sync::LazyLock;
 
 use chrono::SecondsFormat;
 use entity::tasks::{ActiveModel, Column};
@@ -112,25 +113,31 @@ fn postgres_insert(rows: &[NewRow], keyed: bool) -> TaskResult<Statement> {
         json.push('}');
     }
     json.push(']');
-    let names = columns
-        .iter()
-        .map(|column| format!("\"{}\"", column.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let on_conflict = if keyed {
-        " ON CONFLICT (user_id, idempotency_key) DO NOTHING"
-    } else {
-        ""
-    };
     Ok(Statement::from_sql_and_values(
         sea_orm::DatabaseBackend::Postgres,
-        format!(
-            "INSERT INTO \"tasks\" ({names}) SELECT {names} \
-             FROM json_populate_recordset(NULL::tasks, $1::json){on_conflict} RETURNING id"
-        ),
+        POSTGRES_INSERTS[usize::from(keyed)].clone(),
         [json.into()],
     ))
 }
+
+/// The text of [`postgres_insert`], without and with `ON CONFLICT`: the
+/// same for every batch, so written once.
+static POSTGRES_INSERTS: LazyLock<[String; 2]> = LazyLock::new(|| {
+    let names = Column::iter()
+        .map(|column| format!("\"{}\"", column.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert = |on_conflict: &str| {
+        format!(
+            "INSERT INTO \"tasks\" ({names}) SELECT {names} \
+             FROM json_populate_recordset(NULL::tasks, $1::json){on_conflict} RETURNING id"
+        )
+    };
+    [
+        insert(""),
+        insert(" ON CONFLICT (user_id, idempotency_key) DO NOTHING"),
+    ]
+});
 
 /// A column's value as JSON that PostgreSQL reads back into the column's
 /// type; `None` for a null.
